@@ -1,0 +1,140 @@
+"""System checks that refuse a broken ``BREX_OAUTH`` configuration at start-up."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.checks import Error, Tags, Warning, register
+from django.core.exceptions import ImproperlyConfigured
+
+from .conf import AUTH_BASE_URLS, REQUIRED_SCOPES, brex_settings
+from .http import is_loopback_url
+from .oauth import FORBIDDEN_ALGORITHMS
+
+#: API scopes Brex documents (each may also have a ``.readonly`` variant).
+KNOWN_SCOPES = frozenset(
+    """users departments locations cards cards.pan companies legal_entities
+    transactions.card transactions.cash accounts.card accounts.cash statements.card
+    statements.cash expenses.card budgets vendors transfers incoming_transfers
+    linked_accounts fields.read fields.write accounting.record.read
+    accounting.record.write travel.trips""".split()
+)
+
+
+def _is_known_scope(scope: str) -> bool:
+    base = scope.removesuffix(".readonly")
+    return scope in KNOWN_SCOPES or base in KNOWN_SCOPES or scope in REQUIRED_SCOPES
+
+
+def _url_problem(name: str, value: object) -> Error | None:
+    parts = urlsplit(str(value))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return Error(
+            f"BREX_OAUTH['{name}'] must be an absolute URL, not {value!r}.",
+            hint="For example https://accounts-api.brex.com/oauth2/default.",
+            id="brex_oauth.E007",
+        )
+    if parts.scheme == "http" and not is_loopback_url(str(value)):
+        return Error(
+            f"BREX_OAUTH['{name}'] uses plain http:// on a host that is not this machine.",
+            hint="Use https://; plain http is allowed only for a local fake Brex on loopback.",
+            id="brex_oauth.E008",
+        )
+    return None
+
+
+@register(Tags.security, "brex_oauth")
+def check_settings(app_configs=None, **kwargs):
+    """Validate ``BREX_OAUTH``."""
+    try:
+        conf = brex_settings._user_settings()
+    except ImproperlyConfigured as err:
+        return [Error(str(err), id="brex_oauth.E000")]
+    errors: list = []
+    for name, check_id in (("CLIENT_ID", "E001"), ("CLIENT_SECRET", "E002")):
+        if not conf.get(name):
+            errors.append(
+                Error(
+                    f"BREX_OAUTH['{name}'] is not set.",
+                    hint="Brex developer support issues the client id and secret; set them "
+                    "from the environment (BREX_CLIENT_ID / BREX_CLIENT_SECRET).",
+                    id=f"brex_oauth.{check_id}",
+                )
+            )
+    if brex_settings.ENVIRONMENT not in AUTH_BASE_URLS:
+        errors.append(
+            Error(
+                f"BREX_OAUTH['ENVIRONMENT'] is {brex_settings.ENVIRONMENT!r}.",
+                hint="Use 'production' or 'staging'.",
+                id="brex_oauth.E003",
+            )
+        )
+    scopes = brex_settings.SCOPES
+    if not isinstance(scopes, list | tuple) or not all(isinstance(s, str) for s in scopes):
+        errors.append(
+            Error(
+                "BREX_OAUTH['SCOPES'] must be a list of scope names.",
+                hint='For example ["users.readonly", "companies.readonly"].',
+                id="brex_oauth.E004",
+            )
+        )
+    else:
+        if not [s for s in scopes if s not in REQUIRED_SCOPES]:
+            errors.append(
+                Error(
+                    "BREX_OAUTH['SCOPES'] asks for no Brex API scope.",
+                    hint="openid and offline_access are always requested; add the API scopes "
+                    'your site needs, such as "users.readonly" or "transactions.card.readonly".',
+                    id="brex_oauth.E005",
+                )
+            )
+        unknown = [s for s in scopes if not _is_known_scope(s)]
+        if unknown:
+            errors.append(
+                Warning(
+                    "BREX_OAUTH['SCOPES'] has scopes Brex does not document: "
+                    + ", ".join(unknown),
+                    hint="There are no bare accounts, transactions or payments scopes; see "
+                    "Brex's scopes page for the exact names.",
+                    id="brex_oauth.W002",
+                )
+            )
+    for name in ("ISSUER", "API_BASE_URL"):
+        if getattr(brex_settings, name):
+            problem = _url_problem(name, getattr(brex_settings, name))
+            if problem:
+                errors.append(problem)
+    redirect_uri = brex_settings.REDIRECT_URI
+    if redirect_uri:
+        if urlsplit(str(redirect_uri)).scheme != "https" and not settings.DEBUG:
+            errors.append(
+                Error(
+                    "BREX_OAUTH['REDIRECT_URI'] must use https:// when DEBUG is off.",
+                    hint="Brex sends the authorization code to this address; register the "
+                    "https:// callback URL with Brex and set it here.",
+                    id="brex_oauth.E006",
+                )
+            )
+    bad_algs = [a for a in brex_settings.ID_TOKEN_ALGORITHMS if a in FORBIDDEN_ALGORITHMS]
+    if bad_algs or not brex_settings.ID_TOKEN_ALGORITHMS:
+        errors.append(
+            Error(
+                "BREX_OAUTH['ID_TOKEN_ALGORITHMS'] must list asymmetric algorithms only.",
+                hint='Brex signs id_tokens with RS256; use ["RS256"]. "none" and HMAC '
+                "algorithms are never accepted.",
+                id="brex_oauth.E009",
+            )
+        )
+    key = conf.get("ENCRYPTION_KEY")
+    if not key or key == settings.SECRET_KEY:
+        errors.append(
+            Warning(
+                "Brex tokens are encrypted with a key derived from SECRET_KEY.",
+                hint="Set BREX_OAUTH['ENCRYPTION_KEY'] to its own secret so rotating "
+                "SECRET_KEY does not make stored tokens unreadable; move the old key to "
+                "ENCRYPTION_KEY_FALLBACKS when you rotate it.",
+                id="brex_oauth.W001",
+            )
+        )
+    return errors

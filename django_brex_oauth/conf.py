@@ -1,0 +1,180 @@
+"""The ``BREX_OAUTH`` settings dict: defaults, lookup and the documented Brex URLs.
+
+Settings are read from :data:`django.conf.settings` on every access, so
+``override_settings(BREX_OAUTH=...)`` takes effect immediately in tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+PRODUCTION = "production"
+STAGING = "staging"
+
+#: Brex's documented auth base URL (the OpenID Connect issuer) per environment.
+AUTH_BASE_URLS = {
+    PRODUCTION: "https://accounts-api.brex.com/oauth2/default",
+    STAGING: "https://accounts-api.staging.brexapps.com/oauth2/default",
+}
+
+#: Brex's documented API server per environment.
+API_BASE_URLS = {
+    PRODUCTION: "https://api.brex.com",
+    STAGING: "https://api-staging.brex.com",
+}
+
+#: Scopes Brex needs on every authorization request: an OpenID Connect request
+#: (``openid``) that returns a refresh token (``offline_access``).
+REQUIRED_SCOPES = ("openid", "offline_access")
+
+DAY = 24 * 3600
+
+DEFAULTS: dict[str, Any] = {
+    # Credentials issued by Brex developer support.
+    "CLIENT_ID": None,
+    "CLIENT_SECRET": None,
+    # "production" or "staging": picks the documented auth and API base URLs.
+    "ENVIRONMENT": PRODUCTION,
+    # API scopes to request; openid and offline_access are always added.
+    "SCOPES": ["users.readonly", "companies.readonly"],
+    # Override the auth base URL (discovery is read at ISSUER/.well-known/openid-configuration).
+    "ISSUER": None,
+    # Override the API server.
+    "API_BASE_URL": None,
+    # Absolute callback URL registered with Brex; None builds it from the request.
+    "REDIRECT_URI": None,
+    # Always add prompt=login so the person signs in to Brex again.
+    "FORCE_LOGIN": False,
+    # Where to send the person after connecting when no safe ``next`` was given.
+    "CONNECT_REDIRECT_URL": "/",
+    # Where to send the person after disconnecting.
+    "DISCONNECT_REDIRECT_URL": "/",
+    # Token encryption key, and older keys still accepted for reading (rotation).
+    "ENCRYPTION_KEY": None,
+    "ENCRYPTION_KEY_FALLBACKS": [],
+    # Seconds a pending authorization request (state, PKCE verifier, nonce) lives.
+    "AUTHORIZATION_REQUEST_TTL": 600,
+    # id_token signature algorithms accepted; "none" is never accepted.
+    "ID_TOKEN_ALGORITHMS": ["RS256"],
+    # Seconds of clock skew tolerated when checking id_token times.
+    "ID_TOKEN_LEEWAY": 60,
+    # Seconds before an HTTP request to Brex gives up.
+    "HTTP_TIMEOUT": 10.0,
+    # Seconds the discovery document and JWKS stay cached.
+    "DISCOVERY_CACHE_TIMEOUT": 3600,
+    # Django cache alias used for discovery, JWKS and client-credentials tokens.
+    "CACHE_ALIAS": "default",
+    # Access-token lifetime assumed when Brex omits ``expires_in``.
+    "DEFAULT_ACCESS_TOKEN_LIFETIME": 3600,
+    # Brex forgets a refresh token this many seconds after it was first issued.
+    "REFRESH_TOKEN_LIFETIME": 90 * DAY,
+    # Refresh when the access token expires within this many seconds.
+    "REFRESH_MARGIN": 600,
+    # Refresh when the stored refresh token has not been used for this many seconds (an
+    # idle connection is still refreshed long before Brex would forget its refresh token).
+    "REFRESH_TOKEN_REFRESH_AGE": 60 * DAY,
+    # Seconds a worker's claim on a connection's refresh lasts before others may take over.
+    # At least HTTP_TIMEOUT + 5 is used; keep it under Brex's refresh-token grace period
+    # (Okta's default: 30 s) so a worker taking over from a killed one can still use the
+    # refresh token the killed worker had sent.
+    "REFRESH_LEASE_SECONDS": 25,
+    # The API client refreshes before a call when the access token expires within this
+    # many seconds.
+    "CLIENT_REFRESH_MARGIN": 60,
+    # Retries of the refresh task after a transient failure (timeout, 429, 5xx).
+    "REFRESH_TASK_MAX_RETRIES": 5,
+    # Base and cap, in seconds, of the refresh task's exponential backoff (with jitter).
+    "REFRESH_RETRY_BACKOFF": 15,
+    "REFRESH_RETRY_BACKOFF_MAX": 300,
+    # Connections handed to one batch of refresh tasks by the sweep.
+    "SWEEP_BATCH_SIZE": 500,
+    # Retries (after the first attempt) of an idempotent API call on 429 / 5xx / network errors.
+    "API_MAX_RETRIES": 3,
+    # Base seconds of the exponential backoff between retries of an API call, and its cap.
+    "RETRY_BACKOFF": 0.5,
+    "RETRY_BACKOFF_MAX": 20.0,
+    # Seconds before a client-credentials token's expiry at which a new one is fetched.
+    "CLIENT_CREDENTIALS_MARGIN": 300,
+    # Days events are kept before the cleanup task prunes them.
+    "EVENT_RETENTION_DAYS": 365,
+}
+
+
+class BrexOAuthSettings:
+    """Attribute access to ``settings.BREX_OAUTH`` merged over :data:`DEFAULTS`.
+
+    An unknown key in ``BREX_OAUTH`` raises :class:`ImproperlyConfigured`, so a
+    misspelt setting is caught instead of silently ignored.
+    """
+
+    def _user_settings(self) -> dict[str, Any]:
+        value = getattr(settings, "BREX_OAUTH", None) or {}
+        if not isinstance(value, dict):
+            raise ImproperlyConfigured("BREX_OAUTH must be a dict.")
+        unknown = sorted(set(value) - set(DEFAULTS))
+        if unknown:
+            raise ImproperlyConfigured(
+                "Unknown BREX_OAUTH setting(s): {}. Known settings: {}.".format(
+                    ", ".join(unknown), ", ".join(sorted(DEFAULTS))
+                )
+            )
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"Invalid BREX_OAUTH setting: {name!r}")
+        return self._user_settings().get(name, DEFAULTS[name])
+
+    # Derived values -----------------------------------------------------------------
+
+    @property
+    def issuer(self) -> str:
+        """The OpenID Connect issuer: ``ISSUER`` or the environment's documented URL."""
+        if self.ISSUER:
+            return str(self.ISSUER).rstrip("/")
+        return AUTH_BASE_URLS[self.environment]
+
+    @property
+    def api_base_url(self) -> str:
+        """The API server: ``API_BASE_URL`` or the environment's documented URL."""
+        if self.API_BASE_URL:
+            return str(self.API_BASE_URL).rstrip("/")
+        return API_BASE_URLS[self.environment]
+
+    @property
+    def environment(self) -> str:
+        env = self.ENVIRONMENT
+        if env not in AUTH_BASE_URLS:
+            raise ImproperlyConfigured(
+                f"BREX_OAUTH['ENVIRONMENT'] must be 'production' or 'staging', not {env!r}."
+            )
+        return env
+
+    @property
+    def scopes(self) -> list[str]:
+        """Scopes to request: openid and offline_access first, then the configured ones."""
+        scopes = list(REQUIRED_SCOPES)
+        for scope in self.SCOPES or ():
+            if scope not in scopes:
+                scopes.append(scope)
+        return scopes
+
+    @property
+    def encryption_keys(self) -> list[str]:
+        """Keys for token encryption: the current one first, then the fallbacks.
+
+        Without ``ENCRYPTION_KEY`` the app falls back to ``CRYPTOGRAPHY_KEY`` and
+        then ``SECRET_KEY``; the system check warns about that.
+        """
+        primary = (
+            self.ENCRYPTION_KEY
+            or getattr(settings, "CRYPTOGRAPHY_KEY", None)
+            or settings.SECRET_KEY
+        )
+        return [primary, *(self.ENCRYPTION_KEY_FALLBACKS or [])]
+
+
+brex_settings = BrexOAuthSettings()

@@ -1,0 +1,200 @@
+"""The errors this app raises.
+
+Every error carries what a person needs to understand it (``user_message``) and what
+an engineer needs to act on it (status, OAuth ``error`` code, Brex error type), and
+never a token, code, verifier or client secret.
+
+Configuration problems raise :class:`BrexOAuthConfigurationError`, an
+:class:`~django.core.exceptions.ImproperlyConfigured` outside the
+:class:`BrexOAuthError` hierarchy, so that code catching runtime failures does not
+swallow a broken deployment.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
+
+
+class BrexOAuthConfigurationError(ImproperlyConfigured):
+    """The ``BREX_OAUTH`` settings cannot work."""
+
+
+class BrexOAuthError(Exception):
+    """Base class of every runtime error raised by django_brex_oauth."""
+
+    #: Short title shown on the error page.
+    title = "Brex connection failed"
+    #: What happened and what to do, in words for the person in front of the screen.
+    user_message = "Something went wrong while talking to Brex. Please try again."
+    #: HTTP status of the error page the views render.
+    http_status = 400
+
+    def __init__(self, message: str = "", *, user_message: str | None = None) -> None:
+        super().__init__(message or self.user_message)
+        if user_message is not None:
+            self.user_message = user_message
+
+
+# Authorization (the redirect back from Brex) ---------------------------------------------
+
+
+class AuthorizationError(BrexOAuthError):
+    """The redirect back from Brex cannot complete a connection."""
+
+
+class StateError(AuthorizationError, SuspiciousOperation):
+    """The ``state`` is missing, unknown, used already, expired or bound to someone else."""
+
+    title = "This Brex sign-in link is no longer valid"
+    user_message = (
+        "The link that brought you back from Brex is not valid for this session: it may "
+        "have been used already, have expired, or have been started in another browser. "
+        "Nothing was connected. Please start connecting again."
+    )
+
+
+class AccessDenied(AuthorizationError):
+    """Brex redirected back with an ``error`` (usually ``access_denied``)."""
+
+    title = "Brex access was not granted"
+    user_message = (
+        "You cancelled or declined access at Brex, so nothing was connected. You can "
+        "connect again at any time."
+    )
+
+    def __init__(self, error: str, description: str = "") -> None:
+        self.error = error
+        self.description = description
+        if error != "access_denied":
+            super().__init__(
+                f"Brex returned error {error!r}",
+                user_message=(
+                    f"Brex could not complete the request ({error}). Nothing was connected. "
+                    "Please try again, or contact support if this keeps happening."
+                ),
+            )
+        else:
+            super().__init__(f"Brex returned error {error!r}")
+
+
+class NoScopesGranted(AuthorizationError):
+    """The person consented to none of the requested API scopes."""
+
+    title = "No Brex permissions were granted"
+    user_message = (
+        "You did not grant any of the permissions this site needs, so nothing was "
+        "connected. Connect again and leave the permissions you want to share ticked."
+    )
+
+
+class OfflineAccessNotGranted(AuthorizationError):
+    """Brex returned no refresh token, so the connection could not be kept alive."""
+
+    title = "Brex did not allow a lasting connection"
+    user_message = (
+        "Brex did not allow this site to stay connected (no offline access was granted). "
+        "Nothing was connected. Please connect again and allow offline access."
+    )
+
+
+# Protocol (token endpoint, id_token, discovery) -------------------------------------------
+
+
+class TokenError(BrexOAuthError):
+    """The token endpoint refused a request with an OAuth error."""
+
+    title = "Brex refused the request"
+    user_message = (
+        "Brex refused to complete the connection. Nothing was connected. Please start "
+        "connecting again."
+    )
+
+    def __init__(self, error: str, description: str = "", status: int | None = None) -> None:
+        self.error = error
+        self.description = description
+        self.status = status
+        super().__init__(f"Token endpoint answered {status}: {error}")
+
+
+class InvalidGrant(TokenError):
+    """``invalid_grant``: the code or refresh token is invalid, expired or revoked."""
+
+
+class InvalidClient(TokenError):
+    """``invalid_client``: Brex does not accept this site's client id or secret."""
+
+    title = "This site's Brex credentials were refused"
+    user_message = (
+        "Brex did not accept this site's credentials, so nothing was connected. Please "
+        "tell the site's administrators."
+    )
+    http_status = 502
+
+
+class IdTokenError(BrexOAuthError, SuspiciousOperation):
+    """The id_token failed validation (signature, issuer, audience, times or nonce)."""
+
+    title = "Brex sign-in could not be verified"
+    user_message = (
+        "The sign-in answer from Brex could not be verified, so nothing was connected. "
+        "Please start connecting again."
+    )
+
+
+class DiscoveryError(BrexOAuthError):
+    """The OpenID Connect discovery document or JWKS is unusable."""
+
+    title = "Brex is not reachable right now"
+    user_message = (
+        "This site could not read Brex's sign-in configuration. Nothing was connected. "
+        "Please try again in a few minutes."
+    )
+    http_status = 502
+
+
+class BrexUnavailable(BrexOAuthError):
+    """Brex could not be reached, timed out, or answered 429 or 5xx."""
+
+    title = "Brex is not reachable right now"
+    user_message = (
+        "Brex did not answer in time, so nothing was connected. Please try again in a "
+        "few minutes."
+    )
+    http_status = 502
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+# Connections and API calls -----------------------------------------------------------------
+
+
+class ConnectionNotUsable(BrexOAuthError):
+    """The connection is revoked or needs the customer to reconnect."""
+
+    title = "This Brex connection needs attention"
+    user_message = "This Brex connection is not active. Please reconnect your Brex account."
+
+
+class BrexAPIError(BrexOAuthError):
+    """A Brex API call failed; carries Brex's ``{type, message, code}`` error body."""
+
+    def __init__(
+        self,
+        status: int,
+        *,
+        error_type: str | None = None,
+        message: str | None = None,
+        code: str | None = None,
+        method: str = "",
+        path: str = "",
+    ) -> None:
+        self.status = status
+        self.error_type = error_type
+        self.error_message = message
+        self.code = code
+        self.method = method
+        self.path = path
+        detail = " ".join(p for p in (error_type, message, code) if p)
+        super().__init__(f"{method} {path} answered {status}" + (f": {detail}" if detail else ""))

@@ -1,0 +1,38 @@
+"""Re-encrypt every stored token with the current BREX_OAUTH["ENCRYPTION_KEY"]."""
+
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from django_brex_oauth.models import AuthorizationRequest, BrexToken
+
+
+class Command(BaseCommand):
+    help = (
+        "Re-encrypt stored Brex tokens with BREX_OAUTH['ENCRYPTION_KEY']. Run it after "
+        "moving the old key to ENCRYPTION_KEY_FALLBACKS; then the old key can be dropped."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--batch-size", type=int, default=500)
+
+    def handle(self, *args, batch_size: int, **options):
+        done = 0
+        pks = list(BrexToken.objects.order_by("pk").values_list("pk", flat=True))
+        for start in range(0, len(pks), batch_size):
+            with transaction.atomic():
+                batch = BrexToken.objects.select_for_update().filter(
+                    pk__in=pks[start : start + batch_size]
+                )
+                for token in batch:
+                    token.save(update_fields=["access_token", "refresh_token"])
+                    done += 1
+        pending = 0
+        for auth_request in AuthorizationRequest.objects.filter(consumed_at__isnull=True):
+            auth_request.save(update_fields=["code_verifier"])
+            pending += 1
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Re-encrypted the tokens of {done} connection(s) and {pending} pending "
+                "authorization(s) with the current key."
+            )
+        )

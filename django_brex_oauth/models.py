@@ -1,0 +1,276 @@
+"""Connections to Brex accounts, their encrypted tokens, pending authorizations and events."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from .conf import REQUIRED_SCOPES, brex_settings
+from .fields import EncryptedTextField
+
+
+class Environment(models.TextChoices):
+    PRODUCTION = "production", "Production"
+    STAGING = "staging", "Staging"
+
+
+class ConnectionStatus(models.TextChoices):
+    ACTIVE = "active", "Active"
+    NEEDS_REAUTH = "needs_reauth", "Needs re-authorization"
+    REVOKED = "revoked", "Revoked"
+
+
+class RevocationStatus(models.TextChoices):
+    NOT_REQUESTED = "", "Not requested"
+    PENDING = "pending", "Pending at Brex"
+    DONE = "done", "Revoked at Brex"
+
+
+class BrexConnection(models.Model):
+    """A site user's link to one Brex user in one Brex environment.
+
+    The same Brex user connected again by the same owner updates this row rather than
+    adding another. Tokens live in :class:`BrexToken` (``connection.token``) so that
+    listing connections never loads a secret.
+    """
+
+    Status = ConnectionStatus
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="brex_connections",
+    )
+    environment = models.CharField(max_length=16, choices=Environment.choices)
+    brex_user_id = models.CharField(
+        "Brex user id", max_length=255, help_text="The id_token subject (sub)."
+    )
+    brex_user_email = models.EmailField("Brex user email", blank=True)
+    brex_company_id = models.CharField("Brex company id", max_length=255, blank=True)
+    brex_company_name = models.CharField("Brex company", max_length=255, blank=True)
+    granted_scopes = models.TextField(
+        blank=True, help_text="Space-separated scopes the customer granted."
+    )
+    status = models.CharField(
+        max_length=16, choices=ConnectionStatus.choices, default=ConnectionStatus.ACTIVE
+    )
+    connected_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+    last_refreshed_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revocation_status = models.CharField(
+        max_length=16, choices=RevocationStatus.choices, blank=True, default=""
+    )
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        verbose_name = "Brex connection"
+        ordering = ["-connected_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "environment", "brex_user_id"],
+                name="brex_oauth_unique_owner_brex_user",
+            )
+        ]
+        permissions = [("revoke_brexconnection", "Can revoke Brex connections at Brex")]
+
+    def __str__(self) -> str:
+        who = self.brex_company_name or self.brex_user_email or self.brex_user_id
+        return f"{who} ({self.environment}, {self.status})"
+
+    @property
+    def scopes(self) -> list[str]:
+        """Granted scopes as a list."""
+        return self.granted_scopes.split()
+
+    @property
+    def api_scopes(self) -> list[str]:
+        """Granted scopes other than ``openid`` and ``offline_access``."""
+        return [s for s in self.scopes if s not in REQUIRED_SCOPES]
+
+    def has_scope(self, *scopes: str) -> bool:
+        """True when any of ``scopes`` was granted."""
+        granted = set(self.scopes)
+        return any(scope in granted for scope in scopes)
+
+    @property
+    def is_active(self) -> bool:
+        return self.status == ConnectionStatus.ACTIVE
+
+
+class BrexTokenQuerySet(models.QuerySet):
+    def due_for_refresh(self, now: datetime | None = None) -> BrexTokenQuerySet:
+        """Tokens of active connections that the sweep should refresh now.
+
+        Due means the access token expires within ``REFRESH_MARGIN`` seconds, or the refresh
+        token has not been used for ``REFRESH_TOKEN_REFRESH_AGE`` seconds. Either arm is
+        answered by its own partial index (``brex_oauth_token_due`` and
+        ``brex_oauth_token_idle``), so the query stays cheap however many rows there are;
+        the join to the connection only checks the status of the candidates.
+        """
+        now = now or timezone.now()
+        margin = timedelta(seconds=brex_settings.REFRESH_MARGIN)
+        age = timedelta(seconds=brex_settings.REFRESH_TOKEN_REFRESH_AGE)
+        return self.filter(
+            access_token_expires_at__isnull=False,
+            refresh_token__isnull=False,
+            connection__status=ConnectionStatus.ACTIVE,
+        ).filter(
+            models.Q(access_token_expires_at__lte=now + margin)
+            | models.Q(refresh_token_used_at__lte=now - age)
+        )
+
+    def unclaimed(self, now: datetime | None = None) -> BrexTokenQuerySet:
+        """Tokens no worker is refreshing right now (no claim, or an expired one)."""
+        now = now or timezone.now()
+        return self.filter(
+            models.Q(refresh_claimed_until__isnull=True) | models.Q(refresh_claimed_until__lt=now)
+        )
+
+
+class BrexToken(models.Model):
+    """A connection's tokens, encrypted at rest, and the refresh bookkeeping.
+
+    The token values never appear in ``repr``, ``str``, the admin or logs.
+    """
+
+    connection = models.OneToOneField(
+        BrexConnection, on_delete=models.CASCADE, primary_key=True, related_name="token"
+    )
+    access_token = EncryptedTextField(null=True, blank=True)
+    refresh_token = EncryptedTextField(null=True, blank=True)
+    token_type = models.CharField(max_length=32, default="Bearer")
+    access_token_expires_at = models.DateTimeField(null=True, blank=True)
+    refresh_token_issued_at = models.DateTimeField(
+        null=True, blank=True, db_index=True,
+        help_text="When Brex first issued this refresh token chain; it dies 90 days later.",
+    )
+    refresh_token_expires_at = models.DateTimeField(null=True, blank=True)
+    refresh_token_used_at = models.DateTimeField(
+        default=timezone.now,
+        help_text="When the stored refresh token was last received from or used at Brex.",
+    )
+    # A worker refreshing this connection holds a lease until this time; another
+    # worker may take over once it has passed (a killed worker leaves nothing stuck).
+    refresh_claimed_until = models.DateTimeField(null=True, blank=True)
+    refresh_claimed_by = models.CharField(max_length=64, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = BrexTokenQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "Brex token"
+        indexes = [
+            # The two arms of the refresh sweep (due_for_refresh). Rows without an access
+            # token expiry (revoked, or needing re-authorization) are left out of both.
+            models.Index(
+                fields=["access_token_expires_at"],
+                name="brex_oauth_token_due",
+                condition=models.Q(access_token_expires_at__isnull=False),
+            ),
+            models.Index(
+                fields=["refresh_token_used_at"],
+                name="brex_oauth_token_idle",
+                condition=models.Q(access_token_expires_at__isnull=False),
+            ),
+        ]
+
+    def __repr__(self) -> str:
+        return f"<BrexToken connection={self.connection_id} expires={self.access_token_expires_at}>"
+
+    def __str__(self) -> str:
+        return f"Tokens of connection {self.connection_id}"
+
+    def access_token_expires_within(self, seconds: float) -> bool:
+        """True when the access token is missing or expires within ``seconds``."""
+        if not self.access_token or self.access_token_expires_at is None:
+            return True
+        return self.access_token_expires_at <= timezone.now() + timedelta(seconds=seconds)
+
+    def is_due_for_refresh(self, now: datetime | None = None) -> bool:
+        """True when the sweep would refresh these tokens (see ``due_for_refresh``)."""
+        now = now or timezone.now()
+        if not self.refresh_token:
+            return False
+        if not self.access_token or self.access_token_expires_at is None:
+            return True
+        if self.access_token_expires_at <= now + timedelta(seconds=brex_settings.REFRESH_MARGIN):
+            return True
+        age = timedelta(seconds=brex_settings.REFRESH_TOKEN_REFRESH_AGE)
+        return self.refresh_token_used_at is not None and self.refresh_token_used_at <= now - age
+
+    @property
+    def refresh_token_days_left(self) -> int | None:
+        if self.refresh_token_expires_at is None:
+            return None
+        return max(0, (self.refresh_token_expires_at - timezone.now()).days)
+
+
+class AuthorizationRequest(models.Model):
+    """A pending authorization: state, PKCE verifier and nonce, used once and expiring."""
+
+    state = models.CharField(max_length=128, unique=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
+    )
+    environment = models.CharField(max_length=16, choices=Environment.choices)
+    code_verifier = EncryptedTextField()
+    nonce = models.CharField(max_length=128)
+    redirect_uri = models.URLField(max_length=1000)
+    requested_scopes = models.TextField()
+    next_url = models.CharField(max_length=2000, blank=True)
+    prompt_login = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(db_index=True)
+    consumed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "pending Brex authorization"
+
+    def __repr__(self) -> str:
+        return f"<AuthorizationRequest pk={self.pk} user={self.user_id} expires={self.expires_at}>"
+
+    @property
+    def is_expired(self) -> bool:
+        return self.expires_at <= timezone.now()
+
+
+class EventKind(models.TextChoices):
+    CONNECTED = "connected", "Connected"
+    RECONNECTED = "reconnected", "Reconnected"
+    REFRESHED = "refreshed", "Tokens refreshed"
+    REFRESH_FAILED = "refresh_failed", "Refresh failed"
+    NEEDS_REAUTH = "needs_reauth", "Needs re-authorization"
+    DISCONNECTED = "disconnected", "Disconnected"
+    REVOKED = "revoked", "Revoked at Brex"
+    REVOKE_FAILED = "revoke_failed", "Revocation at Brex failed"
+
+
+class ConnectionEvent(models.Model):
+    """Something that happened to a connection. ``detail`` never holds a secret."""
+
+    Kind = EventKind
+
+    connection = models.ForeignKey(
+        BrexConnection, on_delete=models.CASCADE, related_name="events"
+    )
+    kind = models.CharField(max_length=32, choices=EventKind.choices)
+    detail = models.TextField(blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        verbose_name = "Brex connection event"
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} at {self.created_at:%Y-%m-%d %H:%M:%S}"

@@ -1,0 +1,326 @@
+"""The protocol layer: the only code that speaks OAuth 2.0 / OpenID Connect to Brex.
+
+Plain arguments in, plain data out: no ORM, no ``HttpRequest``. Endpoints come from
+discovery; token requests go through requests-oauthlib with the client credentials
+in the form body (``client_secret_post``, as Brex documents).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import jwt
+import requests
+from oauthlib.oauth2 import OAuth2Error
+from requests_oauthlib import OAuth2Session
+
+from . import discovery
+from .conf import REQUIRED_SCOPES, brex_settings
+from .exceptions import (
+    BrexUnavailable,
+    IdTokenError,
+    InvalidClient,
+    InvalidGrant,
+    TokenError,
+)
+from .http import USER_AGENT, allow_insecure_loopback, silence_secret_logging, unavailable
+
+#: Algorithms that can never sign an id_token we accept, whatever the settings say.
+FORBIDDEN_ALGORITHMS = frozenset({"none", "HS256", "HS384", "HS512"})
+
+
+# Values for one authorization request ------------------------------------------------------
+
+
+def new_state() -> str:
+    """An unguessable ``state`` (32 random bytes, URL-safe; Brex wants more than 8 chars)."""
+    return secrets.token_urlsafe(32)
+
+
+def new_nonce() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def new_code_verifier() -> str:
+    """A PKCE verifier: 64 URL-safe characters (RFC 7636 allows 43 to 128)."""
+    return secrets.token_urlsafe(48)
+
+
+def code_challenge(verifier: str) -> str:
+    """The S256 PKCE challenge for ``verifier``."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def build_authorization_url(
+    *,
+    redirect_uri: str,
+    scopes: list[str],
+    state: str,
+    code_verifier: str,
+    nonce: str,
+    prompt_login: bool = False,
+) -> str:
+    """The URL of Brex's authorization endpoint for one authorization request."""
+    params = {
+        "client_id": brex_settings.CLIENT_ID,
+        "response_type": "code",
+        "redirect_uri": redirect_uri,
+        "scope": " ".join(scopes),
+        "state": state,
+        "nonce": nonce,
+        "code_challenge": code_challenge(code_verifier),
+        "code_challenge_method": "S256",
+    }
+    if prompt_login:
+        params["prompt"] = "login"
+    endpoint = discovery.get_endpoint("authorization_endpoint")
+    separator = "&" if "?" in endpoint else "?"
+    return endpoint + separator + urlencode(params)
+
+
+# Token endpoint ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    """What the token endpoint answered. ``repr`` never shows a token."""
+
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_in: int
+    scopes: list[str]
+    refresh_token: str | None = field(default=None, repr=False)
+    id_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_dict(cls, token: dict[str, Any], *, requested_scopes: list[str] | None = None):
+        scope = token.get("scope")
+        if isinstance(scope, str):
+            scopes = scope.split()
+        elif isinstance(scope, list | tuple):
+            scopes = [str(s) for s in scope]
+        else:
+            # RFC 6749 3.3: no scope in the answer means what was asked for was granted.
+            scopes = list(requested_scopes or [])
+        try:
+            expires_in = int(token.get("expires_in") or 0)
+        except (TypeError, ValueError):
+            expires_in = 0
+        return cls(
+            access_token=str(token["access_token"]),
+            token_type=str(token.get("token_type") or "Bearer"),
+            expires_in=expires_in or int(brex_settings.DEFAULT_ACCESS_TOKEN_LIFETIME),
+            scopes=scopes,
+            refresh_token=token.get("refresh_token") or None,
+            id_token=token.get("id_token") or None,
+        )
+
+
+class _BrexOAuth2Session(OAuth2Session):
+    """requests-oauthlib's session with our timeout, User-Agent and error mapping."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        silence_secret_logging()
+        super().__init__(client_id=brex_settings.CLIENT_ID, **kwargs)
+        self.headers["User-Agent"] = USER_AGENT
+        self.register_compliance_hook("access_token_response", _raise_for_outage)
+        self.register_compliance_hook("refresh_token_response", _raise_for_outage)
+
+    def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = float(brex_settings.HTTP_TIMEOUT)
+        return super().request(method, url, *args, **kwargs)
+
+
+def _raise_for_outage(response: requests.Response) -> requests.Response:
+    # 429 and 5xx bodies are not token responses; oauthlib would misreport them.
+    if response.status_code == 429 or response.status_code >= 500:
+        raise BrexUnavailable(
+            f"Brex token endpoint answered HTTP {response.status_code}",
+            status=response.status_code,
+        )
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or "error" not in body:
+            raise TokenError("invalid_response", "", status=response.status_code)
+    return response
+
+
+def _token_error(err: OAuth2Error) -> TokenError:
+    error = getattr(err, "error", "") or "invalid_request"
+    description = getattr(err, "description", "") or ""
+    status = getattr(err, "status_code", None)
+    if error == "invalid_grant":
+        return InvalidGrant(error, description, status)
+    if error == "invalid_client":
+        return InvalidClient(error, description, status)
+    return TokenError(error, description, status)
+
+
+def _call_token_endpoint(call) -> dict[str, Any]:
+    token_url = discovery.get_endpoint("token_endpoint")
+    try:
+        with allow_insecure_loopback(token_url):
+            return dict(call(token_url))
+    except OAuth2Error as err:
+        raise _token_error(err) from None
+    except Warning as err:  # oauthlib's "scope has changed" and similar
+        raise TokenError("invalid_response", str(err)) from None
+    except requests.RequestException as err:
+        discovery.invalidate()
+        raise unavailable(err) from err
+
+
+def exchange_code(*, code: str, redirect_uri: str, code_verifier: str) -> TokenResponse:
+    """Exchange an authorization code (with its PKCE verifier) for tokens."""
+    session = _BrexOAuth2Session(redirect_uri=redirect_uri)
+    token = _call_token_endpoint(
+        lambda url: session.fetch_token(
+            url,
+            code=code,
+            code_verifier=code_verifier,
+            client_secret=brex_settings.CLIENT_SECRET,
+            include_client_id=True,
+        )
+    )
+    return TokenResponse.from_dict(token)
+
+
+def refresh(refresh_token: str) -> TokenResponse:
+    """Trade a refresh token for new tokens. ``refresh_token`` of the answer is None
+    when Brex did not rotate it (keep the old one)."""
+    session = _BrexOAuth2Session()
+    token = _call_token_endpoint(
+        lambda url: session.refresh_token(
+            url,
+            refresh_token=refresh_token,
+            client_id=brex_settings.CLIENT_ID,
+            client_secret=brex_settings.CLIENT_SECRET,
+        )
+    )
+    if token.get("refresh_token") == refresh_token:
+        # requests-oauthlib copies the old token in when none came back.
+        token["refresh_token"] = None
+    return TokenResponse.from_dict(token)
+
+
+def client_credentials(scopes: list[str]) -> TokenResponse:
+    """A client-credentials token (the onboarding API) for ``scopes``."""
+    from oauthlib.oauth2 import BackendApplicationClient
+
+    session = _BrexOAuth2Session(client=BackendApplicationClient(brex_settings.CLIENT_ID))
+    token = _call_token_endpoint(
+        lambda url: session.fetch_token(
+            url,
+            scope=scopes,
+            client_secret=brex_settings.CLIENT_SECRET,
+            include_client_id=True,
+        )
+    )
+    return TokenResponse.from_dict(token, requested_scopes=scopes)
+
+
+def revoke(token: str, token_type_hint: str = "refresh_token") -> None:
+    """Revoke ``token`` at the discovery ``revocation_endpoint`` (RFC 7009, form-encoded).
+
+    Raises :class:`BrexUnavailable` when Brex cannot be reached or answers 429/5xx,
+    and :class:`TokenError` when it refuses the request (e.g. ``invalid_client``).
+    """
+    url = discovery.get_endpoint("revocation_endpoint")
+    data = {
+        "token": token,
+        "token_type_hint": token_type_hint,
+        "client_id": brex_settings.CLIENT_ID,
+        "client_secret": brex_settings.CLIENT_SECRET,
+    }
+    from .http import new_session
+
+    try:
+        response = new_session().post(url, data=data, headers={"Accept": "application/json"})
+    except requests.RequestException as err:
+        discovery.invalidate()
+        raise unavailable(err) from err
+    if response.status_code == 200:
+        return
+    if response.status_code == 429 or response.status_code >= 500:
+        raise BrexUnavailable(
+            f"Brex revocation endpoint answered HTTP {response.status_code}",
+            status=response.status_code,
+        )
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    error = str(body.get("error") or "invalid_request") if isinstance(body, dict) else ""
+    description = str(body.get("error_description") or "") if isinstance(body, dict) else ""
+    if error == "invalid_client":
+        raise InvalidClient(error, description, response.status_code)
+    raise TokenError(error, description, response.status_code)
+
+
+# id_token ------------------------------------------------------------------------------------
+
+
+def _allowed_algorithms() -> list[str]:
+    return [a for a in brex_settings.ID_TOKEN_ALGORITHMS if a not in FORBIDDEN_ALGORITHMS]
+
+
+def validate_id_token(id_token: str, *, nonce: str) -> dict[str, Any]:
+    """Check an id_token and return its claims.
+
+    Checks the signature against the issuer's JWKS (fetching it again once for an
+    unknown ``kid``), the algorithm against the allow-list (never ``none`` or an HMAC),
+    ``iss``, ``aud``, ``exp``, ``iat`` (not in the future) and ``nonce``.
+    """
+    algorithms = _allowed_algorithms()
+    try:
+        header = jwt.get_unverified_header(id_token)
+    except jwt.InvalidTokenError as err:
+        raise IdTokenError(f"The id_token is malformed: {type(err).__name__}") from None
+    alg = header.get("alg")
+    if alg not in algorithms:
+        raise IdTokenError(f"The id_token algorithm {alg!r} is not allowed.")
+    try:
+        jwk = discovery.find_jwk(header.get("kid"))
+    except discovery.DiscoveryError as err:
+        raise IdTokenError(f"The issuer's signing keys are unavailable: {err}") from err
+    if jwk is None:
+        raise IdTokenError("The id_token was signed with a key the issuer does not publish.")
+    try:
+        key = jwt.PyJWK(jwk, algorithm=alg)
+    except jwt.PyJWKError as err:
+        raise IdTokenError(f"The issuer's signing key is unusable: {err}") from None
+    leeway = int(brex_settings.ID_TOKEN_LEEWAY)
+    try:
+        claims = jwt.decode(
+            id_token,
+            key=key,
+            algorithms=algorithms,
+            audience=brex_settings.CLIENT_ID,
+            issuer=brex_settings.issuer,
+            leeway=leeway,
+            options={"require": ["iss", "sub", "aud", "exp", "iat"]},
+        )
+    except jwt.InvalidTokenError as err:
+        raise IdTokenError(f"The id_token is invalid: {type(err).__name__}: {err}") from None
+    if claims["iat"] > time.time() + leeway:
+        raise IdTokenError("The id_token was issued in the future.")
+    claimed_nonce = claims.get("nonce")
+    if not isinstance(claimed_nonce, str) or not secrets.compare_digest(claimed_nonce, nonce):
+        raise IdTokenError("The id_token nonce does not match this authorization request.")
+    return claims
+
+
+def required_scopes_only(scopes: list[str]) -> bool:
+    """True when ``scopes`` holds nothing beyond ``openid`` and ``offline_access``."""
+    return not [s for s in scopes if s not in REQUIRED_SCOPES]

@@ -1,0 +1,250 @@
+"""Connecting a Brex account: start an authorization, then complete it on the callback."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from .. import oauth, signals
+from ..client import get_with_token
+from ..conf import brex_settings
+from ..exceptions import (
+    AccessDenied,
+    AuthorizationError,
+    BrexOAuthError,
+    IdTokenError,
+    NoScopesGranted,
+    OfflineAccessNotGranted,
+    StateError,
+)
+from ..models import (
+    AuthorizationRequest,
+    BrexConnection,
+    BrexToken,
+    ConnectionEvent,
+    ConnectionStatus,
+    EventKind,
+    RevocationStatus,
+)
+
+logger = logging.getLogger("django_brex_oauth")
+
+
+def start_authorization(
+    *, user, redirect_uri: str, next_url: str = "", force_login: bool = False
+) -> tuple[AuthorizationRequest, str]:
+    """Create a single-use pending authorization for ``user`` and return it with the
+    Brex authorization URL to send the person to."""
+    now = timezone.now()
+    scopes = brex_settings.scopes
+    state, nonce, code_verifier = oauth.new_state(), oauth.new_nonce(), oauth.new_code_verifier()
+    prompt_login = bool(force_login or brex_settings.FORCE_LOGIN)
+    # Discovery first: when Brex cannot be reached nothing is stored.
+    url = oauth.build_authorization_url(
+        redirect_uri=redirect_uri,
+        scopes=scopes,
+        state=state,
+        code_verifier=code_verifier,
+        nonce=nonce,
+        prompt_login=prompt_login,
+    )
+    auth_request = AuthorizationRequest.objects.create(
+        state=state,
+        user=user,
+        environment=brex_settings.environment,
+        code_verifier=code_verifier,
+        nonce=nonce,
+        redirect_uri=redirect_uri,
+        requested_scopes=" ".join(scopes),
+        next_url=next_url,
+        prompt_login=prompt_login,
+        created_at=now,
+        expires_at=now + timedelta(seconds=int(brex_settings.AUTHORIZATION_REQUEST_TTL)),
+    )
+    return auth_request, url
+
+
+@dataclass
+class CompletedConnection:
+    connection: BrexConnection
+    created: bool
+    next_url: str
+
+
+def consume_authorization_request(*, user, state: str | None, state_in_session: bool):
+    """Take the pending authorization for ``state`` exactly once, or raise StateError."""
+    if not state:
+        raise StateError(
+            "missing state",
+            user_message=(
+                "The answer from Brex did not say which connection attempt it belongs to. "
+                "Nothing was connected. Please start connecting again."
+            ),
+        )
+    if not state_in_session:
+        raise StateError("state not bound to this session")
+    taken = AuthorizationRequest.objects.filter(state=state, consumed_at__isnull=True).update(
+        consumed_at=timezone.now()
+    )
+    auth_request = AuthorizationRequest.objects.filter(state=state).first()
+    if auth_request is None:
+        raise StateError("unknown state")
+    if not taken:
+        raise StateError(
+            "state used already",
+            user_message=(
+                "This Brex sign-in link was used already, so it cannot connect anything "
+                "again. If your account is not connected yet, please start connecting again."
+            ),
+        )
+    if auth_request.user_id != user.pk:
+        raise StateError("state belongs to another user")
+    if auth_request.is_expired:
+        minutes = max(1, int(brex_settings.AUTHORIZATION_REQUEST_TTL) // 60)
+        raise StateError(
+            "state expired",
+            user_message=(
+                f"You took longer than {minutes} minutes at Brex, so this attempt expired and "
+                "nothing was connected. Please start connecting again."
+            ),
+        )
+    return auth_request
+
+
+def complete_authorization(
+    *, user, params: dict[str, str], state_in_session: bool
+) -> CompletedConnection:
+    """Finish the flow from the callback's query ``params``.
+
+    Stores nothing unless every check passes: state, Brex's answer, scopes, the code
+    exchange and the id_token.
+    """
+    auth_request = consume_authorization_request(
+        user=user, state=params.get("state"), state_in_session=state_in_session
+    )
+    if params.get("error"):
+        raise AccessDenied(params["error"], params.get("error_description", ""))
+    code = params.get("code")
+    if not code:
+        raise AuthorizationError("no code in the callback")
+    callback_scopes = params.get("scope")
+    if callback_scopes is not None and oauth.required_scopes_only(callback_scopes.split()):
+        raise NoScopesGranted("no API scope granted")
+
+    tokens = oauth.exchange_code(
+        code=code,
+        redirect_uri=auth_request.redirect_uri,
+        code_verifier=auth_request.code_verifier,
+    )
+    try:
+        if oauth.required_scopes_only(tokens.scopes):
+            raise NoScopesGranted("no API scope granted")
+        if not tokens.id_token:
+            raise IdTokenError("Brex returned no id_token")
+        claims = oauth.validate_id_token(tokens.id_token, nonce=auth_request.nonce)
+        if not tokens.refresh_token:
+            raise OfflineAccessNotGranted("no refresh token")
+    except BrexOAuthError:
+        _revoke_quietly(tokens.refresh_token or tokens.access_token,
+                        "refresh_token" if tokens.refresh_token else "access_token")
+        raise
+
+    identity = _read_identity(tokens.access_token, tokens.scopes)
+    connection, created = _store_connection(
+        user=user,
+        environment=auth_request.environment,
+        brex_user_id=str(claims["sub"]),
+        email=identity.get("email") or claims.get("email") or "",
+        identity=identity,
+        tokens=tokens,
+    )
+    return CompletedConnection(connection, created, auth_request.next_url)
+
+
+def _read_identity(access_token: str, scopes: list[str]) -> dict[str, Any]:
+    """The Brex user's email and company, as far as the granted scopes allow."""
+    identity: dict[str, Any] = {}
+    granted = set(scopes)
+    if granted & {"users", "users.readonly"}:
+        try:
+            me = get_with_token(access_token, "/v2/users/me")
+            identity["email"] = me.get("email") or ""
+        except BrexOAuthError as err:
+            logger.warning("Could not read the Brex user after connecting: %s", err)
+    if "companies.readonly" in granted:
+        try:
+            company = get_with_token(access_token, "/v2/company")
+            identity["company_id"] = company.get("id") or ""
+            identity["company_name"] = company.get("legal_name") or ""
+        except BrexOAuthError as err:
+            logger.warning("Could not read the Brex company after connecting: %s", err)
+    return identity
+
+
+def _store_connection(*, user, environment, brex_user_id, email, identity, tokens):
+    now = timezone.now()
+    with transaction.atomic():
+        connection, created = BrexConnection.objects.select_for_update().get_or_create(
+            owner=user,
+            environment=environment,
+            brex_user_id=brex_user_id,
+            defaults={"connected_at": now},
+        )
+        replaced_refresh_token = None
+        if not created:
+            old = BrexToken.objects.filter(connection=connection).first()
+            if old is not None and old.refresh_token and old.refresh_token != tokens.refresh_token:
+                replaced_refresh_token = old.refresh_token
+            connection.connected_at = now
+        connection.brex_user_email = email[:254]
+        connection.brex_company_id = identity.get("company_id", connection.brex_company_id)
+        connection.brex_company_name = identity.get("company_name", connection.brex_company_name)
+        connection.granted_scopes = " ".join(tokens.scopes)
+        connection.status = ConnectionStatus.ACTIVE
+        connection.revoked_at = None
+        connection.revocation_status = RevocationStatus.NOT_REQUESTED
+        connection.last_error = ""
+        connection.save()
+        BrexToken.objects.update_or_create(
+            connection=connection,
+            defaults={
+                "access_token": tokens.access_token,
+                "refresh_token": tokens.refresh_token,
+                "token_type": tokens.token_type,
+                "access_token_expires_at": now + timedelta(seconds=tokens.expires_in),
+                "refresh_token_issued_at": now,
+                "refresh_token_expires_at": now
+                + timedelta(seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME)),
+                "refresh_claimed_until": None,
+                "refresh_claimed_by": "",
+            },
+        )
+        ConnectionEvent.objects.create(
+            connection=connection,
+            kind=EventKind.CONNECTED if created else EventKind.RECONNECTED,
+            detail="Scopes granted: " + (" ".join(tokens.scopes) or "none"),
+            actor=user,
+        )
+        transaction.on_commit(
+            lambda: signals.connected.send(
+                sender=BrexConnection, connection=connection, user=user, created=created
+            )
+        )
+        if replaced_refresh_token:
+            transaction.on_commit(lambda: _revoke_quietly(replaced_refresh_token, "refresh_token"))
+    return connection, created
+
+
+def _revoke_quietly(token: str | None, hint: str) -> None:
+    """Best-effort revocation of a token this site will not keep."""
+    if not token:
+        return
+    try:
+        oauth.revoke(token, hint)
+    except BrexOAuthError as err:
+        logger.warning("Could not revoke an unused Brex token: %s", err)

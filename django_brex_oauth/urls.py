@@ -1,0 +1,11 @@
+from django.urls import path
+
+from . import views
+
+app_name = "brex_oauth"
+
+urlpatterns = [
+    path("connect/", views.connect, name="connect"),
+    path("callback/", views.callback, name="callback"),
+    path("disconnect/<int:pk>/", views.disconnect, name="disconnect"),
+]

@@ -1,0 +1,145 @@
+"""Views: parse the request, call a service, redirect or render one error template."""
+
+from __future__ import annotations
+
+import logging
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render, resolve_url
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from . import services
+from .conf import brex_settings
+from .exceptions import BrexOAuthError
+from .models import BrexConnection
+from .services.revoke import disconnect as disconnect_connection
+
+logger = logging.getLogger("django_brex_oauth")
+
+SESSION_KEY = "brex_oauth_pending_states"
+MAX_PENDING_PER_SESSION = 5
+ERROR_TEMPLATE = "brex_oauth/error.html"
+
+
+def render_error(request: HttpRequest, error: BrexOAuthError) -> HttpResponse:
+    """Render the error page for ``error``: what happened and what to do."""
+    return render(
+        request,
+        ERROR_TEMPLATE,
+        {
+            "title": error.title,
+            "message": error.user_message,
+            "retry_url": reverse("brex_oauth:connect"),
+        },
+        status=error.http_status,
+    )
+
+
+def _safe_next(request: HttpRequest, value: str | None) -> str | None:
+    if not value:
+        return ""
+    if url_has_allowed_host_and_scheme(
+        value, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return value
+    return None
+
+
+class UnsafeNext(BrexOAuthError):
+    title = "That link cannot be followed"
+    user_message = (
+        "The address to return to after connecting Brex points outside this site, so it "
+        "was refused. Nothing was started. Please use the Connect button on this site."
+    )
+
+
+def _redirect_uri(request: HttpRequest) -> str:
+    return brex_settings.REDIRECT_URI or request.build_absolute_uri(
+        reverse("brex_oauth:callback")
+    )
+
+
+@never_cache
+@require_GET
+@login_required
+def connect(request: HttpRequest) -> HttpResponse:
+    """Start connecting a Brex account: send the person to Brex to sign in and consent.
+
+    ``?next=`` (a path on this site) is where to land afterwards; ``?force_login=1``
+    makes Brex ask the person to sign in again.
+    """
+    next_url = _safe_next(request, request.GET.get("next"))
+    if next_url is None:
+        logger.warning("Refused an unsafe next URL on Brex connect for user %s", request.user.pk)
+        return render_error(request, UnsafeNext())
+    try:
+        auth_request, url = services.start_authorization(
+            user=request.user,
+            redirect_uri=_redirect_uri(request),
+            next_url=next_url,
+            force_login=request.GET.get("force_login") in ("1", "true", "yes"),
+        )
+    except BrexOAuthError as err:
+        logger.warning("Could not start a Brex connection for user %s: %s", request.user.pk, err)
+        return render_error(request, err)
+    pending = [s for s in request.session.get(SESSION_KEY, []) if s != auth_request.state]
+    request.session[SESSION_KEY] = (pending + [auth_request.state])[-MAX_PENDING_PER_SESSION:]
+    return HttpResponseRedirect(url)
+
+
+@never_cache
+@require_GET
+@login_required
+def callback(request: HttpRequest) -> HttpResponse:
+    """Where Brex sends the person back with a code (or an error) and the state."""
+    state = request.GET.get("state", "")
+    pending = request.session.get(SESSION_KEY, [])
+    in_session = bool(state) and state in pending
+    if in_session:
+        request.session[SESSION_KEY] = [s for s in pending if s != state]
+    try:
+        result = services.complete_authorization(
+            user=request.user, params=request.GET.dict(), state_in_session=in_session
+        )
+    except BrexOAuthError as err:
+        logger.warning(
+            "Brex connection failed for user %s: %s: %s", request.user.pk, type(err).__name__, err
+        )
+        return render_error(request, err)
+    connection = result.connection
+    name = connection.brex_company_name or connection.brex_user_email
+    messages.success(
+        request,
+        f"Your Brex account ({name}) is connected." if name else "Your Brex account is connected.",
+        fail_silently=True,
+    )
+    return HttpResponseRedirect(
+        result.next_url or resolve_url(brex_settings.CONNECT_REDIRECT_URL)
+    )
+
+
+def can_manage(user, connection: BrexConnection) -> bool:
+    """Owners manage their connections; staff need the model's change permission."""
+    return connection.owner_id == user.pk or (
+        user.is_staff and user.has_perm("brex_oauth.change_brexconnection")
+    )
+
+
+@never_cache
+@require_POST
+@login_required
+def disconnect(request: HttpRequest, pk: int) -> HttpResponse:
+    """Disconnect a connection (POST with CSRF): revoke it at Brex and stop using it."""
+    connection = get_object_or_404(BrexConnection, pk=pk)
+    if not can_manage(request.user, connection):
+        raise PermissionDenied("Not your Brex connection.")
+    disconnect_connection(connection, actor=request.user)
+    messages.success(request, "Your Brex account was disconnected.", fail_silently=True)
+    next_url = _safe_next(request, request.POST.get("next"))
+    return HttpResponseRedirect(next_url or resolve_url(brex_settings.DISCONNECT_REDIRECT_URL))

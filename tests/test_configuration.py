@@ -1,0 +1,119 @@
+"""The BREX_OAUTH settings and the system checks that guard them."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from django_brex_oauth.checks import check_settings
+from django_brex_oauth.conf import brex_settings
+
+BASE = {
+    "CLIENT_ID": "id",
+    "CLIENT_SECRET": "secret",
+    "ENCRYPTION_KEY": "a-separate-key",
+    "SCOPES": ["users.readonly"],
+}
+
+
+def ids(settings, **overrides):
+    settings.BREX_OAUTH = {**BASE, **overrides}
+    return sorted(message.id for message in check_settings())
+
+
+def test_a_good_configuration_passes(settings):
+    assert ids(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("environment", "issuer", "api"),
+    [
+        ("production", "https://accounts-api.brex.com/oauth2/default", "https://api.brex.com"),
+        ("staging", "https://accounts-api.staging.brexapps.com/oauth2/default",
+         "https://api-staging.brex.com"),
+    ],
+)
+def test_environment_picks_documented_urls(settings, environment, issuer, api):
+    settings.BREX_OAUTH = {**BASE, "ENVIRONMENT": environment}
+    assert brex_settings.issuer == issuer
+    assert brex_settings.api_base_url == api
+
+
+def test_issuer_and_api_base_url_override(settings):
+    settings.BREX_OAUTH = {
+        **BASE,
+        "ISSUER": "https://accounts.brex.com/",
+        "API_BASE_URL": "https://platform.brexapis.com/",
+    }
+    assert brex_settings.issuer == "https://accounts.brex.com"
+    assert brex_settings.api_base_url == "https://platform.brexapis.com"
+    assert ids(settings, ISSUER="https://accounts.brex.com") == []
+
+
+def test_openid_and_offline_access_are_always_requested(settings):
+    settings.BREX_OAUTH = {**BASE, "SCOPES": ["cards.readonly", "openid"]}
+    assert brex_settings.scopes == ["openid", "offline_access", "cards.readonly"]
+
+
+def test_unknown_setting_is_an_error(settings):
+    settings.BREX_OAUTH = {**BASE, "CLIENT_SECRETS": "typo"}
+    with pytest.raises(ImproperlyConfigured, match="CLIENT_SECRETS"):
+        _ = brex_settings.CLIENT_ID
+    assert ids(settings, CLIENT_SECRETS="x") == ["brex_oauth.E000"]
+
+
+def test_missing_credentials(settings):
+    assert ids(settings, CLIENT_ID="", CLIENT_SECRET=None) == [
+        "brex_oauth.E001", "brex_oauth.E002"
+    ]
+
+
+def test_unknown_environment(settings):
+    assert ids(settings, ENVIRONMENT="sandbox") == ["brex_oauth.E003"]
+    with pytest.raises(ImproperlyConfigured, match="production' or 'staging"):
+        _ = brex_settings.issuer
+
+
+def test_scopes_without_an_api_scope(settings):
+    assert ids(settings, SCOPES=["openid", "offline_access"]) == ["brex_oauth.E005"]
+    assert ids(settings, SCOPES="users.readonly") == ["brex_oauth.E004"]
+
+
+def test_undocumented_scope_warns(settings):
+    assert ids(settings, SCOPES=["transactions"]) == ["brex_oauth.W002"]
+    assert ids(settings, SCOPES=["transactions.card.readonly", "users"]) == []
+
+
+def test_redirect_uri_must_be_https_without_debug(settings):
+    settings.DEBUG = False
+    assert ids(settings, REDIRECT_URI="http://partner.example/brex/callback/") == [
+        "brex_oauth.E006"
+    ]
+    assert ids(settings, REDIRECT_URI="https://partner.example/brex/callback/") == []
+    settings.DEBUG = True
+    assert ids(settings, REDIRECT_URI="http://localhost:8000/brex/callback/") == []
+
+
+def test_plain_http_issuer_only_on_loopback(settings):
+    assert ids(settings, ISSUER="http://127.0.0.1:8765/oauth2/default") == []
+    assert ids(settings, ISSUER="http://brex.internal/oauth2/default") == ["brex_oauth.E008"]
+    assert ids(settings, ISSUER="accounts-api.brex.com") == ["brex_oauth.E007"]
+
+
+def test_insecure_id_token_algorithms(settings):
+    assert ids(settings, ID_TOKEN_ALGORITHMS=["RS256", "none"]) == ["brex_oauth.E009"]
+    assert ids(settings, ID_TOKEN_ALGORITHMS=["HS256"]) == ["brex_oauth.E009"]
+
+
+def test_encryption_key_from_secret_key_warns(settings):
+    assert ids(settings, ENCRYPTION_KEY=None) == ["brex_oauth.W001"]
+    assert ids(settings, ENCRYPTION_KEY=settings.SECRET_KEY) == ["brex_oauth.W001"]
+
+
+def test_checks_run_at_start_up(settings):
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    settings.BREX_OAUTH = {**BASE, "CLIENT_ID": ""}
+    with pytest.raises(SystemCheckError, match="brex_oauth.E001"):
+        call_command("check")

@@ -1,0 +1,84 @@
+"""Tokens are encrypted at rest with their own key, and the key can be rotated."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection as db_connection
+
+from django_brex_oauth.fields import UndecryptableValue
+from django_brex_oauth.models import BrexConnection, BrexToken
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def stored(user):
+    connection = BrexConnection.objects.create(
+        owner=user, environment="staging", brex_user_id="cuuser_1"
+    )
+    BrexToken.objects.create(
+        connection=connection, access_token="access-SECRET", refresh_token="refresh-SECRET"
+    )
+    return connection
+
+
+def raw_column(pk):
+    with db_connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT refresh_token FROM brex_oauth_brextoken WHERE connection_id = %s", [pk]
+        )
+        return bytes(cursor.fetchone()[0])
+
+
+def test_raw_column_is_ciphertext(stored):
+    raw = raw_column(stored.pk)
+    assert b"refresh-SECRET" not in raw
+    assert BrexToken.objects.get(pk=stored.pk).refresh_token == "refresh-SECRET"
+
+
+def test_encryption_does_not_depend_on_secret_key(stored, settings):
+    settings.SECRET_KEY = "a-rotated-secret-key"
+    assert BrexToken.objects.get(pk=stored.pk).refresh_token == "refresh-SECRET"
+
+
+def test_rotating_the_key_keeps_every_token(stored, settings):
+    old_key = settings.BREX_OAUTH["ENCRYPTION_KEY"]
+    settings.BREX_OAUTH = {
+        **settings.BREX_OAUTH,
+        "ENCRYPTION_KEY": "the-new-key",
+        "ENCRYPTION_KEY_FALLBACKS": [old_key],
+    }
+    token = BrexToken.objects.get(pk=stored.pk)
+    assert token.refresh_token == "refresh-SECRET"
+    token.save()  # re-encrypts with the new key
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": []}
+    assert BrexToken.objects.get(pk=stored.pk).refresh_token == "refresh-SECRET"
+
+
+def test_wrong_key_is_a_clear_error_without_the_token(stored, settings):
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY": "not-the-key"}
+    with pytest.raises(UndecryptableValue, match="ENCRYPTION_KEY") as info:
+        BrexToken.objects.get(pk=stored.pk)
+    assert "SECRET" not in str(info.value)
+
+
+def test_rotate_key_command_reencrypts_every_row(stored, settings, user):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    second = BrexConnection.objects.create(owner=user, environment="production",
+                                           brex_user_id="cuuser_2")
+    BrexToken.objects.create(connection=second, access_token="a2", refresh_token="r2")
+    old_key = settings.BREX_OAUTH["ENCRYPTION_KEY"]
+    settings.BREX_OAUTH = {
+        **settings.BREX_OAUTH,
+        "ENCRYPTION_KEY": "the-new-key",
+        "ENCRYPTION_KEY_FALLBACKS": [old_key],
+    }
+    out = StringIO()
+    call_command("brex_oauth_rotate_key", stdout=out)
+    assert "2 connection(s)" in out.getvalue()
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": []}
+    assert BrexToken.objects.get(pk=second.pk).refresh_token == "r2"
+    assert BrexToken.objects.get(pk=stored.pk).access_token == "access-SECRET"
