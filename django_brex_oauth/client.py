@@ -1,14 +1,41 @@
-"""Calling the Brex API."""
+"""Calling the Brex API.
+
+:class:`BrexClient` is bound to one connection and never makes its caller think about
+tokens::
+
+    client = BrexClient(connection)
+    me = client.get_me()
+    for user in client.iter_items("/v2/users"):
+        ...
+
+It sends the connection's access token, refreshes it first when it is about to expire and
+once more when Brex answers 401, retries 429, 5xx and network errors with exponential
+backoff and jitter when the call is idempotent (every POST carries an ``Idempotency-Key``,
+the same one on each retry), follows ``next_cursor`` pagination, and raises typed errors:
+:class:`BrexAPIError` with Brex's ``{type, message, code}``, :class:`ConnectionNotUsable`,
+:class:`BrexUnavailable`.
+
+:class:`OnboardingClient` calls the onboarding (referrals) API with a client-credentials
+token. A client instance is meant for one thread at a time.
+"""
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import requests
 
+from .backoff import backoff_delay
 from .conf import brex_settings
-from .exceptions import BrexAPIError, BrexUnavailable
+from .exceptions import BrexAPIError, BrexUnavailable, ConnectionNotUsable
 from .http import new_session, unavailable
+
+#: Methods that are safe to send again; POST joins them because it always carries an
+#: Idempotency-Key.
+RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST"})
 
 
 def _error_from_response(response: requests.Response, method: str, path: str) -> BrexAPIError:
@@ -28,8 +55,25 @@ def _error_from_response(response: requests.Response, method: str, path: str) ->
     )
 
 
+def _is_transient(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+def _json_or_none(response: requests.Response) -> Any:
+    if response.status_code == 204 or not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
 def get_with_token(access_token: str, path: str, *, session=None) -> Any:
-    """GET ``path`` from the API server with ``access_token``; JSON in, typed errors out."""
+    """GET ``path`` from the API server with ``access_token`` once; JSON in, typed errors out.
+
+    No refresh and no retry: for the moment right after connecting, before a connection
+    exists. Raises :class:`BrexUnavailable` for network errors, 429 and 5xx.
+    """
     url = brex_settings.api_base_url + path
     session = session or new_session()
     try:
@@ -39,9 +83,269 @@ def get_with_token(access_token: str, path: str, *, session=None) -> Any:
         )
     except requests.RequestException as err:
         raise unavailable(err) from err
-    if response.status_code == 429 or response.status_code >= 500:
+    if _is_transient(response.status_code):
         raise BrexUnavailable(f"GET {path} answered HTTP {response.status_code}",
                               status=response.status_code)
     if response.status_code >= 400:
         raise _error_from_response(response, "GET", path)
     return response.json()
+
+
+class _APIClient:
+    """Requests with a bearer token, retries, pagination and typed errors."""
+
+    #: Pauses between retries (a test may record the pauses instead).
+    sleep = staticmethod(time.sleep)
+
+    def __init__(
+        self,
+        *,
+        session: requests.Session | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        self.session = session or new_session(timeout)
+        self.timeout = timeout
+        self.max_retries = (
+            int(brex_settings.API_MAX_RETRIES) if max_retries is None else int(max_retries)
+        )
+
+    @property
+    def base_url(self) -> str:
+        """The API server calls go to."""
+        return brex_settings.api_base_url
+
+    # Hooks for the token.
+
+    def _access_token(self) -> str:
+        raise NotImplementedError
+
+    def _access_token_rejected(self, access_token: str) -> bool:
+        """Brex answered 401 to ``access_token``: get another; False when there is none."""
+        raise NotImplementedError
+
+    # Requests.
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Send one API call and return its JSON body (None when it has none).
+
+        ``path`` is relative to the API server, e.g. ``"/v2/users/me"``. A POST always sends
+        an ``Idempotency-Key`` (``idempotency_key`` or a new UUID), the same on every retry.
+        """
+        method = method.upper()
+        extra = {"Accept": "application/json", **dict(headers or {})}
+        if method == "POST":
+            extra["Idempotency-Key"] = idempotency_key or str(uuid.uuid4())
+        elif idempotency_key:
+            extra["Idempotency-Key"] = idempotency_key
+        retryable = method in RETRYABLE_METHODS
+        access_token = self._access_token()
+        refreshed_on_401 = False
+        attempt = 0
+        while True:
+            try:
+                response = self._send(method, path, access_token, params, json, extra)
+            except requests.RequestException as err:
+                if retryable and attempt < self.max_retries:
+                    self._pause(attempt)
+                    attempt += 1
+                    continue
+                raise unavailable(err) from err
+            status = response.status_code
+            if status == 401 and not refreshed_on_401:
+                refreshed_on_401 = True
+                if self._access_token_rejected(access_token):
+                    access_token = self._access_token()
+                    continue
+            if _is_transient(status) and retryable and attempt < self.max_retries:
+                self._pause(attempt, response)
+                attempt += 1
+                continue
+            if status >= 400:
+                raise _error_from_response(response, method, path)
+            return _json_or_none(response)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        access_token: str,
+        params: Mapping[str, Any] | None,
+        json: Any,
+        headers: dict[str, str],
+    ) -> requests.Response:
+        kwargs: dict[str, Any] = {}
+        if self.timeout is not None:
+            kwargs["timeout"] = self.timeout
+        return self.session.request(
+            method,
+            self.base_url + path,
+            params=params,
+            json=json,
+            headers={**headers, "Authorization": f"Bearer {access_token}"},
+            **kwargs,
+        )
+
+    def _pause(self, attempt: int, response: requests.Response | None = None) -> None:
+        cap = float(brex_settings.RETRY_BACKOFF_MAX)
+        delay = backoff_delay(attempt, base=float(brex_settings.RETRY_BACKOFF), cap=cap)
+        retry_after = response.headers.get("Retry-After") if response is not None else None
+        if retry_after:
+            try:
+                delay = max(delay, min(cap, float(retry_after)))
+            except ValueError:
+                pass
+        self.sleep(delay)
+
+    def get(self, path: str, *, params: Mapping[str, Any] | None = None) -> Any:
+        """GET ``path``."""
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, json: Any = None, *, idempotency_key: str | None = None) -> Any:
+        """POST ``json`` to ``path`` with an ``Idempotency-Key``."""
+        return self.request("POST", path, json=json, idempotency_key=idempotency_key)
+
+    def put(self, path: str, json: Any = None) -> Any:
+        """PUT ``json`` to ``path``."""
+        return self.request("PUT", path, json=json)
+
+    def delete(self, path: str) -> Any:
+        """DELETE ``path``."""
+        return self.request("DELETE", path)
+
+    # Pagination.
+
+    def iter_pages(
+        self, path: str, *, params: Mapping[str, Any] | None = None, limit: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Yield each page of a list endpoint, following ``next_cursor`` to the end.
+
+        ``limit`` is the page size asked for (Brex's ``limit`` parameter).
+        """
+        query = dict(params or {})
+        if limit is not None:
+            query["limit"] = limit
+        seen: set[str] = set()
+        while True:
+            page = self.get(path, params=query)
+            if not isinstance(page, dict):
+                raise BrexAPIError(200, message="A list endpoint answered something else.",
+                                   method="GET", path=path)
+            yield page
+            cursor = page.get("next_cursor")
+            if not cursor or cursor in seen:
+                return
+            seen.add(cursor)
+            query["cursor"] = cursor
+
+    def iter_items(
+        self, path: str, *, params: Mapping[str, Any] | None = None, limit: int | None = None
+    ) -> Iterator[Any]:
+        """Yield every item of a list endpoint, page after page."""
+        for page in self.iter_pages(path, params=params, limit=limit):
+            yield from page.get("items") or []
+
+
+class BrexClient(_APIClient):
+    """The Brex API as one connection's customer granted it.
+
+    ``BrexClient(connection)`` uses ``brex_settings.api_base_url`` and the connection's
+    tokens, refreshing them as needed (see :mod:`django_brex_oauth.services.refresh`).
+    Raises :class:`ConnectionNotUsable` when the connection is revoked or needs the
+    customer to reconnect, including when a refresh on the way finds that out.
+    """
+
+    def __init__(self, connection, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.connection = connection
+        self._token = None
+
+    def _not_usable(self, status: str | None = None) -> ConnectionNotUsable:
+        status = status or self.connection.status
+        return ConnectionNotUsable(f"Brex connection {self.connection.pk} is {status}.")
+
+    def _access_token(self) -> str:
+        from .models import ConnectionStatus
+        from .services import refresh
+
+        margin = float(brex_settings.CLIENT_REFRESH_MARGIN)
+        token = self._token
+        if token is None or token.access_token_expires_within(margin):
+            result = refresh.refresh_connection(self.connection, min_validity=margin)
+            self._adopt(result)
+            token = self._token
+        if token is None or not token.access_token:
+            raise self._not_usable()
+        if token.connection.status != ConnectionStatus.ACTIVE:
+            raise self._not_usable(token.connection.status)
+        return token.access_token
+
+    def _access_token_rejected(self, access_token: str) -> bool:
+        from .services import refresh
+
+        result = refresh.refresh_connection(self.connection, stale_access_token=access_token)
+        self._adopt(result)
+        return True
+
+    def _adopt(self, result) -> None:
+        if result.token is not None:
+            self.connection.status = result.token.connection.status
+        if not result.usable:
+            self._token = None
+            raise self._not_usable()
+        self._token = result.token
+
+    def get_me(self) -> dict[str, Any]:
+        """The Brex user who connected (``GET /v2/users/me``; scope ``users[.readonly]``)."""
+        return self.get("/v2/users/me")
+
+    def get_company(self) -> dict[str, Any]:
+        """The customer's company (``GET /v2/company``; scope ``companies.readonly``)."""
+        return self.get("/v2/company")
+
+
+class OnboardingClient(_APIClient):
+    """The onboarding API (referrals), called with a client-credentials token.
+
+    The token comes from ``get_client_credentials_token()`` in
+    :mod:`django_brex_oauth.services.client_credentials`, shared by every process through
+    the Django cache.
+    """
+
+    #: The scope of the referrals API.
+    REFERRALS_SCOPE = "https://onboarding.brexapis.com/referrals"
+
+    def __init__(self, scopes: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scopes = list(scopes or [self.REFERRALS_SCOPE])
+
+    def _access_token(self) -> str:
+        from .services.client_credentials import get_client_credentials_token
+
+        return get_client_credentials_token(self.scopes)
+
+    def _access_token_rejected(self, access_token: str) -> bool:
+        from .services.client_credentials import forget_client_credentials_token
+
+        forget_client_credentials_token(self.scopes, access_token)
+        return True
+
+    def create_referral(
+        self, referral: Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Create a referral (``POST /v1/referrals``); pass ``idempotency_key`` to make a
+        repeated call (say, after a crash) return the referral already created."""
+        return self.post("/v1/referrals", dict(referral), idempotency_key=idempotency_key)
+
+    def get_referral(self, referral_id: str) -> dict[str, Any]:
+        """One referral (``GET /v1/referrals/{id}``)."""
+        return self.get(f"/v1/referrals/{referral_id}")

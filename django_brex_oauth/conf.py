@@ -48,10 +48,11 @@ DEFAULTS: dict[str, Any] = {
     "REDIRECT_URI": None,
     # Always add prompt=login so the person signs in to Brex again.
     "FORCE_LOGIN": False,
-    # Where to send the person after connecting when no safe ``next`` was given.
-    "CONNECT_REDIRECT_URL": "/",
-    # Where to send the person after disconnecting.
-    "DISCONNECT_REDIRECT_URL": "/",
+    # Where to send the person after connecting when no safe ``next`` was given (a URL or
+    # a URL pattern name; the default is the page listing their connections).
+    "CONNECT_REDIRECT_URL": "brex_oauth:connections",
+    # Where to send the person after disconnecting when no safe ``next`` was given.
+    "DISCONNECT_REDIRECT_URL": "brex_oauth:connections",
     # Token encryption key, and older keys still accepted for reading (rotation).
     "ENCRYPTION_KEY": None,
     "ENCRYPTION_KEY_FALLBACKS": [],
@@ -98,8 +99,17 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_BACKOFF_MAX": 20.0,
     # Seconds before a client-credentials token's expiry at which a new one is fetched.
     "CLIENT_CREDENTIALS_MARGIN": 300,
-    # Days events are kept before the cleanup task prunes them.
+    # Days events are kept before the cleanup task prunes them (None keeps them forever).
     "EVENT_RETENTION_DAYS": 365,
+    # Retries of the revocation task while Brex cannot be reached; after the last one the
+    # revocation stays pending and the revocation sweep tries it again.
+    "REVOKE_TASK_MAX_RETRIES": 6,
+    # Base and cap, in seconds, of the revocation task's exponential backoff (with jitter).
+    # The sweep leaves a pending revocation alone until its last try is this cap old.
+    "REVOKE_RETRY_BACKOFF": 30,
+    "REVOKE_RETRY_BACKOFF_MAX": 900,
+    # The admin's "expiring soon" filter: refresh tokens within this many days of their end.
+    "EXPIRING_SOON_DAYS": 14,
 }
 
 

@@ -64,6 +64,12 @@ class BrexConnection(models.Model):
     revocation_status = models.CharField(
         max_length=16, choices=RevocationStatus.choices, blank=True, default=""
     )
+    revocation_attempts = models.PositiveIntegerField(
+        default=0, help_text="Requests sent to Brex to revoke this connection so far."
+    )
+    revocation_attempted_at = models.DateTimeField(
+        null=True, blank=True, help_text="When Brex was last asked to revoke this connection."
+    )
     last_error = models.TextField(blank=True)
 
     class Meta:
@@ -76,6 +82,15 @@ class BrexConnection(models.Model):
             )
         ]
         permissions = [("revoke_brexconnection", "Can revoke Brex connections at Brex")]
+        indexes = [
+            # The revocation sweep: the few connections whose revocation Brex has not
+            # confirmed yet, by when it was last tried.
+            models.Index(
+                fields=["revocation_attempted_at"],
+                name="brex_oauth_revocation_pending",
+                condition=models.Q(revocation_status="pending"),
+            ),
+        ]
 
     def __str__(self) -> str:
         who = self.brex_company_name or self.brex_user_email or self.brex_user_id
@@ -102,26 +117,34 @@ class BrexConnection(models.Model):
 
 
 class BrexTokenQuerySet(models.QuerySet):
-    def due_for_refresh(self, now: datetime | None = None) -> BrexTokenQuerySet:
-        """Tokens of active connections that the sweep should refresh now.
+    def refresh_candidates(self, now: datetime | None = None) -> BrexTokenQuerySet:
+        """Tokens that are due for a refresh, read from this table alone.
 
         Due means the access token expires within ``REFRESH_MARGIN`` seconds, or the refresh
-        token has not been used for ``REFRESH_TOKEN_REFRESH_AGE`` seconds. Either arm is
-        answered by its own partial index (``brex_oauth_token_due`` and
-        ``brex_oauth_token_idle``), so the query stays cheap however many rows there are;
-        the join to the connection only checks the status of the candidates.
+        token has not been used for ``REFRESH_TOKEN_REFRESH_AGE`` seconds. Each arm is
+        answered by its own partial index (``brex_oauth_token_due``,
+        ``brex_oauth_token_idle``), so the cost follows the number of due rows, not the size
+        of the table. The connection's status is not checked here: see
+        :meth:`due_for_refresh`.
         """
         now = now or timezone.now()
         margin = timedelta(seconds=brex_settings.REFRESH_MARGIN)
         age = timedelta(seconds=brex_settings.REFRESH_TOKEN_REFRESH_AGE)
         return self.filter(
-            access_token_expires_at__isnull=False,
-            refresh_token__isnull=False,
-            connection__status=ConnectionStatus.ACTIVE,
+            access_token_expires_at__isnull=False, refresh_token__isnull=False
         ).filter(
             models.Q(access_token_expires_at__lte=now + margin)
             | models.Q(refresh_token_used_at__lte=now - age)
         )
+
+    def due_for_refresh(self, now: datetime | None = None) -> BrexTokenQuerySet:
+        """Tokens of active connections that are due for a refresh (one query, joined).
+
+        The sweep itself reads :meth:`refresh_candidates` and checks the status of each batch
+        by primary key, which PostgreSQL answers far faster at a million connections than
+        this join (it would scan every connection to hash it).
+        """
+        return self.refresh_candidates(now).filter(connection__status=ConnectionStatus.ACTIVE)
 
     def unclaimed(self, now: datetime | None = None) -> BrexTokenQuerySet:
         """Tokens no worker is refreshing right now (no claim, or an expired one)."""

@@ -11,7 +11,8 @@ from django.dispatch import Signal
 #: kwargs: ``connection``, ``user`` (the site user), ``created`` (False on reconnect).
 connected = Signal()
 
-#: A connection was disconnected by its owner or revoked by staff.
+#: A connection was disconnected by its owner or revoked by staff. Sent once per disconnect,
+#: right after the first attempt at Brex; later retries of the revocation send nothing.
 #: kwargs: ``connection``, ``actor`` (the user who did it, or None),
 #: ``revoked_at_brex`` (True once Brex confirmed the revocation; False while it is queued).
 disconnected = Signal()

@@ -6,8 +6,114 @@ Add the beat entries of :data:`django_brex_oauth.beat.BEAT_SCHEDULE` (or your ow
 
 from __future__ import annotations
 
-from celery import shared_task  # noqa: F401
+from celery import shared_task
 
 # --- Refresh (token refresh, sweep) -------------------------------------------------------
 
+
+@shared_task(bind=True, ignore_result=True)
+def refresh_connection(self, connection_id: int, force: bool = False) -> str:
+    """Refresh one connection's tokens if they are due (at once with ``force``).
+
+    Skips a connection another worker is refreshing. A transient failure (timeout, 429,
+    5xx) is retried with exponential backoff and jitter, up to ``REFRESH_TASK_MAX_RETRIES``
+    times (the next sweep picks the connection up again after that); Brex refusing the
+    refresh token marks the connection ``needs_reauth`` and is not retried. Returns the
+    :class:`~django_brex_oauth.services.refresh.Outcome` value.
+    """
+    from .backoff import backoff_delay
+    from .conf import brex_settings
+    from .exceptions import BrexUnavailable
+    from .services import refresh
+
+    try:
+        result = refresh.refresh_connection(connection_id, force=force, wait=False)
+    except BrexUnavailable as err:
+        max_retries = int(brex_settings.REFRESH_TASK_MAX_RETRIES)
+        if self.request.retries >= max_retries:
+            raise
+        countdown = backoff_delay(
+            self.request.retries,
+            base=float(brex_settings.REFRESH_RETRY_BACKOFF),
+            cap=float(brex_settings.REFRESH_RETRY_BACKOFF_MAX),
+        )
+        raise self.retry(exc=err, countdown=countdown, max_retries=max_retries) from err
+    return result.outcome.value
+
+
+@shared_task(ignore_result=True)
+def refresh_due_connections(all_active: bool = False) -> int:
+    """The sweep: queue one :func:`refresh_connection` task per connection that is due.
+
+    Connection ids are read and queued ``SWEEP_BATCH_SIZE`` at a time over one broker
+    connection. ``all_active`` queues every active connection, forced. Returns how many
+    tasks were queued.
+    """
+    from .services import refresh
+
+    queued = 0
+    app = refresh_connection.app
+    for batch in refresh.batched_due_connection_ids(all_active=all_active):
+        if not batch:
+            continue
+        with app.producer_or_acquire() as producer:
+            for connection_id in batch:
+                refresh_connection.apply_async(
+                    (connection_id,), {"force": all_active}, producer=producer
+                )
+        queued += len(batch)
+    return queued
+
+
 # --- Revocation and cleanup ---------------------------------------------------------------
+
+
+@shared_task(bind=True, ignore_result=True)
+def revoke_connection(self, connection_id: int) -> str:
+    """Ask Brex again to revoke a disconnected connection whose revocation is pending.
+
+    While Brex cannot be reached (timeout, 429, 5xx) the task retries with exponential
+    backoff and jitter, up to ``REVOKE_TASK_MAX_RETRIES`` times; after that, or when Brex
+    refuses the request, the revocation stays pending for :func:`sweep_revocations`. Each
+    try is recorded as an event. Returns the
+    :class:`~django_brex_oauth.services.revoke.RevokeOutcome` value.
+    """
+    from .backoff import backoff_delay
+    from .conf import brex_settings
+    from .services import revoke
+
+    attempt = revoke.revoke_at_brex(connection_id)
+    max_retries = int(brex_settings.REVOKE_TASK_MAX_RETRIES)
+    if attempt.retryable and self.request.retries < max_retries:
+        countdown = backoff_delay(
+            self.request.retries + 1,
+            base=float(brex_settings.REVOKE_RETRY_BACKOFF),
+            cap=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX),
+        )
+        raise self.retry(countdown=countdown, max_retries=max_retries)
+    return attempt.outcome.value
+
+
+@shared_task(ignore_result=True)
+def sweep_revocations() -> int:
+    """Queue :func:`revoke_connection` for every revocation still pending that nothing has
+    tried for ``REVOKE_RETRY_BACKOFF_MAX`` seconds (a lost or exhausted task, say).
+    Returns how many tasks were queued."""
+    from .services import revoke
+
+    queued = 0
+    app = revoke_connection.app
+    with app.producer_or_acquire() as producer:
+        for connection_id in revoke.pending_revocation_ids():
+            revoke_connection.apply_async((connection_id,), producer=producer)
+            queued += 1
+    return queued
+
+
+@shared_task(ignore_result=True)
+def prune() -> dict[str, int]:
+    """Delete expired authorization requests and events older than ``EVENT_RETENTION_DAYS``.
+    Returns how many rows of each were deleted."""
+    from .services import cleanup
+
+    return cleanup.prune().as_dict()

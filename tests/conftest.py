@@ -14,6 +14,9 @@ import pytest
 from django.core.cache import caches
 from django.urls import reverse
 
+# The fixtures partners use (fake_brex, brex_oauth_settings) serve this suite too.
+pytest_plugins = ["django_brex_oauth.testing.pytest_plugin"]
+
 REQUIRE_SERVICES = os.environ.get("BREX_OAUTH_REQUIRE_SERVICES") == "1"
 
 
@@ -38,6 +41,17 @@ def require_postgres() -> None:
         )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def celery_app():
+    """The suite's Celery app (tests/celery_app.py): configured from Django settings, so
+    tasks run eagerly in the pytest process."""
+    from tests.celery_app import app
+
+    app.set_current()
+    app.set_default()
+    return app
+
+
 @pytest.fixture(autouse=True)
 def _clear_caches():
     for cache in caches.all():
@@ -46,25 +60,9 @@ def _clear_caches():
 
 
 @pytest.fixture
-def fake_brex():
-    """A fake Brex server on loopback, fresh for each test."""
-    from django_brex_oauth.testing import FakeBrex
-
-    with FakeBrex() as server:
-        yield server
-
-
-@pytest.fixture
-def brex_settings(settings, fake_brex):
-    """Point the app at the fake Brex server."""
-    settings.BREX_OAUTH = {
-        **settings.BREX_OAUTH,
-        "ISSUER": fake_brex.issuer,
-        "API_BASE_URL": fake_brex.api_base_url,
-        "CLIENT_ID": fake_brex.client_id,
-        "CLIENT_SECRET": fake_brex.client_secret,
-    }
-    return settings
+def brex_settings(brex_oauth_settings):
+    """Point the app at the fake Brex server (``fake_brex``, from the partners' plugin)."""
+    return brex_oauth_settings
 
 
 @pytest.fixture

@@ -72,3 +72,8 @@ BREX_OAUTH = {
 }
 
 CELERY_TASK_ALWAYS_EAGER = True
+if os.environ.get("BREX_OAUTH_TEST_CELERY_WORKER") == "1":
+    # A real worker started by tests/test_celery.py (see tests/celery_app.py).
+    CELERY_TASK_ALWAYS_EAGER = False
+    CELERY_BROKER_URL = os.environ.get("BREX_OAUTH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    CELERY_TASK_DEFAULT_QUEUE = os.environ.get("BREX_OAUTH_TEST_CELERY_QUEUE", "celery")

@@ -1,0 +1,16 @@
+"""Exponential backoff with jitter, shared by API retries and the refresh task."""
+
+from __future__ import annotations
+
+import random
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float) -> float:
+    """Seconds to wait before retry number ``attempt + 1`` (``attempt`` counts from 0).
+
+    The ceiling doubles with every attempt (``base``, ``2 * base``, ``4 * base``, ... up to
+    ``cap``) and the delay is drawn between half the ceiling and the ceiling, so that many
+    clients failing at the same moment do not retry in lockstep.
+    """
+    ceiling = min(float(cap), float(base) * (2 ** max(0, attempt)))
+    return random.uniform(ceiling / 2, ceiling)

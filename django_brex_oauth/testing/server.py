@@ -1,0 +1,56 @@
+"""A :class:`FakeBrex` for a Django site: settings pointing at it, and a context manager.
+
+Outside pytest (``unittest``, Django's test runner, a shell)::
+
+    from django_brex_oauth.testing import fake_brex_server
+
+    with fake_brex_server(access_token_ttl=60) as brex:
+        ...  # BREX_OAUTH now points at ``brex``; the connect flow and API calls reach it
+
+With pytest, the ``fake_brex`` and ``brex_oauth_settings`` fixtures of
+:mod:`django_brex_oauth.testing.pytest_plugin` do the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from .fake_brex import FakeBrex
+
+
+def brex_oauth_settings_for(
+    fake: FakeBrex, base: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``base`` (by default the current ``settings.BREX_OAUTH``) pointed at ``fake``.
+
+    Only the issuer, the API server and the client credentials change; scopes, the
+    encryption key and every other setting stay as the site configured them.
+    """
+    if base is None:
+        from django.conf import settings
+
+        base = getattr(settings, "BREX_OAUTH", None) or {}
+    return {
+        **dict(base),
+        "ISSUER": fake.issuer,
+        "API_BASE_URL": fake.api_base_url,
+        "CLIENT_ID": fake.client_id,
+        "CLIENT_SECRET": fake.client_secret,
+    }
+
+
+@contextmanager
+def fake_brex_server(**fake_options: Any) -> Iterator[FakeBrex]:
+    """Start a :class:`FakeBrex` and point ``BREX_OAUTH`` at it until the block ends.
+
+    ``fake_options`` go to :class:`FakeBrex` (``access_token_ttl=60``,
+    ``redirect_uris=[...]``, ``users=[...]``, ...). Settings are overridden with
+    :class:`django.test.override_settings`, so they are restored on the way out.
+    """
+    from django.test import override_settings
+
+    with FakeBrex(**fake_options) as fake:
+        with override_settings(BREX_OAUTH=brex_oauth_settings_for(fake)):
+            yield fake

@@ -1,0 +1,363 @@
+"""The refresh tasks: eagerly in the pytest process, and in real Celery worker processes on
+the Redis broker and PostgreSQL against a fake Brex on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from django.db import connection as db_connection
+from django.utils import timezone
+
+from django_brex_oauth import tasks
+from django_brex_oauth.beat import BEAT_SCHEDULE
+from django_brex_oauth.exceptions import BrexUnavailable
+from django_brex_oauth.models import BrexToken, ConnectionEvent, ConnectionStatus, EventKind
+from django_brex_oauth.services import refresh
+from django_brex_oauth.testing import FakeBrex
+from tests.conftest import require_postgres, require_service
+from tests.factories import create_connection, create_connections, stored_token
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("BREX_OAUTH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+SWEEP = "django_brex_oauth.tasks.refresh_due_connections"
+REFRESH = "django_brex_oauth.tasks.refresh_connection"
+
+
+def redis_reachable() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def require_worker_services() -> None:
+    require_postgres()
+    require_service(
+        "Redis",
+        redis_reachable(),
+        "start redis-server on 127.0.0.1:6379 or set BREX_OAUTH_TEST_REDIS_URL",
+    )
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+# Eager (any database) ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_brex():
+    with FakeBrex(rotate_refresh_tokens=True, refresh_grace_period=0.0) as server:
+        yield server
+
+
+@pytest.fixture
+def countdowns(monkeypatch):
+    """The countdowns the refresh task asks Celery to retry after."""
+    recorded = []
+    task = tasks.refresh_connection._get_current_object()
+    real_retry = type(task).retry
+
+    def retry(self, *args, **kwargs):
+        recorded.append(kwargs.get("countdown"))
+        return real_retry(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(task), "retry", retry)
+    return recorded
+
+
+def test_refresh_task_retries_transient_failures_with_backoff_and_jitter(
+    brex_settings, fake_brex, countdowns
+):
+    brex_settings.BREX_OAUTH = {
+        **brex_settings.BREX_OAUTH, "REFRESH_RETRY_BACKOFF": 10, "REFRESH_RETRY_BACKOFF_MAX": 30
+    }
+    connection = create_connection(fake_brex, expires_in=30)
+    before = stored_token(connection)
+    for status in (503, 429, 502):
+        fake_brex.fail_next("/v1/token", status=status)
+
+    outcome = tasks.refresh_connection.apply(args=[connection.pk]).get()
+
+    assert outcome == "refreshed"
+    assert len(countdowns) == 3
+    for attempt, countdown in enumerate(countdowns):
+        ceiling = min(30, 10 * 2**attempt)
+        assert ceiling / 2 <= countdown <= ceiling
+    assert fake_brex.stats["token_refresh_token"] == 1  # the three failures were not processed
+    after = stored_token(connection)
+    assert after.refresh_token != before.refresh_token
+    assert fake_brex.is_refresh_token_active(after.refresh_token)
+    kinds = list(
+        ConnectionEvent.objects.filter(connection=connection)
+        .order_by("created_at", "pk").values_list("kind", flat=True)
+    )
+    assert kinds == [EventKind.REFRESH_FAILED] * 3 + [EventKind.REFRESHED]
+
+
+def test_refresh_task_gives_up_after_its_retries_and_loses_nothing(
+    brex_settings, fake_brex, countdowns
+):
+    brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "REFRESH_TASK_MAX_RETRIES": 2}
+    connection = create_connection(fake_brex, expires_in=30)
+    before = stored_token(connection)
+    fake_brex.fail_next("/v1/token", status=503, times=10)
+
+    with pytest.raises(BrexUnavailable):
+        tasks.refresh_connection.apply(args=[connection.pk]).get()
+
+    assert len(countdowns) == 2
+    after = stored_token(connection)
+    assert after.refresh_token == before.refresh_token
+    assert after.access_token == before.access_token
+    assert after.connection.status == ConnectionStatus.ACTIVE
+    assert fake_brex.is_refresh_token_active(after.refresh_token)
+    # Still due, so the next sweep tries again.
+    assert list(refresh.due_connection_ids()) == [connection.pk]
+
+
+def test_beat_schedule_runs_the_registered_sweep(celery_app):
+    celery_app.loader.import_default_modules()
+    assert BEAT_SCHEDULE
+    for entry in BEAT_SCHEDULE.values():
+        assert entry["task"] in celery_app.tasks
+        assert entry["schedule"] > 0
+    sweeps = [e for e in BEAT_SCHEDULE.values() if e["task"] == SWEEP]
+    assert len(sweeps) == 1
+    # Well inside REFRESH_MARGIN (10 minutes), so a failed refresh gets more chances.
+    assert sweeps[0]["schedule"] <= 300
+    assert {"django_brex_oauth.tasks.sweep_revocations", "django_brex_oauth.tasks.prune"} <= {
+        e["task"] for e in BEAT_SCHEDULE.values()
+    }
+    assert tasks.refresh_due_connections.name == SWEEP
+    assert tasks.refresh_connection.name == REFRESH
+
+
+# Real workers (PostgreSQL + Redis) --------------------------------------------------------
+
+
+class Worker:
+    """A ``celery -A tests.celery_app worker`` process group on its own queue."""
+
+    def __init__(self, queue: str, settings: dict, log: Path, concurrency: int = 2) -> None:
+        self.queue = queue
+        self.log = log
+        env = {
+            **os.environ,
+            "BREX_OAUTH_TEST_CELERY_WORKER": "1",
+            "BREX_OAUTH_TEST_REDIS_URL": REDIS_URL,
+            "BREX_OAUTH_TEST_CELERY_QUEUE": queue,
+            "BREX_OAUTH_TEST_WORKER_SETTINGS": json.dumps(settings),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        self._log_file = open(log, "ab")  # closed in stop()
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker",
+                "--concurrency", str(concurrency), "--pool", "prefork",
+                "-Q", queue, "-n", f"{log.stem}@%h", "-l", "INFO",
+                "--without-gossip", "--without-mingle", "--without-heartbeat",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def ready():
+            if self.process.poll() is not None:
+                raise AssertionError(f"the worker exited:\n{self.output()[-3000:]}")
+            return " ready." in self.output()
+
+        wait_for(ready, timeout, f"the Celery worker to start:\n{self.output()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes, as the OOM killer or a lost host would."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log_file.close()
+
+
+@pytest.fixture
+def broker():
+    """A Celery app that only sends (as beat would), and a queue of this test's own."""
+    import redis
+
+    require_worker_services()
+    queue = f"brex-oauth-test-{uuid.uuid4().hex[:12]}"
+    sender = Celery("beat-stand-in", broker=REDIS_URL, set_as_current=False)
+    sender.conf.task_default_queue = queue
+    yield sender, queue
+    sender.close()
+    client = redis.Redis.from_url(REDIS_URL)
+    leftovers = list(client.scan_iter(match=f"*{queue}*"))
+    if leftovers:
+        client.delete(*leftovers)
+
+
+@pytest.fixture
+def workers(tmp_path):
+    started: list[Worker] = []
+
+    def start(queue: str, settings: dict, concurrency: int = 2) -> Worker:
+        worker = Worker(queue, settings, tmp_path / f"worker{len(started) + 1}.log", concurrency)
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def worker_settings(brex_oauth: dict, **extra) -> dict:
+    return {
+        "DATABASES": {"default": {**db_connection.settings_dict}},
+        "BREX_OAUTH": {**brex_oauth, **extra},
+    }
+
+
+def sweep_results(worker: Worker) -> list[int]:
+    """How many tasks each finished sweep queued, from the worker's log."""
+    pattern = re.escape(SWEEP) + r"\[[^\]]+\] succeeded in [\d.]+s: (\d+)"
+    return [int(n) for n in re.findall(pattern, worker.output())]
+
+
+def refresh_results(worker: Worker) -> list[str]:
+    """The outcome of each finished refresh task, from the worker's log."""
+    pattern = re.escape(REFRESH) + r"\[[^\]]+\] succeeded in [\d.]+s: '(\w+)'"
+    return re.findall(pattern, worker.output())
+
+
+def refreshed_events() -> int:
+    return ConnectionEvent.objects.filter(kind=EventKind.REFRESHED).count()
+
+
+def test_workers_sweep_hundreds_of_due_connections_each_refreshed_once(
+    brex_settings, fake_brex, broker, workers
+):
+    sender, queue = broker
+    count = 300
+    ids = create_connections(fake_brex, count, expires_in=120)
+    fresh = create_connection(fake_brex, expires_in=3000)
+    worker = workers(queue, worker_settings(brex_settings.BREX_OAUTH))
+
+    # Two beat ticks arriving together: both sweeps may see every connection as due.
+    sender.send_task(SWEEP, queue=queue)
+    sender.send_task(SWEEP, queue=queue)
+
+    sweeps = wait_for(lambda: len(sweep_results(worker)) == 2 and sweep_results(worker), 60,
+                      "both sweeps")
+    queued = sum(sweeps)
+    assert count <= queued <= 2 * count
+    outcomes = wait_for(lambda: len(refresh_results(worker)) == queued and refresh_results(worker),
+                        90, f"{queued} refresh tasks")
+
+    assert outcomes.count("refreshed") == count
+    assert set(outcomes) <= {"refreshed", "busy", "not_due"}
+    assert refreshed_events() == count
+    assert fake_brex.stats["token_refresh_token"] == count
+    assert fake_brex.stats["refresh_token_reuse"] == 0
+    tokens = BrexToken.objects.select_related("connection").filter(pk__in=ids)
+    assert len(tokens) == count
+    for token in tokens:
+        assert token.connection.status == ConnectionStatus.ACTIVE
+        assert token.connection.last_refreshed_at is not None
+        assert token.refresh_claimed_until is None
+        assert not token.is_due_for_refresh()
+        assert fake_brex.is_refresh_token_active(token.refresh_token)
+    assert stored_token(fresh).connection.last_refreshed_at is None
+
+
+@pytest.fixture
+def slow_brex():
+    """A fake Brex with Okta's default 30 s grace for a rotated-out refresh token."""
+    with FakeBrex(rotate_refresh_tokens=True, refresh_grace_period=30.0) as server:
+        yield server
+
+
+def test_killed_worker_leaves_an_expiring_claim_and_another_worker_refreshes(
+    settings, slow_brex, broker, workers
+):
+    sender, queue = broker
+    brex_oauth = {
+        **settings.BREX_OAUTH,
+        **slow_brex.django_settings(),
+        "HTTP_TIMEOUT": 3.0,
+        "REFRESH_LEASE_SECONDS": 1,  # the lease is then HTTP_TIMEOUT + 5 = 8 s
+    }
+    settings.BREX_OAUTH = brex_oauth
+    connection = create_connection(slow_brex, expires_in=60)
+    before = stored_token(connection)
+    doomed = workers(queue, worker_settings(brex_oauth), concurrency=1)
+    slow_brex.set_latency(60, "/v1/token")
+
+    sender.send_task(REFRESH, args=[connection.pk], queue=queue)
+    wait_for(lambda: slow_brex.stats["token_refresh_token"] == 1, 20, "the token request")
+    doomed.kill()  # while Brex is answering: the claim is held, the answer never read
+
+    held = stored_token(connection)
+    assert held.refresh_claimed_by and held.refresh_claimed_until > timezone.now()
+    assert held.refresh_token == before.refresh_token
+    assert held.connection.status == ConnectionStatus.ACTIVE
+    slow_brex.set_latency(0, "/v1/token")
+
+    survivor = workers(queue, worker_settings(brex_oauth), concurrency=1)
+    # A sweep while the dead worker's claim still runs leaves the connection alone...
+    if timezone.now() < held.refresh_claimed_until - timedelta(seconds=1):
+        sender.send_task(SWEEP, queue=queue)
+        assert wait_for(lambda: sweep_results(survivor), 10, "the first sweep") == [0]
+        assert stored_token(connection).refresh_claimed_by == held.refresh_claimed_by
+        assert slow_brex.stats["token_refresh_token"] == 1
+    # ...and once it has expired, the next sweep refreshes it.
+    wait_for(lambda: timezone.now() > held.refresh_claimed_until, 15, "the claim to expire")
+    sender.send_task(SWEEP, queue=queue)
+    wait_for(lambda: refreshed_events() == 1, 20, "the refresh by the surviving worker")
+
+    after = stored_token(connection)
+    assert after.connection.status == ConnectionStatus.ACTIVE
+    assert after.refresh_claimed_until is None and after.refresh_claimed_by == ""
+    assert after.refresh_token != before.refresh_token
+    assert slow_brex.is_refresh_token_active(after.refresh_token)
+    assert slow_brex.is_access_token_active(after.access_token)
+    # The old refresh token was sent twice (the dead worker never saw Brex's answer), within
+    # Brex's grace period, so nothing was revoked.
+    assert slow_brex.stats["token_refresh_token"] == 2
+    assert slow_brex.stats["refresh_token_reuse_rejected"] == 0
