@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -17,7 +18,7 @@ from django.views.decorators.http import require_GET, require_POST
 from . import services
 from .conf import brex_settings
 from .exceptions import BrexOAuthError
-from .models import BrexConnection
+from .models import BrexConnection, ConnectionStatus
 from .services.revoke import disconnect as disconnect_connection
 
 logger = logging.getLogger("django_brex_oauth")
@@ -25,6 +26,8 @@ logger = logging.getLogger("django_brex_oauth")
 SESSION_KEY = "brex_oauth_pending_states"
 MAX_PENDING_PER_SESSION = 5
 ERROR_TEMPLATE = "brex_oauth/error.html"
+CONNECTIONS_TEMPLATE = "brex_oauth/connections.html"
+DISCONNECT_CONFIRM_TEMPLATE = "brex_oauth/disconnect_confirm.html"
 
 
 def render_error(request: HttpRequest, error: BrexOAuthError) -> HttpResponse:
@@ -125,9 +128,65 @@ def callback(request: HttpRequest) -> HttpResponse:
 
 
 def can_manage(user, connection: BrexConnection) -> bool:
-    """Owners manage their connections; staff need the model's change permission."""
+    """Owners manage their own connections; staff need ``brex_oauth.revoke_brexconnection``
+    (the permission the admin's "Revoke at Brex" action asks for)."""
     return connection.owner_id == user.pk or (
-        user.is_staff and user.has_perm("brex_oauth.change_brexconnection")
+        user.is_staff and user.has_perm("brex_oauth.revoke_brexconnection")
+    )
+
+
+def _managed_connection(request: HttpRequest, pk: int) -> BrexConnection:
+    connection = get_object_or_404(BrexConnection.objects.select_related("owner"), pk=pk)
+    if not can_manage(request.user, connection):
+        raise PermissionDenied("Not your Brex connection.")
+    return connection
+
+
+def _connect_url(**params: str) -> str:
+    return reverse("brex_oauth:connect") + "?" + urlencode(params)
+
+
+def _connection_name(connection: BrexConnection) -> str:
+    return connection.brex_company_name or connection.brex_user_email or "Brex account"
+
+
+@never_cache
+@require_GET
+@login_required
+def connections(request: HttpRequest) -> HttpResponse:
+    """The signed-in user's Brex connections, with connect, reconnect and disconnect."""
+    here = reverse("brex_oauth:connections")
+    return render(
+        request,
+        CONNECTIONS_TEMPLATE,
+        {
+            "connections": BrexConnection.objects.filter(owner=request.user).order_by(
+                "-connected_at", "-pk"
+            ),
+            "connect_url": _connect_url(next=here),
+            "reconnect_url": _connect_url(force_login="1", next=here),
+            "here": here,
+        },
+    )
+
+
+@never_cache
+@require_GET
+@login_required
+def disconnect_confirm(request: HttpRequest, pk: int) -> HttpResponse:
+    """Ask the person to confirm disconnecting; the page's form POSTs to ``disconnect``."""
+    connection = _managed_connection(request, pk)
+    next_url = _safe_next(request, request.GET.get("next")) or ""
+    return render(
+        request,
+        DISCONNECT_CONFIRM_TEMPLATE,
+        {
+            "connection": connection,
+            "name": _connection_name(connection),
+            "already_disconnected": connection.status == ConnectionStatus.REVOKED,
+            "next": next_url,
+            "cancel_url": next_url or reverse("brex_oauth:connections"),
+        },
     )
 
 
@@ -135,11 +194,24 @@ def can_manage(user, connection: BrexConnection) -> bool:
 @require_POST
 @login_required
 def disconnect(request: HttpRequest, pk: int) -> HttpResponse:
-    """Disconnect a connection (POST with CSRF): revoke it at Brex and stop using it."""
-    connection = get_object_or_404(BrexConnection, pk=pk)
-    if not can_manage(request.user, connection):
-        raise PermissionDenied("Not your Brex connection.")
-    disconnect_connection(connection, actor=request.user)
-    messages.success(request, "Your Brex account was disconnected.", fail_silently=True)
+    """Disconnect a connection (POST with CSRF): stop using it and revoke it at Brex."""
+    connection = _managed_connection(request, pk)
+    result = disconnect_connection(connection, actor=request.user)
+    name = _connection_name(connection)
+    if not result.disconnected:
+        messages.info(request, f"{name} was already disconnected.", fail_silently=True)
+    elif result.revoked_at_brex:
+        messages.success(
+            request,
+            f"{name} is disconnected, and Brex has revoked this site's access to it.",
+            fail_silently=True,
+        )
+    else:
+        messages.warning(
+            request,
+            f"{name} is disconnected and this site no longer uses it. Brex could not be "
+            "reached to revoke the access; this site will keep asking Brex until it does.",
+            fail_silently=True,
+        )
     next_url = _safe_next(request, request.POST.get("next"))
     return HttpResponseRedirect(next_url or resolve_url(brex_settings.DISCONNECT_REDIRECT_URL))

@@ -1,14 +1,31 @@
-"""Disconnecting a connection and revoking its refresh token at Brex."""
+"""Disconnecting a connection and revoking its refresh token at Brex.
+
+A disconnect takes effect on this site at once: in one transaction the connection becomes
+``revoked`` and its access token is wiped, whatever Brex answers. Brex is then asked to
+revoke the refresh token at the discovery ``revocation_endpoint`` (RFC 7009). When Brex
+confirms, the refresh token is wiped too and the revocation is ``done``. When Brex cannot
+be reached, the revocation stays ``pending`` with the refresh token kept (encrypted) so it
+can be sent again: by the ``revoke_connection`` task with exponential backoff, and by the
+``sweep_revocations`` task for anything a lost task left behind. Every try is recorded as
+an event; ``signals.disconnected`` is sent once per disconnect, after the commit.
+"""
 
 from __future__ import annotations
 
+import enum
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from .. import oauth, signals
-from ..exceptions import BrexOAuthError
+from ..backoff import backoff_delay
+from ..conf import brex_settings
+from ..exceptions import BrexOAuthError, BrexUnavailable, DiscoveryError
 from ..models import (
     BrexConnection,
     BrexToken,
@@ -20,73 +37,334 @@ from ..models import (
 
 logger = logging.getLogger("django_brex_oauth")
 
+#: How many times one attempt sends again when the stored token changed during the request.
+_MAX_TOKEN_SWAPS = 3
 
-def disconnect(connection: BrexConnection, *, actor=None) -> BrexConnection:
-    """Stop using ``connection`` at once and revoke its refresh token at Brex.
 
-    The connection is ``revoked`` locally whatever Brex answers. When Brex confirms,
-    the tokens are wiped; when it cannot be reached, the refresh token is kept
-    (encrypted) so that the revocation can be tried again, and the outcome is recorded.
-    Disconnecting twice is harmless.
+class RevokeOutcome(str, enum.Enum):
+    """What one attempt to revoke a connection at Brex came to."""
+
+    #: Brex confirmed (or nothing was left to revoke): tokens wiped, revocation ``done``.
+    REVOKED = "revoked"
+    #: Brex could not be reached or refused the request: the revocation stays ``pending``.
+    FAILED = "failed"
+    #: Nothing to do: the revocation is done already, or the connection is in use again.
+    NOT_PENDING = "not_pending"
+    #: Not tried here (``attempt_now=False``): handed to the ``revoke_connection`` task.
+    QUEUED = "queued"
+
+
+@dataclass(frozen=True)
+class RevocationAttempt:
+    """The outcome of :func:`revoke_at_brex`. ``error`` is log-safe (never a token)."""
+
+    outcome: RevokeOutcome
+    connection_id: int
+    attempt: int = 0
+    error: str = ""
+    #: True when the failure is transient (timeout, connection error, 429, 5xx, discovery
+    #: unreachable) and worth retrying soon.
+    retryable: bool = False
+
+    @property
+    def revoked(self) -> bool:
+        """True when Brex confirmed the revocation in this attempt."""
+        return self.outcome == RevokeOutcome.REVOKED
+
+
+@dataclass(frozen=True)
+class DisconnectResult:
+    """What :func:`disconnect` did."""
+
+    connection: BrexConnection
+    #: True when this call disconnected the connection; False when it was revoked already.
+    disconnected: bool
+    #: The attempt at Brex made by this call (``NOT_PENDING`` when Brex had confirmed before).
+    attempt: RevocationAttempt
+    #: True when a retry was handed to the ``revoke_connection`` task.
+    retry_queued: bool = False
+
+    @property
+    def revoked_at_brex(self) -> bool:
+        """True once Brex has confirmed the revocation (in this call or before)."""
+        return self.connection.revocation_status == RevocationStatus.DONE
+
+
+def _pk(connection: BrexConnection | int) -> int:
+    return int(connection.pk if isinstance(connection, BrexConnection) else connection)
+
+
+def disconnect(
+    connection: BrexConnection | int,
+    *,
+    actor=None,
+    queue_retry: bool = True,
+    attempt_now: bool = True,
+) -> DisconnectResult:
+    """Stop using a connection at once and revoke its refresh token at Brex.
+
+    The connection is ``revoked`` locally whatever Brex answers, and its access token is
+    wiped. One attempt at Brex follows (see :func:`revoke_at_brex`); if Brex cannot be
+    reached and ``queue_retry`` is set, the ``revoke_connection`` task retries with backoff.
+    A refusal (``invalid_client``, say) is left to the revocation sweep. With
+    ``attempt_now=False`` Brex is not called here at all and the task is queued at once
+    (for a batch disconnected while Brex is known to be down).
+    ``signals.disconnected`` is sent after the commit, only by the call that disconnected
+    the connection. Disconnecting a revoked connection again sends nothing new: it only
+    tries Brex once more if Brex has not confirmed yet.
+
+    Call it outside a transaction when possible, so that the request to Brex does not hold
+    the transaction open.
     """
+    connection_id = _pk(connection)
+    now = timezone.now()
     with transaction.atomic():
-        connection = BrexConnection.objects.select_for_update().get(pk=connection.pk)
-        already = connection.status == ConnectionStatus.REVOKED
-        if not already:
-            connection.status = ConnectionStatus.REVOKED
-            connection.revoked_at = timezone.now()
-            connection.revocation_status = RevocationStatus.PENDING
-            connection.save(update_fields=["status", "revoked_at", "revocation_status",
-                                           "updated_at"])
+        locked = BrexConnection.objects.select_for_update().get(pk=connection_id)
+        newly = locked.status != ConnectionStatus.REVOKED
+        if newly:
+            locked.status = ConnectionStatus.REVOKED
+            locked.revoked_at = now
+            locked.revocation_status = RevocationStatus.PENDING
+            locked.revocation_attempts = 0
+            locked.revocation_attempted_at = None
+            locked.last_error = ""
+            locked.save(
+                update_fields=[
+                    "status", "revoked_at", "revocation_status", "revocation_attempts",
+                    "revocation_attempted_at", "last_error", "updated_at",
+                ]
+            )
+            # The partner stops using the connection now, even if Brex is unreachable.
+            BrexToken.objects.filter(pk=connection_id).update(
+                access_token=None, access_token_expires_at=None, updated_at=now
+            )
             ConnectionEvent.objects.create(
-                connection=connection, kind=EventKind.DISCONNECTED, actor=actor,
-                detail="Disconnected; revoking the refresh token at Brex.",
+                connection=locked,
+                kind=EventKind.DISCONNECTED,
+                actor=actor if getattr(actor, "pk", None) else None,
+                detail="Disconnected; no longer used. Revoking the refresh token at Brex.",
             )
-    if connection.revocation_status != RevocationStatus.PENDING:
-        return connection
-    revoked = revoke_at_brex(connection, actor=actor)
-    if not already:
-        transaction.on_commit(
-            lambda: signals.disconnected.send(
-                sender=BrexConnection, connection=connection, actor=actor,
-                revoked_at_brex=revoked,
-            )
-        )
-    return connection
 
-
-def revoke_at_brex(connection: BrexConnection, *, actor=None) -> bool:
-    """Try once to revoke the connection's refresh token; record the outcome.
-
-    Returns True when Brex confirmed (or there was nothing left to revoke).
-    """
-    token = BrexToken.objects.filter(connection=connection).first()
-    refresh_token = token.refresh_token if token else None
+    attempt = RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id)
     try:
-        if refresh_token:
-            oauth.revoke(refresh_token, "refresh_token")
-    except BrexOAuthError as err:
-        with transaction.atomic():
-            BrexConnection.objects.filter(pk=connection.pk).update(
-                last_error=f"Revocation at Brex failed: {err}"
+        if attempt_now:
+            attempt = revoke_at_brex(connection_id, actor=actor)
+        elif locked.revocation_status == RevocationStatus.PENDING:
+            attempt = RevocationAttempt(RevokeOutcome.QUEUED, connection_id)
+    finally:
+        # Whatever Brex said (or raised), this disconnect happened: announce it once.
+        if newly:
+            revoked = attempt.revoked
+            transaction.on_commit(
+                lambda: signals.disconnected.send(
+                    sender=BrexConnection, connection=locked, actor=actor,
+                    revoked_at_brex=revoked,
+                )
             )
-            ConnectionEvent.objects.create(
-                connection=connection, kind=EventKind.REVOKE_FAILED, actor=actor,
-                detail=str(err),
-            )
-        logger.warning("Revoking Brex connection %s failed: %s", connection.pk, err)
-        return False
+    retry_queued = False
+    if attempt.outcome == RevokeOutcome.QUEUED or (
+        attempt.outcome == RevokeOutcome.FAILED and attempt.retryable and queue_retry
+    ):
+        retry_queued = queue_revocation(connection_id)
+    locked.refresh_from_db()
+    return DisconnectResult(locked, newly, attempt, retry_queued)
+
+
+def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> RevocationAttempt:
+    """Ask Brex once to revoke a disconnected connection's refresh token; record the outcome.
+
+    Does nothing (``NOT_PENDING``) unless the connection is ``revoked`` with the revocation
+    ``pending``. Sends the refresh token form-encoded with ``token_type_hint=refresh_token``
+    and the client authentication of the token endpoint (or the access token, when only that
+    is left). On success the tokens are wiped, the revocation becomes ``done`` and a
+    ``revoked`` event is written; on failure a ``revoke_failed`` event and ``last_error``
+    say why, and the refresh token is kept for the next try. A refresh token already past
+    its 90 days counts as revoked: Brex has forgotten it.
+    """
+    connection_id = _pk(connection)
+    actor = actor if getattr(actor, "pk", None) else None
+    now = timezone.now()
     with transaction.atomic():
-        BrexToken.objects.filter(connection=connection).update(
+        locked = (
+            BrexConnection.objects.select_for_update()
+            .filter(pk=connection_id, status=ConnectionStatus.REVOKED,
+                    revocation_status=RevocationStatus.PENDING)
+            .first()
+        )
+        if locked is None:
+            return RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id)
+        locked.revocation_attempts += 1
+        locked.revocation_attempted_at = now
+        locked.save(update_fields=["revocation_attempts", "revocation_attempted_at",
+                                   "updated_at"])
+        attempt_number = locked.revocation_attempts
+        token = BrexToken.objects.filter(pk=connection_id).first()
+
+    for _ in range(_MAX_TOKEN_SWAPS + 1):
+        value, hint = _token_to_revoke(token)
+        if value is None:
+            reason = "Nothing was left to revoke at Brex."
+        elif token is not None and _refresh_token_expired(token, now):
+            reason = "The refresh token had passed its 90 days, so Brex had forgotten it."
+        else:
+            try:
+                oauth.revoke(value, hint)
+            except BrexOAuthError as err:
+                return _record_failure(connection_id, attempt_number, err, actor)
+            reason = f"Brex confirmed the revocation of the {hint.replace('_', ' ')}."
+        finished, token = _finish(connection_id, value, attempt_number, reason, actor)
+        if finished is not None:
+            return finished
+    return _record_failure(
+        connection_id, attempt_number,
+        BrexUnavailable("The stored token kept changing while revoking it."), actor,
+    )
+
+
+def _token_to_revoke(token: BrexToken | None) -> tuple[str | None, str]:
+    if token is not None and token.refresh_token:
+        return token.refresh_token, "refresh_token"
+    if token is not None and token.access_token:
+        return token.access_token, "access_token"
+    return None, "refresh_token"
+
+
+def _refresh_token_expired(token: BrexToken, now: datetime) -> bool:
+    return (
+        bool(token.refresh_token)
+        and token.refresh_token_expires_at is not None
+        and token.refresh_token_expires_at <= now
+    )
+
+
+def _finish(
+    connection_id: int, sent: str | None, attempt_number: int, reason: str, actor
+) -> tuple[RevocationAttempt | None, BrexToken | None]:
+    """Wipe the tokens and mark the revocation done, unless the stored token changed since
+    ``sent`` was read (then return the current token so the caller revokes that one)."""
+    with transaction.atomic():
+        locked = (
+            BrexConnection.objects.select_for_update()
+            .filter(pk=connection_id, status=ConnectionStatus.REVOKED,
+                    revocation_status=RevocationStatus.PENDING)
+            .first()
+        )
+        if locked is None:
+            # Reconnected (or finished by another worker) while Brex was answering.
+            return RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id,
+                                     attempt_number), None
+        token = BrexToken.objects.select_for_update().filter(pk=connection_id).first()
+        current, _hint = _token_to_revoke(token)
+        if current is not None and current != sent:
+            return None, token
+        BrexToken.objects.filter(pk=connection_id).update(
             access_token=None, refresh_token=None, access_token_expires_at=None,
-            refresh_claimed_until=None, refresh_claimed_by="",
+            refresh_claimed_until=None, refresh_claimed_by="", updated_at=timezone.now(),
         )
-        BrexConnection.objects.filter(pk=connection.pk).update(
-            revocation_status=RevocationStatus.DONE, last_error=""
-        )
-        connection.revocation_status = RevocationStatus.DONE
+        locked.revocation_status = RevocationStatus.DONE
+        locked.last_error = ""
+        locked.save(update_fields=["revocation_status", "last_error", "updated_at"])
         ConnectionEvent.objects.create(
-            connection=connection, kind=EventKind.REVOKED, actor=actor,
-            detail="Brex confirmed the refresh token is revoked; tokens wiped.",
+            connection=locked, kind=EventKind.REVOKED, actor=actor,
+            detail=f"Attempt {attempt_number}: {reason} Tokens wiped.",
         )
-    return True
+    logger.info("Revoked Brex connection %s at Brex (attempt %s).", connection_id,
+                attempt_number)
+    return RevocationAttempt(RevokeOutcome.REVOKED, connection_id, attempt_number), token
+
+
+def _record_failure(
+    connection_id: int, attempt_number: int, err: BrexOAuthError, actor
+) -> RevocationAttempt:
+    retryable = isinstance(err, BrexUnavailable | DiscoveryError)
+    error = str(err)[:1000]
+    reason = f"Revocation at Brex failed (attempt {attempt_number}): {error}"
+    with transaction.atomic():
+        BrexConnection.objects.filter(
+            pk=connection_id, revocation_status=RevocationStatus.PENDING
+        ).update(last_error=reason, updated_at=timezone.now())
+        ConnectionEvent.objects.create(
+            connection_id=connection_id, kind=EventKind.REVOKE_FAILED, actor=actor,
+            detail=reason + (" It will be tried again." if retryable else
+                             " It will be tried again by the revocation sweep."),
+        )
+    logger.warning("Revoking Brex connection %s failed (attempt %s): %s", connection_id,
+                   attempt_number, error)
+    return RevocationAttempt(RevokeOutcome.FAILED, connection_id, attempt_number, error,
+                             retryable)
+
+
+def queue_revocation(connection: BrexConnection | int, *, attempt: int = 0) -> bool:
+    """Hand a pending revocation to the ``revoke_connection`` task after the commit.
+
+    Returns False when the task could not be queued (no broker, say) and that was known at
+    once (outside a transaction); either way the revocation stays pending until Brex
+    confirms, so the revocation sweep (or ``manage.py brex_oauth_cleanup``) picks it up.
+    """
+    from ..tasks import revoke_connection
+
+    connection_id = _pk(connection)
+    countdown = backoff_delay(
+        attempt,
+        base=float(brex_settings.REVOKE_RETRY_BACKOFF),
+        cap=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX),
+    )
+    queued = True
+
+    def send() -> None:
+        nonlocal queued
+        try:
+            revoke_connection.apply_async((connection_id,), countdown=countdown)
+        except Exception as err:  # noqa: BLE001 - any broker failure; the sweep recovers
+            queued = False
+            logger.warning(
+                "Could not queue the revocation of Brex connection %s (%s); the revocation "
+                "sweep will retry it.", connection_id, type(err).__name__,
+            )
+
+    transaction.on_commit(send)
+    return queued
+
+
+def pending_revocation_ids(now: datetime | None = None) -> Iterator[int]:
+    """Ids of revoked connections whose revocation Brex has not confirmed and that nothing
+    has tried for ``REVOKE_RETRY_BACKOFF_MAX`` seconds (a task retrying one is left alone)."""
+    now = now or timezone.now()
+    quiet_since = now - timedelta(seconds=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX))
+    return (
+        BrexConnection.objects.filter(
+            status=ConnectionStatus.REVOKED, revocation_status=RevocationStatus.PENDING
+        )
+        .filter(Q(revocation_attempted_at__isnull=True)
+                | Q(revocation_attempted_at__lte=quiet_since))
+        .order_by("revocation_attempted_at", "pk")
+        .values_list("pk", flat=True)
+        .iterator(chunk_size=500)
+    )
+
+
+@dataclass
+class RevocationReport:
+    """Counts of what :func:`retry_pending_revocations` did."""
+
+    revoked: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.revoked + self.failed + self.skipped
+
+
+def retry_pending_revocations(now: datetime | None = None) -> RevocationReport:
+    """Try once more, in this process, every revocation the sweep would pick up (for cron)."""
+    report = RevocationReport()
+    for connection_id in list(pending_revocation_ids(now)):
+        outcome = revoke_at_brex(connection_id).outcome
+        if outcome == RevokeOutcome.REVOKED:
+            report.revoked += 1
+        elif outcome == RevokeOutcome.FAILED:
+            report.failed += 1
+        else:
+            report.skipped += 1
+    return report

@@ -1,0 +1,517 @@
+"""The Django admin: Brex connections, their event log and pending authorizations.
+
+No token value is ever loaded into a page: :class:`~django_brex_oauth.models.BrexToken` is not
+registered, and the token columns of the connection list are annotations of its expiry
+fields, so the encrypted columns are not even read. Actions call the service layer.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.core.exceptions import FieldDoesNotExist
+from django.db.models import F, Q, QuerySet
+from django.forms.models import BaseInlineFormSet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.text import Truncator
+
+from .conf import brex_settings
+from .exceptions import BrexOAuthError
+from .models import (
+    AuthorizationRequest,
+    BrexConnection,
+    ConnectionEvent,
+    ConnectionStatus,
+    RevocationStatus,
+)
+from .services import revoke as revoke_service
+
+#: Events shown inline on a connection's page; the rest are one click away.
+INLINE_EVENTS = 50
+
+
+def _user_search_fields(prefix: str) -> list[str]:
+    """Search fields for the user model's username and email, whatever the user model."""
+    user_model = get_user_model()
+    names = [user_model.USERNAME_FIELD]
+    email = user_model.get_email_field_name()
+    if email not in names:
+        try:
+            user_model._meta.get_field(email)
+        except FieldDoesNotExist:
+            pass
+        else:
+            names.append(email)
+    return [f"{prefix}__{name}" for name in names]
+
+
+def _connection_label(connection: BrexConnection) -> str:
+    who = connection.brex_company_name or connection.brex_user_email or connection.brex_user_id
+    return f"{who} (#{connection.pk})"
+
+
+class ExpiringSoonFilter(admin.SimpleListFilter):
+    """Connections that need attention soon: the refresh token is within
+    ``EXPIRING_SOON_DAYS`` of the end of its 90 days, or the access token has expired.
+    Revoked connections are left out."""
+
+    title = "expiring soon"
+    parameter_name = "expiring"
+
+    def lookups(self, request, model_admin):
+        days = int(brex_settings.EXPIRING_SOON_DAYS)
+        return [
+            ("any", f"Refresh token ends within {days} days, or access token expired"),
+            ("refresh_token", f"Refresh token ends within {days} days"),
+            ("access_token", "Access token expired"),
+        ]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        refresh_ending = Q(
+            token__refresh_token__isnull=False,
+            token__refresh_token_expires_at__lte=now
+            + timedelta(days=int(brex_settings.EXPIRING_SOON_DAYS)),
+        )
+        access_expired = Q(token__access_token_expires_at__lte=now)
+        condition = {
+            "any": refresh_ending | access_expired,
+            "refresh_token": refresh_ending,
+            "access_token": access_expired,
+        }.get(self.value() or "")
+        if condition is None:
+            return None
+        return queryset.exclude(status=ConnectionStatus.REVOKED).filter(condition)
+
+
+class LatestEventsFormSet(BaseInlineFormSet):
+    """Only the latest :data:`INLINE_EVENTS` events of the connection."""
+
+    def get_queryset(self):
+        if not hasattr(self, "_latest_events"):
+            self._latest_events = super().get_queryset()[:INLINE_EVENTS]
+        return self._latest_events
+
+
+class ConnectionEventInline(admin.TabularInline):
+    """The connection's event log, newest first, read-only."""
+
+    model = ConnectionEvent
+    formset = LatestEventsFormSet
+    fields = ("created_at", "kind", "detail", "actor")
+    readonly_fields = fields
+    ordering = ("-created_at", "-pk")
+    extra = 0
+    can_delete = False
+    verbose_name_plural = f"events (latest {INLINE_EVENTS})"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("actor")
+
+    def has_view_permission(self, request, obj=None):
+        # The log is part of the connection: whoever may see the connection sees it.
+        user = request.user
+        return user.has_perm("brex_oauth.view_brexconnection") or user.has_perm(
+            "brex_oauth.change_brexconnection"
+        )
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(BrexConnection)
+class BrexConnectionAdmin(admin.ModelAdmin):
+    """Connections: who, which Brex company, status, and the state of both tokens.
+
+    Read-only: staff change a connection only through the actions, which call the
+    services ("Revoke at Brex" needs ``brex_oauth.revoke_brexconnection``, "Refresh now"
+    the change permission). A connection may be deleted only once Brex has confirmed its
+    revocation.
+    """
+
+    list_display = (
+        "connection",
+        "owner",
+        "company",
+        "environment",
+        "status_display",
+        "scopes",
+        "access_token_expiry",
+        "refresh_token_age",
+        "refresh_token_days_left",
+        "last_refreshed_at",
+        "last_error_short",
+    )
+    list_display_links = ("connection",)
+    list_filter = ("status", "environment", ExpiringSoonFilter, "revocation_status")
+    ordering = ("-connected_at", "-pk")
+    list_per_page = 100
+    actions = ("revoke_at_brex", "refresh_now")
+    inlines = (ConnectionEventInline,)
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "owner", "environment", "status", "brex_user_id", "brex_user_email",
+                    "brex_company_id", "brex_company_name", "granted_scopes",
+                )
+            },
+        ),
+        (
+            "Tokens (values are never shown)",
+            {
+                "fields": (
+                    "access_token_expiry", "refresh_token_issued", "refresh_token_expiry",
+                    "refresh_token_used", "refresh_in_progress",
+                )
+            },
+        ),
+        (
+            "History",
+            {
+                "fields": (
+                    "connected_at", "last_refreshed_at", "last_error", "revoked_at",
+                    "revocation_status", "revocation_attempts", "revocation_attempted_at",
+                    "updated_at", "all_events",
+                )
+            },
+        ),
+    )
+    readonly_fields = (
+        "access_token_expiry", "refresh_token_issued", "refresh_token_expiry",
+        "refresh_token_used", "refresh_in_progress", "all_events",
+    )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        # Token bookkeeping comes in as annotations: one join, and no encrypted column read.
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("owner")
+            .annotate(
+                access_token_expires=F("token__access_token_expires_at"),
+                refresh_token_issued_at=F("token__refresh_token_issued_at"),
+                refresh_token_expires_at=F("token__refresh_token_expires_at"),
+                refresh_token_used_at=F("token__refresh_token_used_at"),
+                refresh_claimed_until=F("token__refresh_claimed_until"),
+            )
+        )
+
+    def get_search_fields(self, request: HttpRequest):
+        return (
+            *_user_search_fields("owner"),
+            "brex_user_id",
+            "brex_user_email",
+            "brex_company_name",
+            "brex_company_id",
+        )
+
+    # Permissions --------------------------------------------------------------------------
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        # The change permission allows "Refresh now"; no connection is edited by hand.
+        if obj is not None:
+            return False
+        return super().has_change_permission(request)
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and not (
+            obj.status == ConnectionStatus.REVOKED
+            and obj.revocation_status == RevocationStatus.DONE
+        ):
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        """Whether the user may revoke connections at Brex."""
+        return request.user.has_perm("brex_oauth.revoke_brexconnection")
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        # Bulk deletion would drop live connections without revoking them at Brex.
+        actions.pop("delete_selected", None)
+        return actions
+
+    # Columns ------------------------------------------------------------------------------
+
+    @admin.display(description="Brex user", ordering="brex_user_email")
+    def connection(self, obj: BrexConnection) -> str:
+        return obj.brex_user_email or obj.brex_user_id
+
+    @admin.display(description="Brex company", ordering="brex_company_name")
+    def company(self, obj: BrexConnection) -> str:
+        return obj.brex_company_name or obj.brex_company_id or "-"
+
+    @admin.display(description="status", ordering="status")
+    def status_display(self, obj: BrexConnection) -> str:
+        status = obj.get_status_display()
+        if obj.status == ConnectionStatus.REVOKED and obj.revocation_status:
+            status += f" ({obj.get_revocation_status_display().lower()})"
+        return status
+
+    @admin.display(description="granted scopes")
+    def scopes(self, obj: BrexConnection) -> str:
+        return ", ".join(obj.api_scopes) or "-"
+
+    @admin.display(description="access token expires", ordering="access_token_expires")
+    def access_token_expiry(self, obj: BrexConnection):
+        expires = getattr(obj, "access_token_expires", None)
+        if expires is None:
+            return "-"
+        if expires <= timezone.now():
+            return format_html(
+                '<span class="brex-expired">{} (expired)</span>', _when(expires)
+            )
+        return _when(expires)
+
+    @admin.display(description="refresh token age", ordering="-refresh_token_issued_at")
+    def refresh_token_age(self, obj: BrexConnection) -> str:
+        issued = getattr(obj, "refresh_token_issued_at", None)
+        if issued is None or obj.status == ConnectionStatus.REVOKED:
+            return "-"
+        return _days((timezone.now() - issued).days)
+
+    @admin.display(description="refresh token days left", ordering="refresh_token_expires_at")
+    def refresh_token_days_left(self, obj: BrexConnection) -> str:
+        issued = getattr(obj, "refresh_token_issued_at", None)
+        expires = getattr(obj, "refresh_token_expires_at", None)
+        if expires is None or obj.status == ConnectionStatus.REVOKED:
+            return "-"
+        left = max(0, (expires - timezone.now()).days)
+        if issued is None:
+            return str(left)
+        return f"{left} of {(expires - issued).days}"
+
+    @admin.display(description="last error")
+    def last_error_short(self, obj: BrexConnection) -> str:
+        return Truncator(obj.last_error).chars(80) or "-"
+
+    # Change page fields -------------------------------------------------------------------
+
+    @admin.display(description="refresh token chain issued")
+    def refresh_token_issued(self, obj: BrexConnection) -> str:
+        return _when(getattr(obj, "refresh_token_issued_at", None))
+
+    @admin.display(description="refresh token expires")
+    def refresh_token_expiry(self, obj: BrexConnection) -> str:
+        expires = getattr(obj, "refresh_token_expires_at", None)
+        if expires is None:
+            return "-"
+        if obj.status == ConnectionStatus.REVOKED:
+            return _when(expires)
+        return f"{_when(expires)} ({self.refresh_token_days_left(obj)} days left)"
+
+    @admin.display(description="refresh token last used")
+    def refresh_token_used(self, obj: BrexConnection) -> str:
+        return _when(getattr(obj, "refresh_token_used_at", None))
+
+    @admin.display(description="refresh in progress until")
+    def refresh_in_progress(self, obj: BrexConnection) -> str:
+        until = getattr(obj, "refresh_claimed_until", None)
+        if until is None or until <= timezone.now():
+            return "no refresh in progress"
+        return _when(until)
+
+    @admin.display(description="event log")
+    def all_events(self, obj: BrexConnection):
+        if obj.pk is None:
+            return "-"
+        url = reverse("admin:brex_oauth_connectionevent_changelist")
+        return format_html(
+            '<a href="{}?connection__id__exact={}">All {} events of this connection</a>',
+            url, obj.pk, obj.events.count(),
+        )
+
+    # Actions ------------------------------------------------------------------------------
+
+    @admin.action(description="Revoke at Brex", permissions=["revoke"])
+    def revoke_at_brex(self, request: HttpRequest, queryset: QuerySet) -> None:
+        """Disconnect each selected connection and revoke it at Brex, reporting each one.
+
+        Once Brex has failed to answer for one connection, the rest are disconnected
+        without waiting for Brex and their revocations handed to the task.
+        """
+        brex_down = False
+        for connection in queryset:
+            label = _connection_label(connection)
+            result = revoke_service.disconnect(
+                connection, actor=request.user, attempt_now=not brex_down
+            )
+            attempt = result.attempt
+            brex_down = brex_down or attempt.retryable
+            if attempt.outcome == revoke_service.RevokeOutcome.REVOKED:
+                self.message_user(
+                    request,
+                    f"{label}: revoked at Brex; its tokens are wiped.",
+                    messages.SUCCESS,
+                )
+            elif attempt.outcome == revoke_service.RevokeOutcome.NOT_PENDING:
+                self.message_user(
+                    request, f"{label}: was revoked at Brex already.", messages.INFO
+                )
+            elif attempt.outcome == revoke_service.RevokeOutcome.QUEUED:
+                self.message_user(
+                    request,
+                    f"{label}: disconnected here; Brex is not answering, so its revocation "
+                    "is queued.",
+                    messages.WARNING,
+                )
+            else:
+                retry = (
+                    "it will be retried shortly"
+                    if result.retry_queued
+                    else "the revocation sweep will retry it"
+                )
+                self.message_user(
+                    request,
+                    f"{label}: disconnected here, but Brex did not confirm the revocation "
+                    f"({attempt.error}); {retry}.",
+                    messages.WARNING,
+                )
+
+    @admin.action(description="Refresh now", permissions=["change"])
+    def refresh_now(self, request: HttpRequest, queryset: QuerySet) -> None:
+        """Refresh each selected connection's tokens at once, reporting each one."""
+        from .services.refresh import Outcome, refresh_connection
+
+        for connection in queryset:
+            label = _connection_label(connection)
+            try:
+                result = refresh_connection(connection, force=True, wait=False)
+            except BrexOAuthError as err:
+                self.message_user(
+                    request, f"{label}: not refreshed: {err}", messages.ERROR
+                )
+                continue
+            if result.outcome == Outcome.REFRESHED:
+                expires = result.token.access_token_expires_at if result.token else None
+                self.message_user(
+                    request,
+                    f"{label}: refreshed; the access token is valid until {_when(expires)}, "
+                    f"the refresh token was {'rotated' if result.rotated else 'kept'}.",
+                    messages.SUCCESS,
+                )
+            elif result.outcome == Outcome.NEEDS_REAUTH:
+                self.message_user(
+                    request,
+                    f"{label}: Brex refused the refresh token; the customer must connect "
+                    "again.",
+                    messages.ERROR,
+                )
+            elif result.outcome == Outcome.BUSY:
+                self.message_user(
+                    request,
+                    f"{label}: another worker is refreshing it right now.",
+                    messages.INFO,
+                )
+            elif result.outcome == Outcome.NOT_DUE:
+                self.message_user(
+                    request, f"{label}: was refreshed by another worker just now.",
+                    messages.INFO,
+                )
+            else:
+                self.message_user(
+                    request,
+                    f"{label}: not refreshed, the connection is "
+                    f"{connection.get_status_display().lower()}.",
+                    messages.WARNING,
+                )
+
+
+def _when(value) -> str:
+    if value is None:
+        return "-"
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _days(days: int) -> str:
+    return f"{days} day" if days == 1 else f"{days} days"
+
+
+@admin.register(ConnectionEvent)
+class ConnectionEventAdmin(admin.ModelAdmin):
+    """The event log of every connection, read-only."""
+
+    list_display = ("created_at", "connection_link", "kind", "detail_short", "actor")
+    list_filter = ("kind",)
+    list_select_related = ("connection", "actor")
+    ordering = ("-created_at", "-pk")
+    fields = ("connection", "kind", "detail", "actor", "created_at")
+    list_per_page = 100
+
+    def get_search_fields(self, request: HttpRequest):
+        return (
+            "connection__brex_user_email",
+            "connection__brex_company_name",
+            "connection__brex_user_id",
+            *_user_search_fields("connection__owner"),
+        )
+
+    @admin.display(description="connection", ordering="connection")
+    def connection_link(self, obj: ConnectionEvent):
+        url = reverse("admin:brex_oauth_brexconnection_change", args=[obj.connection_id])
+        return format_html('<a href="{}">{}</a>', url, _connection_label(obj.connection))
+
+    @admin.display(description="detail")
+    def detail_short(self, obj: ConnectionEvent) -> str:
+        return Truncator(obj.detail).chars(120)
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def has_view_permission(self, request, obj=None):
+        # Part of the connection: whoever may see connections may read their log.
+        return super().has_view_permission(request, obj) or request.user.has_perm(
+            "brex_oauth.view_brexconnection"
+        ) or request.user.has_perm("brex_oauth.change_brexconnection")
+
+
+@admin.register(AuthorizationRequest)
+class AuthorizationRequestAdmin(admin.ModelAdmin):
+    """Pending and recent authorizations, read-only; the state, nonce and PKCE verifier are
+    never shown."""
+
+    list_display = ("pk", "user", "environment", "outcome", "created_at", "expires_at",
+                    "consumed_at", "prompt_login")
+    list_filter = ("environment", "prompt_login")
+    list_select_related = ("user",)
+    ordering = ("-created_at", "-pk")
+    fields = ("user", "environment", "requested_scopes", "redirect_uri", "next_url",
+              "prompt_login", "created_at", "expires_at", "consumed_at")
+    list_per_page = 100
+
+    def get_search_fields(self, request: HttpRequest):
+        return tuple(_user_search_fields("user"))
+
+    @admin.display(description="outcome")
+    def outcome(self, obj: AuthorizationRequest) -> str:
+        if obj.consumed_at is not None:
+            return "used"
+        return "expired" if obj.is_expired else "pending"
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -1,0 +1,69 @@
+"""Pruning what is no longer needed: expired authorization requests and old events."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from ..conf import brex_settings
+from ..models import AuthorizationRequest, ConnectionEvent
+
+#: How long an expired authorization request is kept, so that a person coming back from
+#: Brex late is told the attempt expired (rather than that it is unknown).
+EXPIRED_REQUEST_GRACE = timedelta(hours=1)
+
+#: Rows deleted per statement, so that pruning a large backlog never holds long locks.
+BATCH_SIZE = 2000
+
+
+@dataclass
+class PruneResult:
+    """How many rows :func:`prune` deleted (or would delete, in a dry run)."""
+
+    authorization_requests: int = 0
+    events: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts as a plain dict (for a task result or a log line)."""
+        return asdict(self)
+
+
+def expired_authorization_requests(now: datetime | None = None) -> QuerySet:
+    """Authorization requests that expired more than :data:`EXPIRED_REQUEST_GRACE` ago,
+    used or not: none of them can complete a connection any more."""
+    now = now or timezone.now()
+    return AuthorizationRequest.objects.filter(expires_at__lt=now - EXPIRED_REQUEST_GRACE)
+
+
+def old_events(now: datetime | None = None) -> QuerySet:
+    """Events older than ``EVENT_RETENTION_DAYS`` (none when it is ``None``)."""
+    days = brex_settings.EVENT_RETENTION_DAYS
+    if days is None:
+        return ConnectionEvent.objects.none()
+    now = now or timezone.now()
+    return ConnectionEvent.objects.filter(created_at__lt=now - timedelta(days=int(days)))
+
+
+def _delete_in_batches(queryset: QuerySet) -> int:
+    model = queryset.model
+    deleted = 0
+    while True:
+        batch = list(queryset.order_by("pk").values_list("pk", flat=True)[:BATCH_SIZE])
+        if not batch:
+            return deleted
+        deleted += model.objects.filter(pk__in=batch).delete()[0]
+
+
+def prune(now: datetime | None = None, *, dry_run: bool = False) -> PruneResult:
+    """Delete expired authorization requests and events past the retention period.
+
+    With ``dry_run`` nothing is deleted; the counts say what would be.
+    """
+    now = now or timezone.now()
+    requests, events = expired_authorization_requests(now), old_events(now)
+    if dry_run:
+        return PruneResult(requests.count(), events.count())
+    return PruneResult(_delete_in_batches(requests), _delete_in_batches(events))
