@@ -1,0 +1,140 @@
+"""The partner site's pages: a dashboard of the signed-in user's Brex connections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+
+from django_brex_oauth.client import BrexClient
+from django_brex_oauth.conf import brex_settings
+from django_brex_oauth.exceptions import BrexAPIError, BrexOAuthError
+from django_brex_oauth.models import BrexConnection, BrexToken, EventKind
+
+USER_SCOPES = ("users", "users.readonly")
+COMPANY_SCOPES = ("companies.readonly",)
+
+
+@dataclass
+class ConnectionView:
+    """One connection as the dashboard shows it: its state and what Brex says live."""
+
+    connection: BrexConnection
+    token: BrexToken | None = None
+    refresh_count: int = 0
+    me: dict[str, Any] | None = None
+    company: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+    fetched_at: datetime | None = None
+
+    @property
+    def missing_scopes(self) -> list[str]:
+        """Data this connection cannot read because the customer did not grant it."""
+        missing = []
+        if not self.connection.has_scope(*USER_SCOPES):
+            missing.append("your Brex user profile (users.readonly)")
+        if not self.connection.has_scope(*COMPANY_SCOPES):
+            missing.append("your company details (companies.readonly)")
+        return missing
+
+
+def _with_refresh_counts(connections: QuerySet[BrexConnection]) -> QuerySet[BrexConnection]:
+    return connections.annotate(
+        refresh_count=Count("events", filter=Q(events__kind=EventKind.REFRESHED))
+    )
+
+
+def _token_times(connections: QuerySet[BrexConnection]) -> QuerySet[BrexToken]:
+    """The tokens' expiries and bookkeeping, without loading (or decrypting) a token."""
+    return BrexToken.objects.filter(connection__in=connections).defer(
+        "access_token", "refresh_token"
+    )
+
+
+def _read_live_data(view: ConnectionView) -> None:
+    """Call Brex through the app's client; the client refreshes tokens when it must."""
+    connection = view.connection
+    client = BrexClient(connection)
+    try:
+        if connection.has_scope(*USER_SCOPES):
+            view.me = client.get_me()
+        if connection.has_scope(*COMPANY_SCOPES):
+            view.company = client.get_company()
+    except BrexAPIError as err:
+        view.problems.append(
+            f"Brex answered {err.status} to {err.method} {err.path}: "
+            f"{err.error_message or err.error_type or 'no details'}"
+        )
+    except BrexOAuthError as err:
+        view.problems.append(err.user_message)
+    view.fetched_at = timezone.now()
+
+
+def _brex_target() -> str:
+    """Which Brex this site talks to, for the footer."""
+    if brex_settings.ISSUER:
+        return f"Brex at {brex_settings.api_base_url} (issuer {brex_settings.issuer})"
+    return f"Brex {brex_settings.environment} ({brex_settings.api_base_url})"
+
+
+@never_cache
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    """The user's connections, live data from Brex for each active one, and the buttons
+    to connect, reconnect and disconnect."""
+    connections = list(_with_refresh_counts(request.user.brex_connections.all()))
+    views = []
+    for connection in connections:
+        view = ConnectionView(connection, refresh_count=connection.refresh_count)
+        if connection.is_active:
+            _read_live_data(view)
+            # The client may just have refreshed the tokens, or found them refused.
+            connection.refresh_from_db()
+        views.append(view)
+    tokens = {t.connection_id: t for t in _token_times(request.user.brex_connections.all())}
+    for view in views:
+        view.token = tokens.get(view.connection.pk)
+    return render(
+        request,
+        "partner_site/dashboard.html",
+        {
+            "connection_views": views,
+            "active_views": [v for v in views if v.connection.is_active],
+            "brex_target": _brex_target(),
+            "status_poll_seconds": settings.DASHBOARD_POLL_SECONDS,
+        },
+    )
+
+
+@never_cache
+@login_required
+def token_status(request: HttpRequest) -> JsonResponse:
+    """When each of the user's connections' access token expires and when it was last
+    refreshed, for the dashboard to show refreshes as they happen. No token values."""
+    connections = _with_refresh_counts(request.user.brex_connections.all())
+    tokens = {t.connection_id: t for t in _token_times(request.user.brex_connections.all())}
+    data = []
+    for connection in connections:
+        token = tokens.get(connection.pk)
+        expires_at = token.access_token_expires_at if token else None
+        data.append(
+            {
+                "id": connection.pk,
+                "status": connection.status,
+                "access_token_expires_at": expires_at.isoformat() if expires_at else None,
+                "last_refreshed_at": (
+                    connection.last_refreshed_at.isoformat()
+                    if connection.last_refreshed_at else None
+                ),
+                "refresh_count": connection.refresh_count,
+            }
+        )
+    return JsonResponse({"now": timezone.now().isoformat(), "connections": data})

@@ -1,0 +1,245 @@
+"""The whole journey of a partner's customer, in a real browser, on the example site.
+
+Headless Chromium (Debian's ``chromium``) driven by Playwright signs in to the example site,
+served for real (runserver, a Celery worker and beat, SQLite) by the demo's machinery,
+connects at a fake Brex granting only some scopes, sees live Brex data on the dashboard and a
+refresh done in the background, denies on a second try, and disconnects. Each step is saved
+to test-artifacts/screenshots/NN-step.png; the site's logs to test-artifacts/browser-site-logs/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from django_brex_oauth.testing import FakeBrex
+from tests.conftest import require_service
+from tests.example_site import ARTIFACTS, clean_environment, demo, keep_logs, query
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = ARTIFACTS / "screenshots"
+
+#: Short-lived access tokens and a sweep every second, so that beat and the worker refresh
+#: the connection while the test watches the dashboard.
+ACCESS_TOKEN_TTL = 10
+REFRESH_MARGIN = 6
+
+
+@pytest.fixture
+def playwright() -> Iterator[Any]:
+    require_service(
+        "Chromium", os.path.exists(CHROMIUM),
+        "install Debian's chromium package (apt-get install chromium)",
+    )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require_service("Playwright", False, 'install the test extra: pip install -e ".[test]"')
+    with sync_playwright() as playwright:
+        yield playwright
+
+
+@pytest.fixture
+def page(playwright) -> Iterator[Any]:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    context = browser.new_context(viewport={"width": 1100, "height": 820}, locale="en-US")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
+    browser.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeBrex]:
+    with FakeBrex(access_token_ttl=ACCESS_TOKEN_TTL) as server:
+        yield server
+
+
+@pytest.fixture
+def site(tmp_path: Path, fake: FakeBrex) -> Iterator[demo.Stack]:
+    data_dir = tmp_path / "site"
+    config = demo.StackConfig(
+        python=sys.executable,
+        port=demo.free_port(),
+        data_dir=data_dir,
+        env_file="",
+        fake_port=None,
+        base_env=clean_environment(),
+        echo=False,
+        ready_timeout=45,
+        extra_env={
+            "BREX_CLIENT_ID": fake.client_id,
+            "BREX_CLIENT_SECRET": fake.client_secret,
+            "BREX_ENVIRONMENT": "staging",
+            "BREX_ISSUER": fake.issuer,
+            "BREX_API_BASE_URL": fake.api_base_url,
+            "BREX_REFRESH_MARGIN": str(REFRESH_MARGIN),
+            "BREX_CLIENT_REFRESH_MARGIN": "2",
+            "BREX_SWEEP_INTERVAL": "1",
+            "DASHBOARD_POLL_SECONDS": "1",
+        },
+    )
+    stack = demo.Stack(config)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+        keep_logs(data_dir, "browser-site-logs")
+
+
+class Screenshots:
+    """Saves numbered full-page screenshots; checks no token is on the page first."""
+
+    def __init__(self, page: Any, fake: FakeBrex) -> None:
+        self.page = page
+        self.fake = fake
+        self.count = 0
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for old in SCREENSHOTS.glob("*.png"):
+            old.unlink()
+
+    def secrets_seen_by_brex(self, *, codes: bool = False) -> set[str]:
+        """Every access and refresh token (and authorization code) the fake has been shown."""
+        names = ("refresh_token", "token", "code") if codes else ("refresh_token", "token")
+        seen = set()
+        for request in self.fake.requests:
+            scheme, _, token = (request["headers"].get("Authorization") or "").partition(" ")
+            if scheme.lower() == "bearer" and token:
+                seen.add(token.strip())
+            for name in names:
+                value = request["form"].get(name)
+                if isinstance(value, str) and value:
+                    seen.add(value)
+        return seen
+
+    def __call__(self, step: str) -> Path:
+        html = self.page.content()
+        leaked = [t for t in self.secrets_seen_by_brex() if t in html or t in self.page.url]
+        assert not leaked, f"a Brex token is on the page at step {step!r}"
+        self.count += 1
+        path = SCREENSHOTS / f"{self.count:02d}-{step}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(page, fake, site):
+    from playwright.sync_api import expect
+
+    shot = Screenshots(page, fake)
+    data_dir = site.config.data_dir
+
+    # Sign in.
+    page.goto(site.url)
+    expect(page).to_have_url(re.compile(r"/login/\?next=/$"))
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    shot("sign-in")
+    page.get_by_label("Username").fill(demo.DEMO_USERNAME)
+    page.get_by_label("Password").fill(demo.DEMO_PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Your Brex connections")).to_be_visible()
+    expect(page.get_by_role("heading", name="No Brex account connected yet")).to_be_visible()
+    shot("dashboard-before-connecting")
+
+    # Connect, granting users.readonly but not companies.readonly.
+    page.get_by_role("link", name="Connect Brex").click()
+    expect(page).to_have_url(re.compile("^" + re.escape(fake.issuer + "/v1/authorize?")))
+    expect(page.locator("#consent-form")).to_be_visible()
+    page.locator("input[name=scope][value='companies.readonly']").uncheck()
+    expect(page.locator("input[name=scope][value='users.readonly']")).to_be_checked()
+    shot("consent-granting-only-some-scopes")
+    page.locator("#allow").click()
+
+    # The dashboard shows the connection and what Brex's API says, read live.
+    expect(page).to_have_url(site.url)
+    expect(page.get_by_role("status")).to_contain_text("is connected")
+    card = page.locator("section.connection")
+    expect(card).to_have_count(1)
+    ada = fake.default_user
+    expect(card.locator(".brex-user")).to_contain_text(f"{ada['first_name']} {ada['last_name']}")
+    expect(card.locator(".brex-user")).to_contain_text(ada["email"])
+    expect(card.locator(".brex-user")).to_contain_text(ada["id"])
+    expect(card).to_contain_text("Not shared: you did not grant companies.readonly")
+    expect(card.locator(".scopes li")).to_have_text(["openid", "offline_access", "users.readonly"])
+    expect(card.locator(".badge")).to_have_text("Active")
+    me_calls = [r for r in fake.requests if r["path"] == "/v2/users/me"]
+    assert me_calls and all(r["status"] == 200 for r in me_calls)
+    assert not [r for r in fake.requests if r["path"] == "/v2/company"]
+    assert query(data_dir, "SELECT status, granted_scopes FROM brex_oauth_brexconnection") == [
+        ("active", "openid offline_access users.readonly")
+    ]
+    shot("dashboard-connected-with-live-data")
+
+    # Beat's sweep and the worker refresh the token; the open dashboard shows it.
+    refreshes = card.locator("[data-field=refresh-count]")
+    before = refreshes.inner_text()
+    expect(refreshes).not_to_have_text(before, timeout=25_000)
+    assert int(refreshes.inner_text()) > int(before)
+    expect(card.locator("[data-field=last-refreshed] time")).to_be_visible()
+    site.processes["worker"].wait_for(r"Refreshed Brex connection \d+", 5)
+    assert fake.stats["token_refresh_token"] >= 1
+    shot("token-refreshed-in-the-background")
+
+    # A second try, denied at Brex: an error page, and the connection is untouched.
+    page.get_by_role("link", name="Connect another Brex account").click()
+    expect(page.locator("#consent-form")).to_be_visible()
+    page.locator("#deny").click()
+    error = page.locator("#brex-oauth-error")
+    expect(error.get_by_role("heading")).to_have_text("Brex access was not granted")
+    expect(error).to_contain_text("nothing was connected")
+    shot("denied-at-brex")
+    page.get_by_role("link", name="Back to the site").click()
+    expect(card).to_have_count(1)
+    expect(card.locator(".badge")).to_have_text("Active")
+
+    # Disconnect, confirming on the app's page; Brex revokes the refresh token.
+    revocations_before = fake.stats["revocations"]
+    card.get_by_role("link", name=re.compile(r"^Disconnect")).click()
+    expect(page.get_by_role("heading", name=re.compile(r"^Disconnect .+\?$"))).to_be_visible()
+    shot("disconnect-confirmation")
+    page.get_by_role("button", name="Disconnect").click()
+    expect(page).to_have_url(site.url)
+    expect(page.get_by_role("status")).to_contain_text("disconnected")
+    expect(card.locator(".badge")).to_have_text("Revoked")
+    expect(card.get_by_role("link", name=re.compile(r"^Disconnect"))).to_have_count(0)
+    expect(card.get_by_role("link", name=re.compile(r"^Reconnect"))).to_be_visible()
+    assert fake.stats["revocations"] == revocations_before + 1
+    assert query(
+        data_dir, "SELECT status, revocation_status FROM brex_oauth_brexconnection"
+    ) == [("revoked", "done")]
+    shot("disconnected")
+
+    # No token or authorization code reached the site's, the worker's or beat's output.
+    output = "\n".join(line for process in site.processes.values() for line in process.lines)
+    secrets = shot.secrets_seen_by_brex(codes=True)
+    assert len(secrets) >= 4  # a code, two access tokens, a refresh token at least
+    assert not [secret for secret in secrets if secret in output]
+    assert "/brex/callback/?code=[redacted]&" in output
+
+    # Staff see the connection in the admin, with what happened to it.
+    page.set_viewport_size({"width": 1440, "height": 820})
+    page.goto(site.url + "admin/brex_oauth/brexconnection/")
+    page.locator("#toggle-nav-sidebar").click()
+    expect(page.locator("#result_list")).to_contain_text(ada["email"])
+    shot("admin-connections")
+    page.locator("#result_list").get_by_role("link", name=ada["email"]).click()
+    events = page.locator(".inline-group")
+    for kind in ("Connected", "Tokens refreshed", "Disconnected", "Revoked at Brex"):
+        expect(events.get_by_text(kind, exact=True).first).to_be_visible()
+    shot("admin-connection-event-log")

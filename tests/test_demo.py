@@ -1,0 +1,181 @@
+"""The README's demo command brings the example site up, and Ctrl-C takes it all down.
+
+``python example_project/demo.py`` runs here as a user runs it (from the repository root, in
+its own process group), with test-only choices of ports, data folder and sweep interval, and
+``--no-install`` so that it runs with this interpreter whatever installed the package here.
+Its processes' logs are kept in test-artifacts/demo-logs/.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import os
+import re
+import signal
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.example_site import REPO_DIR, clean_environment, demo, keep_logs
+
+DEMO = REPO_DIR / "example_project" / "demo.py"
+
+
+def processes_with(variable: str, value: str) -> list[int]:
+    """Live processes whose environment has ``variable=value`` (Linux /proc)."""
+    wanted = f"{variable}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if wanted in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for_file_line(path: Path, pattern: str, timeout: float) -> str:
+    """The first line of ``path`` matching ``pattern``, waiting for it to be written."""
+    deadline = time.monotonic() + timeout
+    regex = re.compile(pattern)
+    while time.monotonic() < deadline:
+        if path.exists():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                if regex.search(line):
+                    return line
+        time.sleep(0.2)
+    raise AssertionError(f"no line matching {pattern!r} in {path} after {timeout}s")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def signed_in_browser(site_url: str) -> urllib.request.OpenerDirector:
+    """An HTTP client with cookies, signed in to the site as the demo user."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPCookieProcessor(jar), _NoRedirect()
+    )
+    with opener.open(site_url + "login/", timeout=10) as response:
+        page = response.read().decode()
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    form = urllib.parse.urlencode(
+        {"csrfmiddlewaretoken": token, "username": demo.DEMO_USERNAME,
+         "password": demo.DEMO_PASSWORD, "next": "/"}
+    ).encode()
+    try:
+        opener.open(site_url + "login/", data=form, timeout=10)
+    except urllib.error.HTTPError as answer:
+        assert answer.code == 302, f"signing in answered {answer.code}"
+        assert answer.headers["Location"] == "/"
+    return opener
+
+
+def redirect_location(opener: urllib.request.OpenerDirector, url: str) -> str:
+    """Where ``url`` redirects to (it must redirect)."""
+    try:
+        opener.open(url, timeout=10)
+    except urllib.error.HTTPError as answer:
+        assert answer.code == 302, f"{url} answered {answer.code}"
+        return answer.headers["Location"]
+    raise AssertionError(f"{url} did not redirect")
+
+
+def test_demo_command_starts_everything_and_ctrl_c_stops_it_all(tmp_path):
+    port, fake_port = demo.free_port(), demo.free_port()
+    data_dir = tmp_path / "demo"
+    command = demo.ManagedProcess(
+        "demo",
+        [sys.executable, str(DEMO), "--port", str(port), "--fake-port", str(fake_port),
+         "--data-dir", str(data_dir), "--env-file", "", "--sweep-interval", "1", "--quiet",
+         "--no-install"],
+        env=clean_environment(),
+        cwd=REPO_DIR,
+        log_path=tmp_path / "demo-output.log",
+    )
+    site = f"http://127.0.0.1:{port}/"
+    issuer = f"http://127.0.0.1:{fake_port}/oauth2/default"
+    try:
+        command.start()
+        command.wait_for(r"Press Ctrl-C to stop", timeout=60)
+        output = "\n".join(command.lines)
+        assert f"Site:       {site}" in output
+        assert "Sign in:    username demo, password demo" in output
+        assert f"Fake Brex:  {issuer}" in output
+
+        # The site answers, with the demo sign-in on its login page.
+        status, page = demo.http_get(site + "login/")
+        assert status == 200
+        assert "Demo sign-in: username <strong>demo</strong>" in page
+
+        # The fake Brex answers, as the issuer the site was given.
+        status, body = demo.http_get(issuer + "/.well-known/openid-configuration")
+        assert status == 200
+        assert json.loads(body)["issuer"] == issuer
+
+        # The demo user signs in, and Connect sends them to the fake's consent page.
+        browser = signed_in_browser(site)
+        authorize = redirect_location(browser, site + "brex/connect/")
+        assert authorize.startswith(issuer + "/v1/authorize?")
+        assert f"redirect_uri={urllib.parse.quote(site, safe='')}brex%2Fcallback%2F" in authorize
+
+        # Beat sends the refresh sweep through the file broker; the worker runs it.
+        wait_for_file_line(
+            data_dir / "logs" / "worker.log",
+            r"refresh_due_connections\[[^\]]+\] succeeded", timeout=15,
+        )
+        running = processes_with("DATA_DIR", str(data_dir))
+        assert len(running) >= 4  # the fake, the site, the worker and beat
+
+        # Ctrl-C: the terminal sends SIGINT to the demo's process group.
+        os.killpg(command.pid, signal.SIGINT)
+        assert command.process.wait(30) == 0
+        command.wait_for(r"^Stopped\.$", timeout=5)
+        assert processes_with("DATA_DIR", str(data_dir)) == []
+        assert demo.port_is_free("127.0.0.1", port)
+        assert demo.port_is_free("127.0.0.1", fake_port)
+    finally:
+        command.stop()
+        for pid in processes_with("DATA_DIR", str(data_dir)):
+            os.kill(pid, signal.SIGKILL)
+        keep_logs(data_dir, "demo-logs")
+
+
+@pytest.mark.parametrize(
+    ("environment", "file_lines", "expected"),
+    [
+        ({}, [], {}),
+        (
+            {"BREX_CLIENT_ID": "real-id"},
+            ["BREX_CLIENT_ID=from-file"],
+            {"BREX_CLIENT_ID": "real-id"},
+        ),
+        (
+            {},
+            ["# comment", "export BREX_CLIENT_ID='quoted id'", "BREX_ISSUER=", "DEBUG=true",
+             "BREX_SCOPES=users.readonly # trailing comment"],
+            {"BREX_CLIENT_ID": "quoted id", "BREX_ISSUER": "", "BREX_SCOPES": "users.readonly"},
+        ),
+    ],
+)
+def test_demo_reads_brex_settings_like_the_site(tmp_path, environment, file_lines, expected):
+    env_file = tmp_path / ".env"
+    env_file.write_text("\n".join(file_lines) + "\n")
+    assert demo.brex_settings_from(environment, str(env_file)) == expected
+
+
+def test_demo_runs_with_a_python_that_has_this_checkout():
+    if not demo.has_package(sys.executable):
+        pytest.skip("the package here is not installed from this checkout (e.g. tox's wheel)")
+    assert demo.choose_python() == sys.executable
+    assert demo.choose_python(install=False) == sys.executable
