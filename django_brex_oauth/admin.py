@@ -50,6 +50,26 @@ def _user_search_fields(prefix: str) -> list[str]:
     return [f"{prefix}__{name}" for name in names]
 
 
+def _may_see_connections(user) -> bool:
+    """The event log is part of a connection: whoever may see connections may read it."""
+    return user.has_perm("brex_oauth.view_brexconnection") or user.has_perm(
+        "brex_oauth.change_brexconnection"
+    )
+
+
+class ReadOnlyAdminMixin:
+    """Nothing can be added, changed or deleted here: the services write these rows."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 def _connection_label(connection: BrexConnection) -> str:
     who = connection.brex_company_name or connection.brex_user_email or connection.brex_user_id
     return f"{who} (#{connection.pk})"
@@ -98,7 +118,7 @@ class LatestEventsFormSet(BaseInlineFormSet):
         return self._latest_events
 
 
-class ConnectionEventInline(admin.TabularInline):
+class ConnectionEventInline(ReadOnlyAdminMixin, admin.TabularInline):
     """The connection's event log, newest first, read-only."""
 
     model = ConnectionEvent
@@ -114,20 +134,7 @@ class ConnectionEventInline(admin.TabularInline):
         return super().get_queryset(request).select_related("actor")
 
     def has_view_permission(self, request, obj=None):
-        # The log is part of the connection: whoever may see the connection sees it.
-        user = request.user
-        return user.has_perm("brex_oauth.view_brexconnection") or user.has_perm(
-            "brex_oauth.change_brexconnection"
-        )
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
+        return _may_see_connections(request.user)
 
 
 @admin.register(BrexConnection)
@@ -444,7 +451,7 @@ def _days(days: int) -> str:
 
 
 @admin.register(ConnectionEvent)
-class ConnectionEventAdmin(admin.ModelAdmin):
+class ConnectionEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """The event log of every connection, read-only."""
 
     list_display = ("created_at", "connection_link", "kind", "detail_short", "actor")
@@ -471,20 +478,8 @@ class ConnectionEventAdmin(admin.ModelAdmin):
     def detail_short(self, obj: ConnectionEvent) -> str:
         return Truncator(obj.detail).chars(120)
 
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
     def has_view_permission(self, request, obj=None):
-        # Part of the connection: whoever may see connections may read their log.
-        return super().has_view_permission(request, obj) or request.user.has_perm(
-            "brex_oauth.view_brexconnection"
-        ) or request.user.has_perm("brex_oauth.change_brexconnection")
+        return super().has_view_permission(request, obj) or _may_see_connections(request.user)
 
 
 @admin.register(AuthorizationRequest)

@@ -90,6 +90,17 @@ class DisconnectResult:
         return self.connection.revocation_status == RevocationStatus.DONE
 
 
+def _lock_pending(connection_id: int) -> BrexConnection | None:
+    """Lock the connection while it still waits for its revocation at Brex, else None.
+    Call inside a transaction."""
+    return (
+        BrexConnection.objects.select_for_update()
+        .filter(pk=connection_id, status=ConnectionStatus.REVOKED,
+                revocation_status=RevocationStatus.PENDING)
+        .first()
+    )
+
+
 def _pk(connection: BrexConnection | int) -> int:
     return int(connection.pk if isinstance(connection, BrexConnection) else connection)
 
@@ -185,12 +196,7 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
     actor = actor if getattr(actor, "pk", None) else None
     now = timezone.now()
     with transaction.atomic():
-        locked = (
-            BrexConnection.objects.select_for_update()
-            .filter(pk=connection_id, status=ConnectionStatus.REVOKED,
-                    revocation_status=RevocationStatus.PENDING)
-            .first()
-        )
+        locked = _lock_pending(connection_id)
         if locked is None:
             return RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id)
         locked.revocation_attempts += 1
@@ -243,12 +249,7 @@ def _finish(
     """Wipe the tokens and mark the revocation done, unless the stored token changed since
     ``sent`` was read (then return the current token so the caller revokes that one)."""
     with transaction.atomic():
-        locked = (
-            BrexConnection.objects.select_for_update()
-            .filter(pk=connection_id, status=ConnectionStatus.REVOKED,
-                    revocation_status=RevocationStatus.PENDING)
-            .first()
-        )
+        locked = _lock_pending(connection_id)
         if locked is None:
             # Reconnected (or finished by another worker) while Brex was answering.
             return RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id,
