@@ -181,8 +181,15 @@ def _call_token_endpoint(call) -> dict[str, Any]:
         raise unavailable(err) from err
 
 
-def exchange_code(*, code: str, redirect_uri: str, code_verifier: str) -> TokenResponse:
-    """Exchange an authorization code (with its PKCE verifier) for tokens."""
+def exchange_code(
+    *, code: str, redirect_uri: str, code_verifier: str, granted_scopes: list[str] | None = None
+) -> TokenResponse:
+    """Exchange an authorization code (with its PKCE verifier) for tokens.
+
+    ``granted_scopes`` is what the answer's scopes are taken to be when it names none (Brex's
+    documented token response has no ``scope``): the callback's ``scope``, or else the
+    scopes that were requested.
+    """
     session = _BrexOAuth2Session(redirect_uri=redirect_uri)
     token = _call_token_endpoint(
         lambda url: session.fetch_token(
@@ -193,7 +200,7 @@ def exchange_code(*, code: str, redirect_uri: str, code_verifier: str) -> TokenR
             include_client_id=True,
         )
     )
-    return TokenResponse.from_dict(token)
+    return TokenResponse.from_dict(token, requested_scopes=granted_scopes)
 
 
 def refresh(refresh_token: str) -> TokenResponse:

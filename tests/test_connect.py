@@ -116,6 +116,30 @@ def test_partial_consent_records_only_granted_scopes(flow):
     assert connection.brex_company_id == ""
 
 
+@pytest.mark.parametrize(
+    ("scopes", "expected"),
+    [(None, ["users.readonly", "companies.readonly"]), (["users.readonly"], ["users.readonly"])],
+)
+def test_a_token_response_without_scope_takes_the_callbacks_scopes(
+    flow, fake_brex, scopes, expected
+):
+    # Brex documents a token response with no scope (RFC 6749: then the scope is the one
+    # asked for); the callback's scope says what the customer granted.
+    fake_brex.include_scope = False
+    response = flow.connect(scopes=scopes)
+    assert response.status_code == 302, response.content
+    assert BrexConnection.objects.get().api_scopes == expected
+
+
+def test_a_token_response_without_scope_and_a_callback_without_scope(flow, fake_brex):
+    fake_brex.include_scope = False
+    location = flow.fake.consent(flow.start())
+    params = {k: v for k, v in query(location).items() if k != "scope"}
+    response = flow.client.get(urlsplit(location).path, params)
+    assert response.status_code == 302, response.content
+    assert BrexConnection.objects.get().api_scopes == ["users.readonly", "companies.readonly"]
+
+
 def test_reconnecting_the_same_brex_user_updates_the_connection(flow, fake_brex):
     flow.connect()
     first = BrexConnection.objects.get()

@@ -140,6 +140,11 @@ def complete_authorization(
         code=code,
         redirect_uri=auth_request.redirect_uri,
         code_verifier=auth_request.code_verifier,
+        granted_scopes=(
+            callback_scopes.split()
+            if callback_scopes is not None
+            else auth_request.requested_scopes.split()
+        ),
     )
     try:
         if oauth.required_scopes_only(tokens.scopes):

@@ -589,6 +589,7 @@ class FakeBrex:
         rotate_refresh_tokens: bool = True,
         refresh_grace_period: float = 30.0,
         include_expires_in: bool = True,
+        include_scope: bool = True,
         authorization_code_ttl: float = 60,
         users: Sequence[Mapping[str, Any]] | None = None,
         company: Mapping[str, Any] | None = None,
@@ -614,6 +615,7 @@ class FakeBrex:
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.refresh_grace_period = refresh_grace_period
         self.include_expires_in = include_expires_in
+        self.include_scope = include_scope
         self.authorization_code_ttl = authorization_code_ttl
         self.public_url = public_url
         self.scopes_supported: list[str] = list(SUPPORTED_SCOPES)
@@ -1106,7 +1108,8 @@ class FakeBrex:
         if self.include_expires_in:
             response["expires_in"] = int(self.access_token_ttl)
         response["access_token"] = access_token
-        response["scope"] = " ".join(scopes)
+        if self.include_scope:
+            response["scope"] = " ".join(scopes)
         if with_refresh:
             response["refresh_token"] = self._new_refresh_token(grant, refresh_expires_at)
         user = self._user_by_id(grant.user_id)
@@ -2007,6 +2010,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-expires-in", action="store_true", help="omit expires_in from token responses"
     )
+    parser.add_argument(
+        "--no-scope",
+        action="store_true",
+        help="omit scope from token responses, like Brex's documented example response",
+    )
     args = parser.parse_args(argv)
 
     fake = FakeBrex(
@@ -2020,6 +2028,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rotate_refresh_tokens=not args.no_rotate,
         refresh_grace_period=args.refresh_grace_period,
         include_expires_in=not args.no_expires_in,
+        include_scope=not args.no_scope,
         authorization_code_ttl=args.authorization_code_ttl,
         public_url=args.public_url,
     )
