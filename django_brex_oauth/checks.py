@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
 
 from .conf import AUTH_BASE_URLS, REQUIRED_SCOPES, brex_settings
 from .http import is_loopback_url
@@ -124,6 +125,23 @@ def check_settings(app_configs=None, **kwargs):
                 hint='Brex signs id_tokens with RS256; use ["RS256"]. "none" and HMAC '
                 "algorithms are never accepted.",
                 id="brex_oauth.E009",
+            )
+        )
+    atomic = sorted(
+        alias for alias, db in connections.settings.items() if db.get("ATOMIC_REQUESTS")
+    )
+    if atomic:
+        errors.append(
+            Warning(
+                "ATOMIC_REQUESTS is on for database(s) {}: a Brex token refreshed during a "
+                "request is lost if that request's transaction rolls back.".format(
+                    ", ".join(atomic)
+                ),
+                hint="Brex rotates the refresh token on every refresh, so the new one must "
+                "be committed at once. Decorate views that call BrexClient with "
+                "django.db.transaction.non_atomic_requests, or silence this check "
+                "(SILENCED_SYSTEM_CHECKS) if none does.",
+                id="brex_oauth.W003",
             )
         )
     key = conf.get("ENCRYPTION_KEY")

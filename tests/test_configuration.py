@@ -110,6 +110,16 @@ def test_encryption_key_from_secret_key_warns(settings):
     assert ids(settings, ENCRYPTION_KEY=settings.SECRET_KEY) == ["brex_oauth.W001"]
 
 
+def test_atomic_requests_warns(settings, monkeypatch):
+    from django.db import connections
+
+    monkeypatch.setitem(connections.settings["default"], "ATOMIC_REQUESTS", True)
+    assert ids(settings) == ["brex_oauth.W003"]
+    message = [m for m in check_settings() if m.id == "brex_oauth.W003"][0]
+    assert "database(s) default" in message.msg
+    assert "non_atomic_requests" in message.hint
+
+
 def test_checks_run_at_start_up(settings):
     from django.core.management import call_command
     from django.core.management.base import SystemCheckError
