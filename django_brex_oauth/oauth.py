@@ -221,6 +221,23 @@ def refresh(refresh_token: str) -> TokenResponse:
     return TokenResponse.from_dict(token)
 
 
+def verify_client_credentials() -> None:
+    """Find out whether the token endpoint accepts ``CLIENT_ID`` and ``CLIENT_SECRET``,
+    without issuing or changing anything at Brex.
+
+    It asks to refresh a token that cannot exist: a server that accepts the client answers
+    ``invalid_grant``; one that does not answers ``invalid_client`` (raised as
+    :class:`InvalidClient`). Any other refusal is raised as the :class:`TokenError` it is.
+    """
+    try:
+        refresh("brex-oauth-check-" + secrets.token_urlsafe(24))
+    except InvalidGrant:
+        return
+    raise TokenError(
+        "unexpected_response", "the token endpoint accepted a refresh token that does not exist"
+    )
+
+
 def client_credentials(scopes: list[str]) -> TokenResponse:
     """A client-credentials token (the onboarding API) for ``scopes``."""
     from oauthlib.oauth2 import BackendApplicationClient

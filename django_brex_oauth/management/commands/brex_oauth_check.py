@@ -5,17 +5,20 @@ from __future__ import annotations
 from django.core.checks import ERROR
 from django.core.management.base import BaseCommand, CommandError
 
-from django_brex_oauth import discovery
+from django_brex_oauth import discovery, oauth
 from django_brex_oauth.checks import check_settings
 from django_brex_oauth.conf import brex_settings
-from django_brex_oauth.exceptions import BrexOAuthError
+from django_brex_oauth.exceptions import BrexOAuthError, InvalidClient, TokenError
 
 
 class Command(BaseCommand):
     help = (
         "Validate BREX_OAUTH against the issuer's live OpenID configuration and JWKS: "
-        "endpoints, PKCE S256, RS256 id_tokens and client_secret_post authentication."
+        "endpoints, PKCE S256, RS256 id_tokens and client_secret_post authentication, and "
+        "whether the token endpoint accepts the client id and secret."
     )
+    # The command reports the BREX_OAUTH checks itself (once, and as a CommandError).
+    requires_system_checks: list[str] = []
 
     def handle(self, *args, **options):
         problems: list[str] = []
@@ -62,6 +65,19 @@ class Command(BaseCommand):
         else:
             kids = ", ".join(str(k.get("kid")) for k in usable)
             self.stdout.write(f"{'signing keys:':<25} {len(usable)} ({kids})")
+
+        try:
+            oauth.verify_client_credentials()
+        except InvalidClient:
+            problems.append(
+                "the token endpoint refused CLIENT_ID / CLIENT_SECRET (invalid_client)"
+            )
+        except TokenError as err:
+            problems.append(f"the token endpoint refused a refresh: {err.error}")
+        except BrexOAuthError as err:
+            problems.append(f"the token endpoint could not be asked: {err}")
+        else:
+            self.stdout.write(f"{'client credentials:':<25} accepted by the token endpoint")
 
         if problems:
             raise CommandError("Brex configuration problems:\n  " + "\n  ".join(problems))
