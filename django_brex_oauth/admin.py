@@ -268,7 +268,8 @@ class BrexConnectionAdmin(admin.ModelAdmin):
     def status_display(self, obj: BrexConnection) -> str:
         status = obj.get_status_display()
         if obj.status == ConnectionStatus.REVOKED and obj.revocation_status:
-            status += f" ({obj.get_revocation_status_display().lower()})"
+            detail = obj.get_revocation_status_display()
+            status += f" ({detail[:1].lower()}{detail[1:]})"
         return status
 
     @admin.display(description="granted scopes")
@@ -483,7 +484,7 @@ class ConnectionEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(AuthorizationRequest)
-class AuthorizationRequestAdmin(admin.ModelAdmin):
+class AuthorizationRequestAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """Pending and recent authorizations, read-only; the state, nonce and PKCE verifier are
     never shown."""
 
@@ -504,9 +505,3 @@ class AuthorizationRequestAdmin(admin.ModelAdmin):
         if obj.consumed_at is not None:
             return "used"
         return "expired" if obj.is_expired else "pending"
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False

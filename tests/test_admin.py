@@ -294,6 +294,16 @@ def test_the_event_log_and_authorizations_are_read_only(admin_client, user, fake
     url = reverse("admin:brex_oauth_connectionevent_change", args=[event.pk])
     assert admin_client.post(url, {"kind": "revoked"}).status_code == 403
     assert ConnectionEvent.objects.get(pk=event.pk).kind == "connected"
+    # Pending authorizations expire and are pruned; nobody deletes one mid-flow by hand.
+    pending = AuthorizationRequest.objects.create(
+        user=user, state="s" * 43, environment="staging", code_verifier="v" * 43,
+        nonce="n" * 32, redirect_uri="http://testserver/brex/callback/",
+        requested_scopes="openid offline_access users.readonly",
+        expires_at=timezone.now() + timedelta(minutes=10),
+    )
+    delete = reverse("admin:brex_oauth_authorizationrequest_delete", args=[pending.pk])
+    assert admin_client.post(delete, {"post": "yes"}).status_code == 403
+    assert AuthorizationRequest.objects.filter(pk=pending.pk).exists()
 
 
 # Actions ---------------------------------------------------------------------------------
@@ -428,3 +438,13 @@ def test_staff_without_any_permission_see_nothing(client, django_user_model, use
     assert changelist(client).status_code == 403
     url = reverse("admin:brex_oauth_brexconnection_change", args=[connection.pk])
     assert client.get(url).status_code == 403
+
+
+def test_status_column_says_where_the_revocation_stands(user):
+    from django.contrib.admin.sites import site
+
+    model_admin = site._registry[BrexConnection]
+    connection = make_connection(user, status="revoked")
+    assert model_admin.status_display(connection) == "Revoked (revoked at Brex)"
+    connection.revocation_status = RevocationStatus.PENDING
+    assert model_admin.status_display(connection) == "Revoked (pending at Brex)"
