@@ -12,11 +12,13 @@ from datetime import timedelta
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.core.exceptions import FieldDoesNotExist
+from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
@@ -346,6 +348,12 @@ class BrexConnectionAdmin(admin.ModelAdmin):
         )
 
     # Actions ------------------------------------------------------------------------------
+
+    # The actions refresh and revoke at Brex: a rotated refresh token must be committed at
+    # once, not rolled back with the request under ATOMIC_REQUESTS.
+    @method_decorator(transaction.non_atomic_requests)
+    def changelist_view(self, request: HttpRequest, extra_context=None):
+        return super().changelist_view(request, extra_context)
 
     @admin.action(description="Revoke at Brex", permissions=["revoke"])
     def revoke_at_brex(self, request: HttpRequest, queryset: QuerySet) -> None:

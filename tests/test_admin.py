@@ -448,3 +448,28 @@ def test_status_column_says_where_the_revocation_stands(user):
     assert model_admin.status_display(connection) == "Revoked (revoked at Brex)"
     connection.revocation_status = RevocationStatus.PENDING
     assert model_admin.status_display(connection) == "Revoked (pending at Brex)"
+
+
+def test_refresh_now_commits_at_once_under_atomic_requests(
+    admin_client, user, fake_brex, brex_settings, monkeypatch
+):
+    from django.db import connections, transaction
+
+    from django_brex_oauth.services import refresh
+
+    monkeypatch.setitem(connections.settings["default"], "ATOMIC_REQUESTS", True)
+    seen = []
+    original = refresh.refresh_connection
+
+    def recording(*args, **kwargs):
+        seen.append(transaction.get_connection().in_atomic_block)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(refresh, "refresh_connection", recording)
+    connection = make_connection(user, fake=fake_brex)
+    before = BrexToken.objects.get(pk=connection.pk).refresh_token
+
+    run_action(admin_client, "refresh_now", [connection])
+
+    assert seen == [False]
+    assert BrexToken.objects.get(pk=connection.pk).refresh_token != before
