@@ -12,8 +12,10 @@ It sends the connection's access token, refreshes it first when it is about to e
 once more when Brex answers 401, retries 429, 5xx and network errors with exponential
 backoff and jitter when the call is idempotent (every POST carries an ``Idempotency-Key``,
 the same one on each retry), follows ``next_cursor`` pagination, and raises typed errors:
-:class:`BrexAPIError` with Brex's ``{type, message, code}``, :class:`ConnectionNotUsable`,
-:class:`BrexUnavailable`.
+:class:`BrexAPIError` with Brex's ``{type, message, code}``; :class:`BrexAPIUnavailable`
+(both a ``BrexAPIError`` and a :class:`BrexUnavailable`) for a 429 or 5xx that outlasted
+the retries; :class:`BrexUnavailable` for a network error or timeout;
+:class:`ConnectionNotUsable` when the customer must reconnect.
 
 :class:`OnboardingClient` calls the onboarding (referrals) API with a client-credentials
 token. A client instance is meant for one thread at a time.
@@ -30,7 +32,7 @@ import requests
 
 from .backoff import backoff_delay
 from .conf import brex_settings
-from .exceptions import BrexAPIError, BrexUnavailable, ConnectionNotUsable
+from .exceptions import BrexAPIError, BrexAPIUnavailable, ConnectionNotUsable
 from .http import new_session, unavailable
 
 #: Methods that are safe to send again; POST joins them because it always carries an
@@ -39,13 +41,16 @@ RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST"
 
 
 def _error_from_response(response: requests.Response, method: str, path: str) -> BrexAPIError:
+    """The typed error for an answer of 400 or more: :class:`BrexAPIUnavailable` for 429 and
+    5xx, :class:`BrexAPIError` otherwise."""
     try:
         body = response.json()
     except ValueError:
         body = {}
     if not isinstance(body, dict):
         body = {}
-    return BrexAPIError(
+    error_class = BrexAPIUnavailable if _is_transient(response.status_code) else BrexAPIError
+    return error_class(
         response.status_code,
         error_type=body.get("type"),
         message=body.get("message"),
@@ -72,7 +77,8 @@ def get_with_token(access_token: str, path: str, *, session=None) -> Any:
     """GET ``path`` from the API server with ``access_token`` once; JSON in, typed errors out.
 
     No refresh and no retry: for the moment right after connecting, before a connection
-    exists. Raises :class:`BrexUnavailable` for network errors, 429 and 5xx.
+    exists. Raises :class:`BrexUnavailable` for network errors, and
+    :class:`BrexAPIUnavailable` (a ``BrexUnavailable``) for 429 and 5xx.
     """
     url = brex_settings.api_base_url + path
     session = session or new_session()
@@ -83,9 +89,6 @@ def get_with_token(access_token: str, path: str, *, session=None) -> Any:
         )
     except requests.RequestException as err:
         raise unavailable(err) from err
-    if _is_transient(response.status_code):
-        raise BrexUnavailable(f"GET {path} answered HTTP {response.status_code}",
-                              status=response.status_code)
     if response.status_code >= 400:
         raise _error_from_response(response, "GET", path)
     return response.json()

@@ -190,11 +190,24 @@ class BrexAPIError(BrexOAuthError):
         method: str = "",
         path: str = "",
     ) -> None:
+        detail = " ".join(p for p in (error_type, message, code) if p)
+        super().__init__(f"{method} {path} answered {status}" + (f": {detail}" if detail else ""))
         self.status = status
         self.error_type = error_type
         self.error_message = message
         self.code = code
         self.method = method
         self.path = path
-        detail = " ".join(p for p in (error_type, message, code) if p)
-        super().__init__(f"{method} {path} answered {status}" + (f": {detail}" if detail else ""))
+
+
+class BrexAPIUnavailable(BrexAPIError, BrexUnavailable):
+    """A Brex API call still answered 429 or 5xx after its retries.
+
+    Both a :class:`BrexAPIError` (with the status and Brex's error body) and a
+    :class:`BrexUnavailable` (nothing is wrong with the request or the connection: try
+    again later), so either ``except`` catches it.
+    """
+
+    title = BrexUnavailable.title
+    user_message = "Brex did not answer in time. Please try again in a few minutes."
+    http_status = BrexUnavailable.http_status

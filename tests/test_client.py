@@ -12,7 +12,12 @@ from django.core.cache import caches
 
 from django_brex_oauth import client as client_module
 from django_brex_oauth.client import BrexClient, OnboardingClient, get_with_token
-from django_brex_oauth.exceptions import BrexAPIError, BrexUnavailable, ConnectionNotUsable
+from django_brex_oauth.exceptions import (
+    BrexAPIError,
+    BrexAPIUnavailable,
+    BrexUnavailable,
+    ConnectionNotUsable,
+)
 from django_brex_oauth.models import ConnectionStatus
 from django_brex_oauth.services import client_credentials
 from django_brex_oauth.services.client_credentials import get_client_credentials_token
@@ -127,6 +132,7 @@ def test_a_second_401_is_raised_with_brex_error_body(brex):
         BrexClient(connection).get_me()
 
     err = caught.value
+    assert not isinstance(err, BrexUnavailable)
     assert err.status == 401
     assert err.error_type == "UNAUTHORIZED"
     assert err.error_message == "PERMISSION_DENIED: Invalid or Revoked Token"
@@ -161,6 +167,9 @@ def test_gives_up_after_the_retries_with_a_typed_error(brex, sleeps):
         BrexClient(connection).get_company()
 
     err = caught.value
+    # Also a BrexUnavailable: callers that treat "try later" alike catch it either way.
+    assert isinstance(err, BrexAPIUnavailable) and isinstance(err, BrexUnavailable)
+    assert err.http_status == 502 and "try again" in err.user_message
     assert (err.status, err.error_type, err.error_message, err.code) == (
         503, "SERVICE_UNAVAILABLE", "Try again later", "MAINTENANCE"
     )
