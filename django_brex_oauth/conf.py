@@ -90,7 +90,7 @@ DEFAULTS: dict[str, Any] = {
     # Base and cap, in seconds, of the refresh task's exponential backoff (with jitter).
     "REFRESH_RETRY_BACKOFF": 15,
     "REFRESH_RETRY_BACKOFF_MAX": 300,
-    # Connections handed to one batch of refresh tasks by the sweep.
+    # Refresh tasks the sweep sends per broker connection (the due ids are read in one query).
     "SWEEP_BATCH_SIZE": 500,
     # Retries (after the first attempt) of an idempotent API call on 429 / 5xx / network errors.
     "API_MAX_RETRIES": 3,

@@ -45,9 +45,9 @@ def refresh_connection(self, connection_id: int, force: bool = False) -> str:
 def refresh_due_connections(all_active: bool = False) -> int:
     """The sweep: queue one :func:`refresh_connection` task per connection that is due.
 
-    Connection ids are read and queued ``SWEEP_BATCH_SIZE`` at a time over one broker
-    connection. ``all_active`` queues every active connection, forced. Returns how many
-    tasks were queued.
+    The due connection ids are read in one query and queued ``SWEEP_BATCH_SIZE`` at a time,
+    each batch over one broker connection. ``all_active`` queues every active connection,
+    forced. Returns how many tasks were queued.
     """
     from .services import refresh
 

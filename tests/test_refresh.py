@@ -12,7 +12,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection as db_connection
 from django.utils import timezone
 
@@ -491,7 +491,8 @@ def test_command_counts_failures_and_shows_progress_on_a_terminal(brex):
     brex.fail_next("/v1/token", status=503)
     out = TerminalIO()
 
-    call_command("brex_oauth_refresh", stdout=out)
+    with pytest.raises(CommandError, match="1 refresh"):  # a non-zero exit for cron
+        call_command("brex_oauth_refresh", stdout=out)
 
     text = out.getvalue()
     assert "\r[1/3]" in text and "\r[3/3]" in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from django_brex_oauth.services.refresh import SweepReport, sweep
 
@@ -14,7 +14,9 @@ class Command(BaseCommand):
         "Refresh the tokens of every Brex connection that is due (the access token expires "
         "within REFRESH_MARGIN, or the refresh token has been idle for "
         "REFRESH_TOKEN_REFRESH_AGE), like the Celery beat sweep but without Celery. "
-        "Connections another worker is refreshing are skipped."
+        "Connections another worker is refreshing are skipped. Exits with status 1 when a "
+        "refresh failed for a passing reason (Brex unreachable, 429, 5xx), so cron can alert; "
+        "those connections are tried again on the next run."
     )
 
     def add_arguments(self, parser):
@@ -56,6 +58,11 @@ class Command(BaseCommand):
             self.stdout.write(self.style.WARNING(summary))
         else:
             self.stdout.write(self.style.SUCCESS(summary))
+        if report.failed:
+            raise CommandError(
+                f"{report.failed} refresh(es) failed; see the connections' last error. They "
+                "are tried again on the next run."
+            )
 
     @staticmethod
     def _line(done: int, total: int, report: SweepReport) -> str:
