@@ -157,6 +157,22 @@ def test_reconnecting_the_same_brex_user_updates_the_connection(flow, fake_brex)
     ]
 
 
+def test_a_connected_receiver_that_raises_does_not_keep_the_old_token_alive(flow, fake_brex):
+    flow.connect()
+    old_refresh = BrexConnection.objects.get().token.refresh_token
+
+    def broken_receiver(sender, **kwargs):
+        raise RuntimeError("the partner's receiver is broken")
+
+    signals.connected.connect(broken_receiver, weak=False, dispatch_uid="broken")
+    try:
+        with pytest.raises(RuntimeError, match="receiver is broken"):
+            flow.connect()
+    finally:
+        signals.connected.disconnect(dispatch_uid="broken")
+    assert not fake_brex.is_refresh_token_active(old_refresh)
+
+
 def test_force_login_adds_prompt_login(flow, settings):
     assert query(flow.start(force_login="1"))["prompt"] == "login"
     settings.BREX_OAUTH = {**settings.BREX_OAUTH, "FORCE_LOGIN": True}

@@ -518,3 +518,37 @@ def test_connecting_lands_on_the_connections_page(flow):
     assert response["Location"] == CONNECTIONS_URL
     page = flow.client.get(CONNECTIONS_URL).content.decode()
     assert "is connected." in page
+
+
+def test_the_signal_carries_the_connection_as_brex_left_it(user, connection, fake_brex):
+    seen = []
+
+    def receiver(sender, connection, revoked_at_brex, **kwargs):
+        seen.append((revoked_at_brex, connection.status, connection.revocation_status))
+
+    signals.disconnected.connect(receiver, weak=False, dispatch_uid="seen")
+    try:
+        disconnect(connection, actor=user)
+    finally:
+        signals.disconnected.disconnect(dispatch_uid="seen")
+    assert seen == [(True, ConnectionStatus.REVOKED, RevocationStatus.DONE)]
+
+
+def test_a_receiver_that_raises_does_not_stop_the_retry(user, connection, tokens, fake_brex):
+    _, refresh_token = tokens
+    fake_brex.fail_next("/v1/revoke", status=503)
+
+    def broken_receiver(sender, **kwargs):
+        raise RuntimeError("the partner's receiver is broken")
+
+    signals.disconnected.connect(broken_receiver, weak=False, dispatch_uid="broken")
+    try:
+        with pytest.raises(RuntimeError, match="receiver is broken"):
+            disconnect(connection, actor=user)
+    finally:
+        signals.disconnected.disconnect(dispatch_uid="broken")
+
+    # The retry task (eager here) was queued all the same and finished the revocation.
+    connection.refresh_from_db()
+    assert connection.revocation_status == RevocationStatus.DONE
+    assert not fake_brex.is_refresh_token_active(refresh_token)

@@ -235,13 +235,15 @@ def _store_connection(*, user, environment, brex_user_id, email, identity, token
             detail="Scopes granted: " + (" ".join(tokens.scopes) or "none"),
             actor=user,
         )
+        # The app's own follow-up first: a receiver that raises must not keep the replaced
+        # refresh token alive at Brex.
+        if replaced_refresh_token:
+            transaction.on_commit(lambda: _revoke_quietly(replaced_refresh_token, "refresh_token"))
         transaction.on_commit(
             lambda: signals.connected.send(
                 sender=BrexConnection, connection=connection, user=user, created=created
             )
         )
-        if replaced_refresh_token:
-            transaction.on_commit(lambda: _revoke_quietly(replaced_refresh_token, "refresh_token"))
     return connection, created
 
 

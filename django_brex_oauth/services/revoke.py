@@ -157,26 +157,31 @@ def disconnect(
             )
 
     attempt = RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id)
+    retry_queued = False
     try:
         if attempt_now:
             attempt = revoke_at_brex(connection_id, actor=actor)
         elif locked.revocation_status == RevocationStatus.PENDING:
             attempt = RevocationAttempt(RevokeOutcome.QUEUED, connection_id)
+        locked.refresh_from_db()
     finally:
-        # Whatever Brex said (or raised), this disconnect happened: announce it once.
-        if newly:
-            revoked = attempt.revoked
-            transaction.on_commit(
-                lambda: signals.disconnected.send(
-                    sender=BrexConnection, connection=locked, actor=actor,
-                    revoked_at_brex=revoked,
+        try:
+            # Whatever Brex said (or raised), this disconnect happened: announce it once,
+            # with the connection as the database now has it.
+            if newly:
+                revoked = attempt.revoked
+                transaction.on_commit(
+                    lambda: signals.disconnected.send(
+                        sender=BrexConnection, connection=locked, actor=actor,
+                        revoked_at_brex=revoked,
+                    )
                 )
-            )
-    retry_queued = False
-    if attempt.outcome == RevokeOutcome.QUEUED or (
-        attempt.outcome == RevokeOutcome.FAILED and attempt.retryable and queue_retry
-    ):
-        retry_queued = queue_revocation(connection_id)
+        finally:
+            # ...and a receiver that raises cannot keep the revocation from being retried.
+            if attempt.outcome == RevokeOutcome.QUEUED or (
+                attempt.outcome == RevokeOutcome.FAILED and attempt.retryable and queue_retry
+            ):
+                retry_queued = queue_revocation(connection_id)
     locked.refresh_from_db()
     return DisconnectResult(locked, newly, attempt, retry_queued)
 
