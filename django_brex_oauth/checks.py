@@ -150,8 +150,9 @@ def check_settings(app_configs=None, **kwargs):
             Warning(
                 "Brex tokens are encrypted with a key derived from SECRET_KEY.",
                 hint="Set BREX_OAUTH['ENCRYPTION_KEY'] to its own secret so rotating "
-                "SECRET_KEY does not make stored tokens unreadable; move the old key to "
-                "ENCRYPTION_KEY_FALLBACKS when you rotate it.",
+                "SECRET_KEY does not make stored tokens unreadable. Tokens already stored stay "
+                "readable if you list the current SECRET_KEY in ENCRYPTION_KEY_FALLBACKS, then "
+                "run manage.py brex_oauth_rotate_key.",
                 id="brex_oauth.W001",
             )
         )

@@ -176,14 +176,11 @@ class BrexOAuthSettings:
     def encryption_keys(self) -> list[str]:
         """Keys for token encryption: the current one first, then the fallbacks.
 
-        Without ``ENCRYPTION_KEY`` the app falls back to ``CRYPTOGRAPHY_KEY`` and
-        then ``SECRET_KEY``; the system check warns about that.
+        Without ``ENCRYPTION_KEY`` the app uses ``SECRET_KEY`` (check ``brex_oauth.W001``
+        warns), the string itself, so that moving off it is the usual rotation: the old
+        ``SECRET_KEY`` goes into ``ENCRYPTION_KEY_FALLBACKS``.
         """
-        primary = (
-            self.ENCRYPTION_KEY
-            or getattr(settings, "CRYPTOGRAPHY_KEY", None)
-            or settings.SECRET_KEY
-        )
+        primary = self.ENCRYPTION_KEY or settings.SECRET_KEY
         return [primary, *(self.ENCRYPTION_KEY_FALLBACKS or [])]
 
 

@@ -82,3 +82,49 @@ def test_rotate_key_command_reencrypts_every_row(stored, settings, user):
     settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": []}
     assert BrexToken.objects.get(pk=second.pk).refresh_token == "r2"
     assert BrexToken.objects.get(pk=stored.pk).access_token == "access-SECRET"
+
+
+def test_moving_off_the_secret_key_fallback(user, settings):
+    # A site that started without ENCRYPTION_KEY (warning W001) stored its tokens under
+    # SECRET_KEY; it sets ENCRYPTION_KEY, lists the old SECRET_KEY as a fallback, rotates.
+    from django.core.management import call_command
+
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY": None}
+    connection = BrexConnection.objects.create(
+        owner=user, environment="staging", brex_user_id="cuuser_3"
+    )
+    BrexToken.objects.create(connection=connection, access_token="a3", refresh_token="r3")
+    settings.BREX_OAUTH = {
+        **settings.BREX_OAUTH,
+        "ENCRYPTION_KEY": "its-own-key",
+        "ENCRYPTION_KEY_FALLBACKS": [settings.SECRET_KEY],
+    }
+    call_command("brex_oauth_rotate_key", stdout=None)
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": []}
+    settings.SECRET_KEY = "a-new-secret-key"
+    assert BrexToken.objects.get(pk=connection.pk).refresh_token == "r3"
+
+
+def test_rotate_key_reencrypts_used_authorization_requests_too(user, settings):
+    from datetime import timedelta
+
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from django_brex_oauth.models import AuthorizationRequest
+
+    used = AuthorizationRequest.objects.create(
+        user=user, state="s" * 43, environment="staging", code_verifier="v" * 43,
+        nonce="n" * 32, redirect_uri="https://partner.example/brex/callback/",
+        requested_scopes="openid offline_access users.readonly",
+        expires_at=timezone.now() + timedelta(minutes=10), consumed_at=timezone.now(),
+    )
+    old_key = settings.BREX_OAUTH["ENCRYPTION_KEY"]
+    settings.BREX_OAUTH = {
+        **settings.BREX_OAUTH,
+        "ENCRYPTION_KEY": "the-new-key",
+        "ENCRYPTION_KEY_FALLBACKS": [old_key],
+    }
+    call_command("brex_oauth_rotate_key", stdout=None)
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": []}
+    assert AuthorizationRequest.objects.get(pk=used.pk).code_verifier == "v" * 43

@@ -26,13 +26,14 @@ class Command(BaseCommand):
                 for token in batch:
                     token.save(update_fields=["access_token", "refresh_token"])
                     done += 1
+        # Used and expired ones too: the admin lists them until the prune task removes them.
         pending = 0
-        for auth_request in AuthorizationRequest.objects.filter(consumed_at__isnull=True):
+        for auth_request in AuthorizationRequest.objects.order_by("pk").iterator():
             auth_request.save(update_fields=["code_verifier"])
             pending += 1
         self.stdout.write(
             self.style.SUCCESS(
-                f"Re-encrypted the tokens of {done} connection(s) and {pending} pending "
-                "authorization(s) with the current key."
+                f"Re-encrypted the tokens of {done} connection(s) and {pending} "
+                "authorization request(s) with the current key."
             )
         )
