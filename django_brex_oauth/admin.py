@@ -443,8 +443,8 @@ class BrexConnectionAdmin(admin.ModelAdmin):
             else:
                 self.message_user(
                     request,
-                    f"{label}: not refreshed, the connection is "
-                    f"{connection.get_status_display().lower()}.",
+                    f"{label}: not refreshed; its status is "
+                    f"\"{connection.get_status_display()}\".",
                     messages.WARNING,
                 )
 

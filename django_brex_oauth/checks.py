@@ -117,11 +117,15 @@ def check_settings(app_configs=None, **kwargs):
                     id="brex_oauth.E006",
                 )
             )
-    bad_algs = [a for a in brex_settings.ID_TOKEN_ALGORITHMS if a in FORBIDDEN_ALGORITHMS]
-    if bad_algs or not brex_settings.ID_TOKEN_ALGORITHMS:
+    algorithms = brex_settings.ID_TOKEN_ALGORITHMS
+    if (
+        not isinstance(algorithms, list | tuple)
+        or not algorithms
+        or any(not isinstance(a, str) or a in FORBIDDEN_ALGORITHMS for a in algorithms)
+    ):
         errors.append(
             Error(
-                "BREX_OAUTH['ID_TOKEN_ALGORITHMS'] must list asymmetric algorithms only.",
+                "BREX_OAUTH['ID_TOKEN_ALGORITHMS'] must be a list of asymmetric algorithms.",
                 hint='Brex signs id_tokens with RS256; use ["RS256"]. "none" and HMAC '
                 "algorithms are never accepted.",
                 id="brex_oauth.E009",

@@ -274,7 +274,10 @@ class BrexClient(_APIClient):
 
     def _not_usable(self, status: str | None = None) -> ConnectionNotUsable:
         status = status or self.connection.status
-        return ConnectionNotUsable(f"Brex connection {self.connection.pk} is {status}.")
+        return ConnectionNotUsable(
+            f"Brex connection {self.connection.pk} cannot be used (status {status!r}); the "
+            "customer must connect again."
+        )
 
     def _access_token(self) -> str:
         from .models import ConnectionStatus

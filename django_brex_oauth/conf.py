@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
+
+from .exceptions import BrexOAuthConfigurationError
 
 PRODUCTION = "production"
 STAGING = "staging"
@@ -116,17 +117,18 @@ DEFAULTS: dict[str, Any] = {
 class BrexOAuthSettings:
     """Attribute access to ``settings.BREX_OAUTH`` merged over :data:`DEFAULTS`.
 
-    An unknown key in ``BREX_OAUTH`` raises :class:`ImproperlyConfigured`, so a
-    misspelt setting is caught instead of silently ignored.
+    An unknown key in ``BREX_OAUTH`` raises
+    :class:`~django_brex_oauth.exceptions.BrexOAuthConfigurationError` (an
+    ``ImproperlyConfigured``), so a misspelt setting is caught instead of silently ignored.
     """
 
     def _user_settings(self) -> dict[str, Any]:
         value = getattr(settings, "BREX_OAUTH", None) or {}
         if not isinstance(value, dict):
-            raise ImproperlyConfigured("BREX_OAUTH must be a dict.")
+            raise BrexOAuthConfigurationError("BREX_OAUTH must be a dict.")
         unknown = sorted(set(value) - set(DEFAULTS))
         if unknown:
-            raise ImproperlyConfigured(
+            raise BrexOAuthConfigurationError(
                 "Unknown BREX_OAUTH setting(s): {}. Known settings: {}.".format(
                     ", ".join(unknown), ", ".join(sorted(DEFAULTS))
                 )
@@ -158,7 +160,7 @@ class BrexOAuthSettings:
     def environment(self) -> str:
         env = self.ENVIRONMENT
         if env not in AUTH_BASE_URLS:
-            raise ImproperlyConfigured(
+            raise BrexOAuthConfigurationError(
                 f"BREX_OAUTH['ENVIRONMENT'] must be 'production' or 'staging', not {env!r}."
             )
         return env

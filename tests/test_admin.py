@@ -387,8 +387,8 @@ def test_refresh_now_action_reports_each_connection(admin_client, user, fake_bre
     assert any(m.startswith(f"Acme Rockets, Inc. (#{fresh.pk}): refreshed; the access token "
                             "is valid until") and m.endswith("the refresh token was rotated.")
                for m in reported), reported
-    assert (f"Acme Rockets, Inc. (#{broken.pk}): not refreshed, the connection is needs "
-            "re-authorization.") in reported
+    assert (f"Acme Rockets, Inc. (#{broken.pk}): not refreshed; its status is "
+            '"Needs re-authorization".') in reported
     after = BrexToken.objects.get(pk=fresh.pk)
     assert after.access_token != before.access_token
     assert fake_brex.is_access_token_active(after.access_token)

@@ -103,6 +103,8 @@ def test_plain_http_issuer_only_on_loopback(settings):
 def test_insecure_id_token_algorithms(settings):
     assert ids(settings, ID_TOKEN_ALGORITHMS=["RS256", "none"]) == ["brex_oauth.E009"]
     assert ids(settings, ID_TOKEN_ALGORITHMS=["HS256"]) == ["brex_oauth.E009"]
+    # A bare string would be read letter by letter.
+    assert ids(settings, ID_TOKEN_ALGORITHMS="RS256") == ["brex_oauth.E009"]
 
 
 def test_encryption_key_from_secret_key_warns(settings):
@@ -127,3 +129,14 @@ def test_checks_run_at_start_up(settings):
     settings.BREX_OAUTH = {**BASE, "CLIENT_ID": ""}
     with pytest.raises(SystemCheckError, match="brex_oauth.E001"):
         call_command("check")
+
+
+def test_a_broken_setting_raises_the_apps_configuration_error(settings):
+    from django_brex_oauth.exceptions import BrexOAuthConfigurationError, BrexOAuthError
+
+    settings.BREX_OAUTH = {**BASE, "CLIENT_SECRETS": "x"}
+    with pytest.raises(BrexOAuthConfigurationError) as caught:
+        _ = brex_settings.CLIENT_ID
+    # An ImproperlyConfigured, outside the runtime errors that code may catch and retry.
+    assert isinstance(caught.value, ImproperlyConfigured)
+    assert not isinstance(caught.value, BrexOAuthError)

@@ -14,9 +14,10 @@ class Command(BaseCommand):
         "Refresh the tokens of every Brex connection that is due (the access token expires "
         "within REFRESH_MARGIN, or the refresh token has been idle for "
         "REFRESH_TOKEN_REFRESH_AGE), like the Celery beat sweep but without Celery. "
-        "Connections another worker is refreshing are skipped. Exits with status 1 when a "
-        "refresh failed for a passing reason (Brex unreachable, 429, 5xx), so cron can alert; "
-        "those connections are tried again on the next run."
+        "Connections another worker is refreshing are skipped. Exits with status 1 when any "
+        "refresh failed (Brex unreachable, 429, 5xx, or another refusal that left the "
+        "connection active), so cron can alert; those connections are tried again on the next "
+        "run. Connections Brex refused for good become needs_reauth and do not fail the run."
     )
 
     def add_arguments(self, parser):
