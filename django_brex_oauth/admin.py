@@ -441,6 +441,7 @@ class BrexConnectionAdmin(admin.ModelAdmin):
                     messages.INFO,
                 )
             else:
+                connection.refresh_from_db(fields=["status"])
                 self.message_user(
                     request,
                     f"{label}: not refreshed; its status is "

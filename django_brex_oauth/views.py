@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render, resolve_url
 from django.urls import reverse
@@ -96,6 +97,9 @@ def connect(request: HttpRequest) -> HttpResponse:
     return HttpResponseRedirect(url)
 
 
+# The services commit as they go (the connection, a revocation's outcome) and call Brex
+# between commits; a request-wide transaction under ATOMIC_REQUESTS would hold them open.
+@transaction.non_atomic_requests
 @never_cache
 @require_GET
 @login_required
@@ -190,6 +194,7 @@ def disconnect_confirm(request: HttpRequest, pk: int) -> HttpResponse:
     )
 
 
+@transaction.non_atomic_requests
 @never_cache
 @require_POST
 @login_required

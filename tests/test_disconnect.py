@@ -552,3 +552,25 @@ def test_a_receiver_that_raises_does_not_stop_the_retry(user, connection, tokens
     connection.refresh_from_db()
     assert connection.revocation_status == RevocationStatus.DONE
     assert not fake_brex.is_refresh_token_active(refresh_token)
+
+
+def test_the_disconnect_view_calls_brex_outside_any_transaction_under_atomic_requests(
+    user_client, connection, fake_brex, monkeypatch
+):
+    from django.db import connections, transaction
+
+    from django_brex_oauth import oauth
+
+    monkeypatch.setitem(connections.settings["default"], "ATOMIC_REQUESTS", True)
+    seen = []
+    original = oauth.revoke
+
+    def recording(*args, **kwargs):
+        seen.append(transaction.get_connection().in_atomic_block)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(oauth, "revoke", recording)
+    assert user_client.post(disconnect_url(connection)).status_code == 302
+    assert seen == [False]
+    connection.refresh_from_db()
+    assert connection.revocation_status == RevocationStatus.DONE
