@@ -250,8 +250,12 @@ class BrexConnectionAdmin(admin.ModelAdmin):
         """Whether the user may revoke connections at Brex."""
         return request.user.has_perm("brex_oauth.revoke_brexconnection")
 
-    def get_actions(self, request):
-        actions = super().get_actions(request)
+    def get_actions(self, request, action_location=None):
+        # Django 6.1 passes where the actions are shown; older versions take no such argument.
+        if action_location is None:
+            actions = super().get_actions(request)
+        else:
+            actions = super().get_actions(request, action_location=action_location)
         # Bulk deletion would drop live connections without revoking them at Brex.
         actions.pop("delete_selected", None)
         return actions
