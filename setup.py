@@ -37,6 +37,8 @@ setup(
             "redis>=5",
             "playwright>=1.45",
         ],
+        # pytest: the reference documents the pytest plugin, which autodoc imports.
+        "docs": ["sphinx>=8.1", "furo>=2024.8.6", "pytest>=8"],
         "example": ["django-environ>=0.11"],
         "postgres": ["psycopg[binary]>=3.1"],
         "redis": ["celery[redis]>=5.4"],
