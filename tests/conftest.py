@@ -111,3 +111,27 @@ class Flow:
 @pytest.fixture
 def flow(user_client, fake_brex, brex_settings):
     return Flow(user_client, fake_brex)
+
+
+@pytest.fixture
+def atomic_requests(monkeypatch):
+    """ATOMIC_REQUESTS on for the default database; ``atomic_requests.watch(module, name)``
+    wraps ``module.name`` so that each call records whether it ran inside a transaction,
+    and returns the list of those records."""
+    from django.db import connections, transaction
+
+    monkeypatch.setitem(connections.settings["default"], "ATOMIC_REQUESTS", True)
+
+    class Watcher:
+        def watch(self, module, name: str) -> list[bool]:
+            seen: list[bool] = []
+            original = getattr(module, name)
+
+            def recording(*args, **kwargs):
+                seen.append(transaction.get_connection().in_atomic_block)
+                return original(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, recording)
+            return seen
+
+    return Watcher()

@@ -451,21 +451,11 @@ def test_status_column_says_where_the_revocation_stands(user):
 
 
 def test_refresh_now_commits_at_once_under_atomic_requests(
-    admin_client, user, fake_brex, brex_settings, monkeypatch
+    admin_client, user, fake_brex, brex_settings, atomic_requests
 ):
-    from django.db import connections, transaction
-
     from django_brex_oauth.services import refresh
 
-    monkeypatch.setitem(connections.settings["default"], "ATOMIC_REQUESTS", True)
-    seen = []
-    original = refresh.refresh_connection
-
-    def recording(*args, **kwargs):
-        seen.append(transaction.get_connection().in_atomic_block)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(refresh, "refresh_connection", recording)
+    seen = atomic_requests.watch(refresh, "refresh_connection")
     connection = make_connection(user, fake=fake_brex)
     before = BrexToken.objects.get(pk=connection.pk).refresh_token
 

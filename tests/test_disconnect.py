@@ -555,21 +555,11 @@ def test_a_receiver_that_raises_does_not_stop_the_retry(user, connection, tokens
 
 
 def test_the_disconnect_view_calls_brex_outside_any_transaction_under_atomic_requests(
-    user_client, connection, fake_brex, monkeypatch
+    user_client, connection, fake_brex, atomic_requests
 ):
-    from django.db import connections, transaction
-
     from django_brex_oauth import oauth
 
-    monkeypatch.setitem(connections.settings["default"], "ATOMIC_REQUESTS", True)
-    seen = []
-    original = oauth.revoke
-
-    def recording(*args, **kwargs):
-        seen.append(transaction.get_connection().in_atomic_block)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(oauth, "revoke", recording)
+    seen = atomic_requests.watch(oauth, "revoke")
     assert user_client.post(disconnect_url(connection)).status_code == 302
     assert seen == [False]
     connection.refresh_from_db()
