@@ -13,19 +13,23 @@ from .conf import AUTH_BASE_URLS, REQUIRED_SCOPES, brex_settings
 from .http import is_loopback_url
 from .oauth import FORBIDDEN_ALGORITHMS
 
-#: API scopes Brex documents (each may also have a ``.readonly`` variant).
+# Brex's documented API scopes: read-write ones also come as ``<name>.readonly``; some
+# exist only in their ``.readonly`` form; a few have their own read and write names.
+_READ_WRITE_SCOPES = """users departments locations cards cards.pan legal_entities
+    expenses.card budgets vendors transfers incoming_transfers travel.trips""".split()
+_READ_ONLY_SCOPES = """companies transactions.card transactions.cash accounts.card
+    accounts.cash statements.card statements.cash linked_accounts""".split()
+_OTHER_SCOPES = "fields.read fields.write accounting.record.read accounting.record.write".split()
+
+#: Every API scope name Brex documents.
 KNOWN_SCOPES = frozenset(
-    """users departments locations cards cards.pan companies legal_entities
-    transactions.card transactions.cash accounts.card accounts.cash statements.card
-    statements.cash expenses.card budgets vendors transfers incoming_transfers
-    linked_accounts fields.read fields.write accounting.record.read
-    accounting.record.write travel.trips""".split()
+    [*_READ_WRITE_SCOPES, *_OTHER_SCOPES]
+    + [f"{name}.readonly" for name in (*_READ_WRITE_SCOPES, *_READ_ONLY_SCOPES)]
 )
 
 
 def _is_known_scope(scope: str) -> bool:
-    base = scope.removesuffix(".readonly")
-    return scope in KNOWN_SCOPES or base in KNOWN_SCOPES or scope in REQUIRED_SCOPES
+    return scope in KNOWN_SCOPES or scope in REQUIRED_SCOPES
 
 
 def _url_problem(name: str, value: object) -> Error | None:

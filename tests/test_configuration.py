@@ -82,6 +82,9 @@ def test_scopes_without_an_api_scope(settings):
 def test_undocumented_scope_warns(settings):
     assert ids(settings, SCOPES=["transactions"]) == ["brex_oauth.W002"]
     assert ids(settings, SCOPES=["transactions.card.readonly", "users"]) == []
+    # Brex has these only as .readonly.
+    assert ids(settings, SCOPES=["companies"]) == ["brex_oauth.W002"]
+    assert ids(settings, SCOPES=["transactions.card", "users.readonly"]) == ["brex_oauth.W002"]
 
 
 def test_redirect_uri_must_be_https_without_debug(settings):
