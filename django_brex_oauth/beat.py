@@ -31,7 +31,7 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "schedule": 900.0,
         "options": {"expires": 840.0},
     },
-    # Expired authorization requests and events past EVENT_RETENTION_DAYS.
+    # Expired authorization requests and events past their retention.
     "brex-oauth-prune": {
         "task": "django_brex_oauth.tasks.prune",
         "schedule": 86400.0,

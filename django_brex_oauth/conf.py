@@ -102,6 +102,9 @@ DEFAULTS: dict[str, Any] = {
     "CLIENT_CREDENTIALS_MARGIN": 300,
     # Days events are kept before the cleanup task prunes them (None keeps them forever).
     "EVENT_RETENTION_DAYS": 365,
+    # Days the routine "refreshed" events are kept (one per connection about every 50
+    # minutes); None keeps them as long as other events.
+    "REFRESH_EVENT_RETENTION_DAYS": 30,
     # Retries of the revocation task while Brex cannot be reached; after the last one the
     # revocation stays pending and the revocation sweep tries it again.
     "REVOKE_TASK_MAX_RETRIES": 6,

@@ -112,7 +112,8 @@ def sweep_revocations() -> int:
 
 @shared_task(ignore_result=True)
 def prune() -> dict[str, int]:
-    """Delete expired authorization requests and events older than ``EVENT_RETENTION_DAYS``.
+    """Delete expired authorization requests and events past their retention
+    (``EVENT_RETENTION_DAYS``; ``REFRESH_EVENT_RETENTION_DAYS`` for refresh events).
     Returns how many rows of each were deleted."""
     from .services import cleanup
 

@@ -41,9 +41,9 @@ def authorization(user, *, expired_for: timedelta | None = None, consumed: bool 
     )
 
 
-def event(connection, *, age: timedelta) -> ConnectionEvent:
+def event(connection, *, age: timedelta, kind: str = "connected") -> ConnectionEvent:
     return ConnectionEvent.objects.create(
-        connection=connection, kind="refreshed", created_at=timezone.now() - age
+        connection=connection, kind=kind, created_at=timezone.now() - age
     )
 
 
@@ -87,6 +87,26 @@ def test_the_retention_period_is_a_setting(rows, settings):
     event(rows["connection"], age=timedelta(days=5000))
     assert tasks.prune.delay().get()["events"] == 0
     assert ConnectionEvent.objects.count() == 1
+
+
+def test_routine_refresh_events_are_kept_a_shorter_time(user, settings):
+    connection = make_connection(user)
+    kept = [
+        event(connection, age=timedelta(days=29), kind="refreshed"),
+        event(connection, age=timedelta(days=200), kind="refresh_failed"),
+        event(connection, age=timedelta(days=200), kind="connected"),
+    ]
+    pruned = event(connection, age=timedelta(days=31), kind="refreshed")
+    assert tasks.prune.delay().get()["events"] == 1
+    assert not ConnectionEvent.objects.filter(pk=pruned.pk).exists()
+    assert ConnectionEvent.objects.filter(pk__in=[e.pk for e in kept]).count() == 3
+
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "REFRESH_EVENT_RETENTION_DAYS": None}
+    event(connection, age=timedelta(days=300), kind="refreshed")
+    assert tasks.prune.delay().get()["events"] == 0
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "EVENT_RETENTION_DAYS": None,
+                           "REFRESH_EVENT_RETENTION_DAYS": 7}
+    assert tasks.prune.delay().get()["events"] == 2  # the 29- and 300-day refreshes
 
 
 def test_the_command_prunes_and_says_so(rows):

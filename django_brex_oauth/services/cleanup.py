@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from ..conf import brex_settings
-from ..models import AuthorizationRequest, ConnectionEvent
+from ..models import AuthorizationRequest, ConnectionEvent, EventKind
 
 #: How long an expired authorization request is kept, so that a person coming back from
 #: Brex late is told the attempt expired (rather than that it is unknown).
@@ -39,12 +39,19 @@ def expired_authorization_requests(now: datetime | None = None) -> QuerySet:
 
 
 def old_events(now: datetime | None = None) -> QuerySet:
-    """Events older than ``EVENT_RETENTION_DAYS`` (none when it is ``None``)."""
-    days = brex_settings.EVENT_RETENTION_DAYS
-    if days is None:
-        return ConnectionEvent.objects.none()
+    """Events older than ``EVENT_RETENTION_DAYS``, and routine "refreshed" events older
+    than ``REFRESH_EVENT_RETENTION_DAYS`` (a setting of ``None`` keeps them)."""
     now = now or timezone.now()
-    return ConnectionEvent.objects.filter(created_at__lt=now - timedelta(days=int(days)))
+    condition = Q(pk__in=[])
+    days = brex_settings.EVENT_RETENTION_DAYS
+    if days is not None:
+        condition |= Q(created_at__lt=now - timedelta(days=int(days)))
+    refreshed_days = brex_settings.REFRESH_EVENT_RETENTION_DAYS
+    if refreshed_days is not None:
+        condition |= Q(
+            kind=EventKind.REFRESHED, created_at__lt=now - timedelta(days=int(refreshed_days))
+        )
+    return ConnectionEvent.objects.filter(condition)
 
 
 def _delete_in_batches(queryset: QuerySet) -> int:

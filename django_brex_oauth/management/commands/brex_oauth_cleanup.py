@@ -11,9 +11,10 @@ from django_brex_oauth.services.revoke import pending_revocation_ids, retry_pend
 class Command(BaseCommand):
     help = (
         "Delete expired Brex authorization requests and connection events older than "
-        "BREX_OAUTH['EVENT_RETENTION_DAYS'], then ask Brex again to revoke every "
-        "disconnected connection whose revocation it has not confirmed (like the Celery "
-        "prune and revocation sweep tasks, for sites that run cron instead)."
+        "BREX_OAUTH['EVENT_RETENTION_DAYS'] (refresh events: REFRESH_EVENT_RETENTION_DAYS), "
+        "then ask Brex again to revoke every disconnected connection whose revocation it has "
+        "not confirmed (like the Celery prune and revocation sweep tasks, for sites that run "
+        "cron instead)."
     )
 
     def add_arguments(self, parser):
