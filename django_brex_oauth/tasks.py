@@ -11,14 +11,21 @@ from celery import shared_task
 # --- Refresh (token refresh, sweep) -------------------------------------------------------
 
 
-@shared_task(bind=True, ignore_result=True)
+# acks_late + reject_on_worker_lost: a pool process killed mid-refresh (the OOM killer,
+# say) puts its task back on the queue at once instead of losing it.
+@shared_task(bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
 def refresh_connection(self, connection_id: int, force: bool = False) -> str:
     """Refresh one connection's tokens if they are due (at once with ``force``).
 
     Skips a connection another worker is refreshing. A transient failure (timeout, 429,
     5xx) is retried with exponential backoff and jitter, up to ``REFRESH_TASK_MAX_RETRIES``
     times (the next sweep picks the connection up again after that); Brex refusing the
-    refresh token marks the connection ``needs_reauth`` and is not retried. Returns the
+    refresh token marks the connection ``needs_reauth`` and is not retried.
+
+    A task that comes back because the worker running it died finds that worker's claim
+    still held; it is sent again to run the moment the claim runs out, while Brex still
+    accepts the refresh token the dead worker had sent (Brex's grace period for a
+    rotated-out refresh token). Returns the
     :class:`~django_brex_oauth.services.refresh.Outcome` value.
     """
     from .backoff import backoff_delay
@@ -38,6 +45,11 @@ def refresh_connection(self, connection_id: int, force: bool = False) -> str:
             cap=float(brex_settings.REFRESH_RETRY_BACKOFF_MAX),
         )
         raise self.retry(exc=err, countdown=countdown, max_retries=max_retries) from err
+    if result.outcome == refresh.Outcome.BUSY and (self.request.delivery_info or {}).get(
+        "redelivered"
+    ):
+        countdown = refresh.claim_expires_in(connection_id) + 0.5
+        self.apply_async((connection_id,), {"force": force}, countdown=countdown)
     return result.outcome.value
 
 

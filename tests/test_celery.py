@@ -361,3 +361,51 @@ def test_killed_worker_leaves_an_expiring_claim_and_another_worker_refreshes(
     # Brex's grace period, so nothing was revoked.
     assert slow_brex.stats["token_refresh_token"] == 2
     assert slow_brex.stats["refresh_token_reuse_rejected"] == 0
+
+
+def pool_processes(worker: Worker) -> list[int]:
+    """The pids of a worker's pool (its child processes)."""
+    children = Path(f"/proc/{worker.process.pid}/task/{worker.process.pid}/children")
+    return [int(pid) for pid in children.read_text().split()]
+
+
+def test_a_killed_pool_process_is_replaced_and_the_refresh_finished_within_the_grace(
+    settings, slow_brex, broker, workers
+):
+    # The OOM killer takes the pool process in the middle of a refresh: Brex has already
+    # rotated the refresh token, the answer is never read. The task goes back on the queue,
+    # finds the dead process's claim, and tries again the moment it runs out, while Brex
+    # still accepts the refresh token that was sent (its grace period), with no sweep.
+    sender, queue = broker
+    brex_oauth = {
+        **settings.BREX_OAUTH,
+        **slow_brex.django_settings(),
+        "HTTP_TIMEOUT": 3.0,
+        "REFRESH_LEASE_SECONDS": 1,  # the lease is then HTTP_TIMEOUT + 5 = 8 s
+    }
+    settings.BREX_OAUTH = brex_oauth
+    connection = create_connection(slow_brex, expires_in=60)
+    before = stored_token(connection)
+    worker = workers(queue, worker_settings(brex_oauth), concurrency=1)
+    slow_brex.set_latency(60, "/v1/token")
+
+    sender.send_task(REFRESH, args=[connection.pk], queue=queue)
+    wait_for(lambda: slow_brex.stats["token_refresh_token"] == 1, 20, "the token request")
+    [doomed] = pool_processes(worker)
+    os.kill(doomed, signal.SIGKILL)
+    killed_at = time.monotonic()
+    held = stored_token(connection)
+    assert held.refresh_claimed_by and held.refresh_token == before.refresh_token
+    slow_brex.set_latency(0, "/v1/token")
+
+    wait_for(lambda: refreshed_events() == 1, 25, "the refresh after the pool process died")
+    # Within Brex's 30 s grace for the rotated-out refresh token.
+    assert time.monotonic() - killed_at < 30
+    after = stored_token(connection)
+    assert after.connection.status == ConnectionStatus.ACTIVE
+    assert after.refresh_token != before.refresh_token
+    assert slow_brex.is_refresh_token_active(after.refresh_token)
+    assert slow_brex.stats["token_refresh_token"] == 2
+    assert slow_brex.stats["refresh_token_reuse"] == 1
+    assert slow_brex.stats["refresh_token_reuse_rejected"] == 0
+    assert pool_processes(worker) != [doomed]

@@ -428,6 +428,41 @@ def test_claim_of_a_dead_worker_expires_and_is_taken_over(brex, received):
     assert len(received["refreshed"]) == 1
 
 
+def test_claim_expires_in_reads_the_claim_by_the_databases_clock(brex):
+    connection = create_connection(brex, expires_in=30)
+    assert refresh.claim_expires_in(connection.pk) == 0
+    assert refresh.claim(connection.pk, "a-worker")
+    lease = refresh.lease_seconds()
+    assert lease - 5 < refresh.claim_expires_in(connection.pk) <= lease
+    refresh.release_claim(connection.pk, "a-worker")
+    assert refresh.claim_expires_in(connection.pk) == 0
+
+
+def test_a_redelivered_task_that_finds_the_claim_held_comes_back_when_it_ends(
+    brex, monkeypatch
+):
+    # The task of a worker that died mid-refresh is delivered again: it finds the dead
+    # worker's claim and is sent again for when that claim runs out.
+    connection = create_connection(brex, expires_in=30)
+    assert refresh.claim(connection.pk, "host-that-died:4242:1:deadbeef")
+    sent = []
+    monkeypatch.setattr(
+        tasks.refresh_connection, "apply_async", lambda *a, **kw: sent.append((a, kw))
+    )
+    task = tasks.refresh_connection
+    task.push_request(delivery_info={"redelivered": True}, retries=0)
+    try:
+        assert task.run(connection.pk) == "busy"
+    finally:
+        task.pop_request()
+    [(args, options)] = sent
+    assert args == ((connection.pk,), {"force": False})
+    assert refresh.lease_seconds() - 5 < options["countdown"] <= refresh.lease_seconds() + 0.5
+    # A first delivery that finds the claim held leaves it to the claim's holder.
+    assert tasks.refresh_connection.apply(args=[connection.pk]).get() == "busy"
+    assert len(sent) == 1
+
+
 def test_disconnected_during_refresh_keeps_no_tokens(brex, received, monkeypatch):
     connection = create_connection(brex, expires_in=30)
     before = stored_token(connection)

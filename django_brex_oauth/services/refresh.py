@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -126,6 +126,20 @@ def renew_claim(connection_id: int, claimant: str) -> bool:
         refresh_claimed_until=Now() + lease
     )
     return renewed == 1
+
+
+def claim_expires_in(connection_id: int) -> float:
+    """Seconds until the current claim on a connection runs out (0 when there is none),
+    by the database's clock, at most one lease."""
+    remaining = (
+        BrexToken.objects.filter(pk=connection_id, refresh_claimed_until__isnull=False)
+        .annotate(left=F("refresh_claimed_until") - Now())
+        .values_list("left", flat=True)
+        .first()
+    )
+    if remaining is None:
+        return 0.0
+    return min(max(0.0, remaining.total_seconds()), lease_seconds())
 
 
 def release_claim(connection_id: int, claimant: str) -> None:
