@@ -516,6 +516,25 @@ def test_command_refreshes_what_is_due_and_reports(brex):
     assert event_kinds(fresh) == [EventKind.REFRESHED]
 
 
+def test_a_token_stored_under_another_key_does_not_stop_the_command(
+    brex, settings, caplog
+):
+    readable = create_connection(brex, expires_in=60)
+    key = settings.BREX_OAUTH["ENCRYPTION_KEY"]
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY": "a-key-since-lost"}
+    unreadable = create_connection(brex, expires_in=-5)  # the most urgent: read first
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY": key}
+
+    with pytest.raises(CommandError, match="1 refresh"):
+        call_command("brex_oauth_refresh", stdout=io.StringIO())
+
+    assert event_kinds(readable) == [EventKind.REFRESHED]
+    assert event_kinds(unreadable) == []
+    assert f"Brex connection {unreadable.pk}: A stored Brex token cannot be decrypted" in (
+        caplog.text
+    )
+
+
 def test_command_counts_failures_and_shows_progress_on_a_terminal(brex):
     create_connection(brex, expires_in=-5)  # the most urgent: meets the 503 below
     create_connection(brex, expires_in=60)

@@ -474,12 +474,18 @@ def sweep(
     with are skipped, a transient failure is counted and the sweep goes on. ``progress`` is
     called after each connection with (done, total, report).
     """
+    from ..fields import UndecryptableValue
+
     connection_ids = due_connection_ids(all_active=all_active)
     report = SweepReport()
     for done, connection_id in enumerate(connection_ids, start=1):
         try:
             result = refresh_connection(connection_id, force=all_active, wait=False)
         except BrexOAuthError:
+            report.add(None)
+        except UndecryptableValue as err:
+            # One row written under another key must not stop the rest of the sweep.
+            logger.error("Brex connection %s: %s", connection_id, err)
             report.add(None)
         else:
             report.add(result.outcome)
