@@ -313,9 +313,11 @@ def slow_brex():
         yield server
 
 
-def test_killed_worker_leaves_an_expiring_claim_and_another_worker_refreshes(
-    settings, slow_brex, broker, workers
-):
+@pytest.fixture
+def refresh_in_flight(settings, slow_brex, broker, workers):
+    """A refresh task running on a one-process worker, its token request answered by Brex
+    but the answer held back: Brex has rotated the refresh token, the worker has not seen
+    it. Yields (brex_oauth settings, connection, its token before, worker)."""
     sender, queue = broker
     brex_oauth = {
         **settings.BREX_OAUTH,
@@ -326,11 +328,18 @@ def test_killed_worker_leaves_an_expiring_claim_and_another_worker_refreshes(
     settings.BREX_OAUTH = brex_oauth
     connection = create_connection(slow_brex, expires_in=60)
     before = stored_token(connection)
-    doomed = workers(queue, worker_settings(brex_oauth), concurrency=1)
+    worker = workers(queue, worker_settings(brex_oauth), concurrency=1)
     slow_brex.set_latency(60, "/v1/token")
-
     sender.send_task(REFRESH, args=[connection.pk], queue=queue)
     wait_for(lambda: slow_brex.stats["token_refresh_token"] == 1, 20, "the token request")
+    return brex_oauth, connection, before, worker
+
+
+def test_killed_worker_leaves_an_expiring_claim_and_another_worker_refreshes(
+    slow_brex, broker, workers, refresh_in_flight
+):
+    sender, queue = broker
+    brex_oauth, connection, before, doomed = refresh_in_flight
     doomed.kill()  # while Brex is answering: the claim is held, the answer never read
 
     held = stored_token(connection)
@@ -370,27 +379,13 @@ def pool_processes(worker: Worker) -> list[int]:
 
 
 def test_a_killed_pool_process_is_replaced_and_the_refresh_finished_within_the_grace(
-    settings, slow_brex, broker, workers
+    slow_brex, refresh_in_flight
 ):
     # The OOM killer takes the pool process in the middle of a refresh: Brex has already
     # rotated the refresh token, the answer is never read. The task goes back on the queue,
     # finds the dead process's claim, and tries again the moment it runs out, while Brex
     # still accepts the refresh token that was sent (its grace period), with no sweep.
-    sender, queue = broker
-    brex_oauth = {
-        **settings.BREX_OAUTH,
-        **slow_brex.django_settings(),
-        "HTTP_TIMEOUT": 3.0,
-        "REFRESH_LEASE_SECONDS": 1,  # the lease is then HTTP_TIMEOUT + 5 = 8 s
-    }
-    settings.BREX_OAUTH = brex_oauth
-    connection = create_connection(slow_brex, expires_in=60)
-    before = stored_token(connection)
-    worker = workers(queue, worker_settings(brex_oauth), concurrency=1)
-    slow_brex.set_latency(60, "/v1/token")
-
-    sender.send_task(REFRESH, args=[connection.pk], queue=queue)
-    wait_for(lambda: slow_brex.stats["token_refresh_token"] == 1, 20, "the token request")
+    _, connection, before, worker = refresh_in_flight
     [doomed] = pool_processes(worker)
     os.kill(doomed, signal.SIGKILL)
     killed_at = time.monotonic()
