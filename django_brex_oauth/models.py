@@ -154,6 +154,11 @@ class BrexTokenQuerySet(models.QuerySet):
         )
 
 
+def connection_pk(connection: BrexConnection | int) -> int:
+    """The primary key of a connection passed either as the model or as its key."""
+    return int(connection.pk if isinstance(connection, BrexConnection) else connection)
+
+
 class BrexToken(models.Model):
     """A connection's tokens, encrypted at rest, and the refresh bookkeeping.
 

@@ -47,6 +47,7 @@ from ..models import (
     ConnectionEvent,
     ConnectionStatus,
     EventKind,
+    connection_pk,
 )
 
 logger = logging.getLogger("django_brex_oauth")
@@ -156,10 +157,6 @@ def _load(connection_id: int) -> BrexToken | None:
     return BrexToken.objects.select_related("connection").filter(pk=connection_id).first()
 
 
-def _pk(connection: BrexConnection | int) -> int:
-    return int(connection.pk if isinstance(connection, BrexConnection) else connection)
-
-
 def refresh_connection(
     connection: BrexConnection | int,
     *,
@@ -187,7 +184,7 @@ def refresh_connection(
     recorded. Brex refusing the refresh token is not raised: the connection is marked
     ``needs_reauth`` and ``NEEDS_REAUTH`` returned.
     """
-    connection_id = _pk(connection)
+    connection_id = connection_pk(connection)
     token = _load(connection_id)
     if token is None or token.connection.status != ConnectionStatus.ACTIVE:
         if token is not None and token.access_token_expires_at is not None:

@@ -33,6 +33,7 @@ from ..models import (
     ConnectionStatus,
     EventKind,
     RevocationStatus,
+    connection_pk,
 )
 
 logger = logging.getLogger("django_brex_oauth")
@@ -101,10 +102,6 @@ def _lock_pending(connection_id: int) -> BrexConnection | None:
     )
 
 
-def _pk(connection: BrexConnection | int) -> int:
-    return int(connection.pk if isinstance(connection, BrexConnection) else connection)
-
-
 def disconnect(
     connection: BrexConnection | int,
     *,
@@ -127,7 +124,7 @@ def disconnect(
     Call it outside a transaction when possible, so that the request to Brex does not hold
     the transaction open.
     """
-    connection_id = _pk(connection)
+    connection_id = connection_pk(connection)
     now = timezone.now()
     with transaction.atomic():
         locked = BrexConnection.objects.select_for_update().get(pk=connection_id)
@@ -197,7 +194,7 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
     say why, and the refresh token is kept for the next try. A refresh token already past
     its 90 days counts as revoked: Brex has forgotten it.
     """
-    connection_id = _pk(connection)
+    connection_id = connection_pk(connection)
     actor = actor if getattr(actor, "pk", None) else None
     now = timezone.now()
     with transaction.atomic():
@@ -309,7 +306,7 @@ def queue_revocation(connection: BrexConnection | int, *, attempt: int = 0) -> b
     """
     from ..tasks import revoke_connection
 
-    connection_id = _pk(connection)
+    connection_id = connection_pk(connection)
     countdown = backoff_delay(
         attempt,
         base=float(brex_settings.REVOKE_RETRY_BACKOFF),
