@@ -10,7 +10,18 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from django_brex_oauth.models import BrexConnection, BrexToken, ConnectionStatus
+from django_brex_oauth.testing import FakeBrex
 from django_brex_oauth.testing.factories import make_connection
+
+
+def strict_rotation_fake_brex():
+    """A fake Brex that rotates refresh tokens and allows no reuse at all (no grace period).
+
+    A module uses it in place of the plugin's server with
+    ``fake_brex = pytest.fixture(strict_rotation_fake_brex, name="fake_brex")``.
+    """
+    with FakeBrex(rotate_refresh_tokens=True, refresh_grace_period=0.0) as server:
+        yield server
 
 
 def create_user(username: str = "ada"):

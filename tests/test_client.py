@@ -21,19 +21,15 @@ from django_brex_oauth.exceptions import (
 from django_brex_oauth.models import ConnectionStatus
 from django_brex_oauth.services import client_credentials
 from django_brex_oauth.services.client_credentials import get_client_credentials_token
-from django_brex_oauth.testing import FakeBrex
 from django_brex_oauth.testing.fake_brex import REFERRALS_SCOPE
-from tests.factories import create_connection, stored_token
+from tests.factories import create_connection, stored_token, strict_rotation_fake_brex
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 BACKOFF = 0.02
 
 
-@pytest.fixture
-def fake_brex():
-    with FakeBrex(rotate_refresh_tokens=True, refresh_grace_period=0.0) as server:
-        yield server
+fake_brex = pytest.fixture(strict_rotation_fake_brex, name="fake_brex")
 
 
 @pytest.fixture

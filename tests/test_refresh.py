@@ -27,18 +27,18 @@ from django_brex_oauth.models import (
 )
 from django_brex_oauth.services import refresh
 from django_brex_oauth.services.refresh import Outcome
-from django_brex_oauth.testing import FakeBrex
 from tests.conftest import require_postgres
-from tests.factories import SignalRecorder, create_connection, stored_token
+from tests.factories import (
+    SignalRecorder,
+    create_connection,
+    stored_token,
+    strict_rotation_fake_brex,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def fake_brex():
-    """A fake Brex that rotates refresh tokens and allows no reuse at all."""
-    with FakeBrex(rotate_refresh_tokens=True, refresh_grace_period=0.0) as server:
-        yield server
+fake_brex = pytest.fixture(strict_rotation_fake_brex, name="fake_brex")
 
 
 @pytest.fixture
