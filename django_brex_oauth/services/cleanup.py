@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
@@ -42,16 +44,18 @@ def old_events(now: datetime | None = None) -> QuerySet:
     """Events older than ``EVENT_RETENTION_DAYS``, and routine "refreshed" events older
     than ``REFRESH_EVENT_RETENTION_DAYS`` (a setting of ``None`` keeps them)."""
     now = now or timezone.now()
-    condition = Q(pk__in=[])
+    conditions = []
     days = brex_settings.EVENT_RETENTION_DAYS
     if days is not None:
-        condition |= Q(created_at__lt=now - timedelta(days=int(days)))
+        conditions.append(Q(created_at__lt=now - timedelta(days=int(days))))
     refreshed_days = brex_settings.REFRESH_EVENT_RETENTION_DAYS
     if refreshed_days is not None:
-        condition |= Q(
-            kind=EventKind.REFRESHED, created_at__lt=now - timedelta(days=int(refreshed_days))
+        conditions.append(
+            Q(kind=EventKind.REFRESHED, created_at__lt=now - timedelta(days=int(refreshed_days)))
         )
-    return ConnectionEvent.objects.filter(condition)
+    if not conditions:
+        return ConnectionEvent.objects.none()
+    return ConnectionEvent.objects.filter(functools.reduce(operator.or_, conditions))
 
 
 def _delete_in_batches(queryset: QuerySet) -> int:

@@ -41,6 +41,7 @@ from ..exceptions import (
     InvalidGrant,
     TokenError,
 )
+from ..fields import UndecryptableValue
 from ..models import (
     BrexConnection,
     BrexToken,
@@ -471,8 +472,6 @@ def sweep(
     with are skipped, a transient failure is counted and the sweep goes on. ``progress`` is
     called after each connection with (done, total, report).
     """
-    from ..fields import UndecryptableValue
-
     connection_ids = due_connection_ids(all_active=all_active)
     report = SweepReport()
     for done, connection_id in enumerate(connection_ids, start=1):
