@@ -8,6 +8,15 @@ whatever Brex issued revoked. ``docs/security.rst`` maps each threat to these te
 
 from __future__ import annotations
 
+import pickle
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from django_brex_oauth.fields import RotatingFernet, UndecryptableValue
+from django_brex_oauth.models import AuthorizationRequest, BrexConnection, BrexToken
+
 # ---------------------------------------------------------------------------------------
 # Authorization response and id_token: RFC 9207 mix-up defence, OIDC Core 3.1.3.7, 12.2
 # ---------------------------------------------------------------------------------------
@@ -21,3 +30,189 @@ from __future__ import annotations
 # ---------------------------------------------------------------------------------------
 # Stored tokens, identity answers and deleted owners
 # ---------------------------------------------------------------------------------------
+
+# Stored values: no pickle on the way back (a forged ciphertext under a leaked key must not
+# run code), the earlier pickled rows still read and are rewritten by the rotate command,
+# and dumpdata writes ciphertext that loaddata restores.
+
+_forged_payload_ran: list[str] = []
+
+
+def _record_forged_call(marker: str) -> str:
+    """What a forged pickle calls when it is unpickled: an observable side effect."""
+    _forged_payload_ran.append(marker)
+    return marker
+
+
+class _ForgedToken:
+    def __reduce__(self):
+        return (_record_forged_call, ("ran",))
+
+
+def _raw_token_column(connection_pk: int, column: str = "refresh_token") -> bytes:
+    from django.db import connection as db
+
+    with db.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {column} FROM brex_oauth_brextoken WHERE connection_id = %s",
+            [connection_pk],
+        )
+        return bytes(cursor.fetchone()[0])
+
+
+def _write_raw_token_column(connection_pk: int, value: bytes, column: str = "refresh_token"):
+    from django.db import connection as db
+
+    with db.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE brex_oauth_brextoken SET {column} = %s WHERE connection_id = %s",
+            [value, connection_pk],
+        )
+
+
+@pytest.fixture
+def stored_tokens(user):
+    connection = BrexConnection.objects.create(
+        owner=user, environment="staging", brex_user_id="cuuser_stored"
+    )
+    BrexToken.objects.create(
+        connection=connection,
+        access_token="access-PLAINTEXT-1",
+        refresh_token="refresh-PLAINTEXT-1",
+    )
+    return connection
+
+
+@pytest.mark.django_db
+def test_a_forged_pickle_under_the_right_key_is_refused_without_running(stored_tokens):
+    _forged_payload_ran.clear()
+    forged = RotatingFernet().encrypt(pickle.dumps(_ForgedToken()))
+    _write_raw_token_column(stored_tokens.pk, forged)
+
+    with pytest.raises(UndecryptableValue) as info:
+        BrexToken.objects.get(pk=stored_tokens.pk)
+    assert _forged_payload_ran == []
+    assert "ENCRYPTION_KEY" not in str(info.value)  # the key was right; the content was not
+    # A pickle of any other type (bytes, a list) is refused too: only a string is a token.
+    for other in (b"refresh", ["refresh"], 42):
+        _write_raw_token_column(stored_tokens.pk, RotatingFernet().encrypt(pickle.dumps(other)))
+        with pytest.raises(UndecryptableValue):
+            BrexToken.objects.get(pk=stored_tokens.pk)
+
+
+@pytest.mark.django_db
+def test_values_are_stored_without_pickle(stored_tokens):
+    plaintext = RotatingFernet().decrypt(_raw_token_column(stored_tokens.pk))
+    assert plaintext == b"\x01refresh-PLAINTEXT-1"
+    assert not plaintext.startswith(b"\x80")  # not a pickle
+
+
+@pytest.mark.django_db
+def test_rows_in_the_earlier_pickled_format_still_read_and_rotation_rewrites_them(
+    stored_tokens, user, settings
+):
+    from django.core.management import call_command
+
+    # Rows as the earlier field wrote them: pickle.dumps(str), encrypted.
+    old_key = settings.BREX_OAUTH["ENCRYPTION_KEY"]
+    for column, value in (("access_token", "access-LEGACY"), ("refresh_token", "refresh-LEGACY")):
+        _write_raw_token_column(
+            stored_tokens.pk, RotatingFernet().encrypt(pickle.dumps(value)), column
+        )
+    request = AuthorizationRequest.objects.create(
+        user=user, state="s" * 43, environment="staging", code_verifier="v" * 43,
+        nonce="n" * 32, redirect_uri="https://partner.example/brex/callback/",
+        requested_scopes="openid offline_access users.readonly",
+        expires_at=timezone.now() + timedelta(minutes=10),
+    )
+    from django.db import connection as db
+
+    with db.cursor() as cursor:
+        cursor.execute(
+            "UPDATE brex_oauth_authorizationrequest SET code_verifier = %s WHERE id = %s",
+            [RotatingFernet().encrypt(pickle.dumps("v" * 43, protocol=2)), request.pk],
+        )
+
+    token = BrexToken.objects.get(pk=stored_tokens.pk)
+    assert (token.access_token, token.refresh_token) == ("access-LEGACY", "refresh-LEGACY")
+    assert AuthorizationRequest.objects.get(pk=request.pk).code_verifier == "v" * 43
+
+    # Rotate to a new key: every legacy row is rewritten in the current format.
+    settings.BREX_OAUTH = {
+        **settings.BREX_OAUTH,
+        "ENCRYPTION_KEY": "the-next-key",
+        "ENCRYPTION_KEY_FALLBACKS": [old_key],
+    }
+    call_command("brex_oauth_rotate_key", stdout=None)
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": []}
+    for column, value in (("access_token", "access-LEGACY"), ("refresh_token", "refresh-LEGACY")):
+        plaintext = RotatingFernet().decrypt(_raw_token_column(stored_tokens.pk, column))
+        assert plaintext == b"\x01" + value.encode()
+    with db.cursor() as cursor:
+        cursor.execute(
+            "SELECT code_verifier FROM brex_oauth_authorizationrequest WHERE id = %s",
+            [request.pk],
+        )
+        verifier = bytes(cursor.fetchone()[0])
+    assert RotatingFernet().decrypt(verifier) == b"\x01" + b"v" * 43
+    assert BrexToken.objects.get(pk=stored_tokens.pk).refresh_token == "refresh-LEGACY"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("serialisation", ["json", "xml"])
+def test_dumpdata_writes_ciphertext_and_loaddata_restores_the_tokens(
+    stored_tokens, user, serialisation, tmp_path
+):
+    from django.core.management import call_command
+
+    request = AuthorizationRequest.objects.create(
+        user=user, state="state-" + "s" * 40, environment="staging",
+        code_verifier="verifier-PLAINTEXT-" + "v" * 30, nonce="n" * 32,
+        redirect_uri="https://partner.example/brex/callback/",
+        requested_scopes="openid offline_access users.readonly",
+        expires_at=timezone.now() + timedelta(minutes=10),
+    )
+    dump = tmp_path / f"dump.{serialisation}"
+    call_command(
+        "dumpdata", "auth.user", "brex_oauth", format=serialisation, output=str(dump),
+        verbosity=0,
+    )
+    text = dump.read_text()
+    for secret in ("access-PLAINTEXT-1", "refresh-PLAINTEXT-1", "verifier-PLAINTEXT-"):
+        assert secret not in text
+    assert text.count("brex-oauth-encrypted:") == 3
+
+    BrexConnection.objects.all().delete()
+    AuthorizationRequest.objects.all().delete()
+    assert not BrexToken.objects.exists()
+    call_command("loaddata", str(dump), verbosity=0)
+
+    token = BrexToken.objects.get(pk=stored_tokens.pk)
+    assert (token.access_token, token.refresh_token) == (
+        "access-PLAINTEXT-1", "refresh-PLAINTEXT-1"
+    )
+    assert AuthorizationRequest.objects.get(pk=request.pk).code_verifier.startswith(
+        "verifier-PLAINTEXT-"
+    )
+    assert b"refresh-PLAINTEXT-1" not in _raw_token_column(stored_tokens.pk)
+
+
+@pytest.mark.django_db
+def test_a_dump_loads_under_a_rotated_key_only_while_the_old_key_is_a_fallback(
+    stored_tokens, settings, tmp_path
+):
+    from django.core.management import call_command
+    from django.core.serializers.base import DeserializationError
+
+    dump = tmp_path / "tokens.json"
+    call_command("dumpdata", "brex_oauth.brextoken", output=str(dump), verbosity=0)
+    BrexToken.objects.all().delete()
+    old_key = settings.BREX_OAUTH["ENCRYPTION_KEY"]
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY": "a-later-key"}
+    with pytest.raises(DeserializationError) as info:
+        call_command("loaddata", str(dump), verbosity=0)
+    assert "ENCRYPTION_KEY" in str(info.value)
+    assert "refresh-PLAINTEXT-1" not in str(info.value)
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": [old_key]}
+    call_command("loaddata", str(dump), verbosity=0)
+    assert BrexToken.objects.get(pk=stored_tokens.pk).refresh_token == "refresh-PLAINTEXT-1"

@@ -8,7 +8,8 @@ from django_brex_oauth.models import AuthorizationRequest, BrexToken
 
 class Command(BaseCommand):
     help = (
-        "Re-encrypt stored Brex tokens with BREX_OAUTH['ENCRYPTION_KEY']. Run it after "
+        "Re-encrypt stored Brex tokens with BREX_OAUTH['ENCRYPTION_KEY'], in the current "
+        "(unpickled) format. Run it after upgrading, and after "
         "moving the old key to ENCRYPTION_KEY_FALLBACKS; then the old key can be dropped."
     )
 
