@@ -8,7 +8,17 @@ class BrexOAuthConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.db.models.signals import pre_delete
+
         from . import checks  # noqa: F401  (registers the system checks)
         from .http import silence_secret_logging
+        from .models import BrexConnection
+        from .services.revoke import revoke_when_deleted
 
         silence_secret_logging()
+        # However a connection is deleted (its owner deleted, a queryset, the admin), its
+        # grant at Brex is revoked: the token is kept for that before the rows go.
+        pre_delete.connect(
+            revoke_when_deleted, sender=BrexConnection,
+            dispatch_uid="brex_oauth.revoke_when_deleted",
+        )

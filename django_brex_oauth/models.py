@@ -237,6 +237,48 @@ class BrexToken(models.Model):
         return max(0, (self.refresh_token_expires_at - timezone.now()).days)
 
 
+class DetachedRevocation(models.Model):
+    """A token to revoke at Brex whose connection has been deleted.
+
+    Deleting a connection (one row, a queryset, the admin, or a cascade from its owner)
+    copies its refresh token here, encrypted, before the rows go, and hands it to the
+    ``revoke_detached_token`` task; the revocation sweep picks up what a lost task left.
+    Nothing here refers to the deleted rows, so the retries do not need them. The row is
+    deleted as soon as Brex confirms the revocation.
+    """
+
+    token = EncryptedTextField()
+    token_type_hint = models.CharField(max_length=32, default="refresh_token")
+    environment = models.CharField(max_length=16, choices=Environment.choices)
+    former_connection_id = models.PositiveBigIntegerField(
+        help_text="The id the deleted connection had (for the log)."
+    )
+    brex_user_id = models.CharField("Brex user id", max_length=255, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    attempts = models.PositiveIntegerField(
+        default=0, help_text="Requests sent to Brex to revoke this token so far."
+    )
+    attempted_at = models.DateTimeField(
+        null=True, blank=True, help_text="When Brex was last asked to revoke this token."
+    )
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        verbose_name = "revocation of a deleted Brex connection"
+        indexes = [
+            models.Index(fields=["attempted_at"], name="brex_oauth_detached_attempted"),
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"<DetachedRevocation pk={self.pk} connection={self.former_connection_id} "
+            f"attempts={self.attempts}>"
+        )
+
+    def __str__(self) -> str:
+        return f"Revocation of deleted connection {self.former_connection_id}"
+
+
 class AuthorizationRequest(models.Model):
     """A pending authorization: state, PKCE verifier and nonce, used once and expiring."""
 

@@ -90,27 +90,50 @@ def revoke_connection(self, connection_id: int) -> str:
     try is recorded as an event. Returns the
     :class:`~django_brex_oauth.services.revoke.RevokeOutcome` value.
     """
-    from .backoff import backoff_delay
-    from .conf import brex_settings
     from .services import revoke
 
     attempt = revoke.revoke_at_brex(connection_id)
+    _retry_revocation_while_unavailable(self, attempt)
+    return attempt.outcome.value
+
+
+@shared_task(bind=True, ignore_result=True)
+def revoke_detached_token(self, revocation_id: int) -> str:
+    """Ask Brex to revoke the token of a deleted connection (a
+    :class:`~django_brex_oauth.models.DetachedRevocation`), with the retries of
+    :func:`revoke_connection`; what they do not settle is left to
+    :func:`sweep_revocations`. Returns the
+    :class:`~django_brex_oauth.services.revoke.RevokeOutcome` value.
+    """
+    from .services import revoke
+
+    attempt = revoke.revoke_detached(revocation_id)
+    _retry_revocation_while_unavailable(self, attempt)
+    return attempt.outcome.value
+
+
+def _retry_revocation_while_unavailable(task, attempt) -> None:
+    """Retry ``task`` with backoff and jitter while Brex cannot be reached, up to
+    ``REVOKE_TASK_MAX_RETRIES`` times."""
+    from .backoff import backoff_delay
+    from .conf import brex_settings
+
     max_retries = int(brex_settings.REVOKE_TASK_MAX_RETRIES)
-    if attempt.retryable and self.request.retries < max_retries:
+    if attempt.retryable and task.request.retries < max_retries:
         countdown = backoff_delay(
-            self.request.retries + 1,
+            task.request.retries + 1,
             base=float(brex_settings.REVOKE_RETRY_BACKOFF),
             cap=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX),
         )
-        raise self.retry(countdown=countdown, max_retries=max_retries)
-    return attempt.outcome.value
+        raise task.retry(countdown=countdown, max_retries=max_retries)
 
 
 @shared_task(ignore_result=True)
 def sweep_revocations() -> int:
-    """Queue :func:`revoke_connection` for every revocation still pending that nothing has
-    tried for ``REVOKE_RETRY_BACKOFF_MAX`` seconds (a lost or exhausted task, say).
-    Returns how many tasks were queued."""
+    """Queue :func:`revoke_connection` for every revocation still pending, and
+    :func:`revoke_detached_token` for every deleted connection's token still to revoke,
+    that nothing has tried for ``REVOKE_RETRY_BACKOFF_MAX`` seconds (a lost or exhausted
+    task, say). Returns how many tasks were queued."""
     from .services import revoke
 
     queued = 0
@@ -118,6 +141,9 @@ def sweep_revocations() -> int:
     with app.producer_or_acquire() as producer:
         for connection_id in revoke.pending_revocation_ids():
             revoke_connection.apply_async((connection_id,), producer=producer)
+            queued += 1
+        for revocation_id in revoke.pending_detached_ids():
+            revoke_detached_token.apply_async((revocation_id,), producer=producer)
             queued += 1
     return queued
 

@@ -15,7 +15,13 @@ import pytest
 from django.utils import timezone
 
 from django_brex_oauth.fields import RotatingFernet, UndecryptableValue
-from django_brex_oauth.models import AuthorizationRequest, BrexConnection, BrexToken
+from django_brex_oauth.models import (
+    AuthorizationRequest,
+    BrexConnection,
+    BrexToken,
+    DetachedRevocation,
+)
+from django_brex_oauth.testing import make_connection
 
 # ---------------------------------------------------------------------------------------
 # Authorization response and id_token: RFC 9207 mix-up defence, OIDC Core 3.1.3.7, 12.2
@@ -216,3 +222,127 @@ def test_a_dump_loads_under_a_rotated_key_only_while_the_old_key_is_a_fallback(
     settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": [old_key]}
     call_command("loaddata", str(dump), verbosity=0)
     assert BrexToken.objects.get(pk=stored_tokens.pk).refresh_token == "refresh-PLAINTEXT-1"
+
+
+# Deleted owners and connections: the grant is revoked at Brex, with its retries, although
+# the rows are gone.
+
+
+def _revoke_requests(fake) -> list[dict]:
+    return [r for r in fake.requests if r["path"].endswith("/v1/revoke")]
+
+
+def _delete_owner(connection):
+    connection.owner.delete()
+
+
+def _delete_row(connection):
+    BrexConnection.objects.get(pk=connection.pk).delete()
+
+
+def _delete_queryset(connection):
+    BrexConnection.objects.filter(owner=connection.owner).delete()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("delete", [_delete_owner, _delete_row, _delete_queryset],
+                         ids=["owner", "row", "queryset"])
+def test_deleting_a_connection_revokes_its_refresh_token_at_brex(
+    user, fake_brex, brex_settings, delete, caplog
+):
+    connection = make_connection(user, fake=fake_brex)
+    token = BrexToken.objects.get(pk=connection.pk)
+    refresh_token, access_token = token.refresh_token, token.access_token
+    assert fake_brex.is_refresh_token_active(refresh_token)
+
+    delete(connection)
+
+    assert not BrexConnection.objects.filter(pk=connection.pk).exists()
+    assert not fake_brex.is_refresh_token_active(refresh_token)
+    assert not fake_brex.is_access_token_active(access_token)
+    [sent] = _revoke_requests(fake_brex)
+    assert sent["form"]["token_type_hint"] == "refresh_token"
+    assert not DetachedRevocation.objects.exists()  # nothing secret is kept once revoked
+    for secret in (refresh_token, access_token):
+        assert secret not in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deleting_the_owner_while_brex_is_briefly_down_still_revokes_on_retry(
+    user, fake_brex, brex_settings, caplog
+):
+    brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "REVOKE_RETRY_BACKOFF": 1}
+    connection = make_connection(user, fake=fake_brex)
+    refresh_token = BrexToken.objects.get(pk=connection.pk).refresh_token
+    fake_brex.fail_next("/v1/revoke", status=503, times=2)
+
+    user.delete()
+
+    assert [r["status"] for r in _revoke_requests(fake_brex)] == [503, 503, 200]
+    assert all(r["form"]["token"] == refresh_token for r in _revoke_requests(fake_brex))
+    assert not fake_brex.is_refresh_token_active(refresh_token)
+    assert not DetachedRevocation.objects.exists()
+    assert "attempt 2" in caplog.text and refresh_token not in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deleted_connection_brex_never_confirmed_is_kept_encrypted_for_the_sweep(
+    user, fake_brex, brex_settings
+):
+    from django_brex_oauth import tasks
+
+    connection = make_connection(user, fake=fake_brex)
+    refresh_token = BrexToken.objects.get(pk=connection.pk).refresh_token
+    fake_brex.fail_next("/v1/revoke", status=503, times=100)
+
+    user.delete()  # the task gives up after REVOKE_TASK_MAX_RETRIES
+
+    [pending] = DetachedRevocation.objects.all()
+    assert pending.attempts >= 2 and "503" in pending.last_error
+    assert fake_brex.is_refresh_token_active(refresh_token)
+    from django.db import connection as db
+
+    with db.cursor() as cursor:
+        cursor.execute("SELECT token FROM brex_oauth_detachedrevocation")
+        raw = bytes(cursor.fetchone()[0])
+    assert refresh_token.encode() not in raw
+    assert refresh_token not in repr(pending) and refresh_token not in str(pending)
+
+    fake_brex.clear_failures()
+    DetachedRevocation.objects.update(attempted_at=timezone.now() - timedelta(days=1))
+    assert tasks.sweep_revocations() == 1
+    assert not fake_brex.is_refresh_token_active(refresh_token)
+    assert not DetachedRevocation.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deletion_that_rolls_back_revokes_nothing(user, fake_brex, brex_settings):
+    from django.db import transaction
+
+    connection = make_connection(user, fake=fake_brex)
+    refresh_token = BrexToken.objects.get(pk=connection.pk).refresh_token
+    with pytest.raises(RuntimeError), transaction.atomic():
+        user.delete()
+        raise RuntimeError("the deletion is abandoned")
+    assert BrexToken.objects.get(pk=connection.pk).refresh_token == refresh_token
+    assert fake_brex.is_refresh_token_active(refresh_token)
+    assert _revoke_requests(fake_brex) == []
+    assert not DetachedRevocation.objects.exists()
+
+
+@pytest.mark.django_db
+def test_key_rotation_keeps_the_token_of_a_deleted_connection_awaiting_revocation(settings):
+    from django.core.management import call_command
+
+    pending = DetachedRevocation.objects.create(
+        token="refresh-DETACHED", environment="staging", former_connection_id=7
+    )
+    old_key = settings.BREX_OAUTH["ENCRYPTION_KEY"]
+    settings.BREX_OAUTH = {
+        **settings.BREX_OAUTH,
+        "ENCRYPTION_KEY": "the-next-key",
+        "ENCRYPTION_KEY_FALLBACKS": [old_key],
+    }
+    call_command("brex_oauth_rotate_key", stdout=None)
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": []}
+    assert DetachedRevocation.objects.get(pk=pending.pk).token == "refresh-DETACHED"

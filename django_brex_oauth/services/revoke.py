@@ -8,6 +8,11 @@ be reached, the revocation stays ``pending`` with the refresh token kept (encryp
 can be sent again: by the ``revoke_connection`` task with exponential backoff, and by the
 ``sweep_revocations`` task for anything a lost task left behind. Every try is recorded as
 an event; ``signals.disconnected`` is sent once per disconnect, after the commit.
+
+A connection that is deleted instead (its owner deleted, a queryset or the admin deleting
+it) takes its events with it, but not its grant at Brex: just before the rows go, its token
+is copied, encrypted, into a :class:`~django_brex_oauth.models.DetachedRevocation`, which
+the ``revoke_detached_token`` task and the same sweep revoke with the same retries.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from .. import oauth, signals
 from ..backoff import backoff_delay
 from ..conf import brex_settings
 from ..exceptions import BrexOAuthError, BrexUnavailable, DiscoveryError
+from ..fields import UndecryptableValue
 from ..models import (
     BrexConnection,
     BrexToken,
     ConnectionEvent,
     ConnectionStatus,
+    DetachedRevocation,
     EventKind,
     RevocationStatus,
     connection_pk,
@@ -279,7 +286,7 @@ def _finish(
 def _record_failure(
     connection_id: int, attempt_number: int, err: BrexOAuthError, actor
 ) -> RevocationAttempt:
-    retryable = isinstance(err, BrexUnavailable | DiscoveryError)
+    retryable = _is_retryable(err)
     error = str(err)[:1000]
     reason = f"Revocation at Brex failed (attempt {attempt_number}): {error}"
     with transaction.atomic():
@@ -297,6 +304,12 @@ def _record_failure(
                              retryable)
 
 
+def _is_retryable(err: BrexOAuthError) -> bool:
+    """Whether a failed revocation is worth trying again soon (Brex or discovery was
+    unreachable, 429, 5xx), rather than left to the sweep (Brex refused it)."""
+    return isinstance(err, BrexUnavailable | DiscoveryError)
+
+
 def queue_revocation(connection: BrexConnection | int, *, attempt: int = 0) -> bool:
     """Hand a pending revocation to the ``revoke_connection`` task after the commit.
 
@@ -304,9 +317,17 @@ def queue_revocation(connection: BrexConnection | int, *, attempt: int = 0) -> b
     once (outside a transaction); either way the revocation stays pending until Brex
     confirms, so the revocation sweep (or ``manage.py brex_oauth_cleanup``) picks it up.
     """
-    from ..tasks import revoke_connection
-
     connection_id = connection_pk(connection)
+    return _queue_after_commit(
+        "revoke_connection", connection_id, attempt, f"Brex connection {connection_id}"
+    )
+
+
+def _queue_after_commit(task_name: str, object_id: int, attempt: int, what: str,
+                        using: str | None = None) -> bool:
+    from .. import tasks
+
+    task = getattr(tasks, task_name)
     countdown = backoff_delay(
         attempt,
         base=float(brex_settings.REVOKE_RETRY_BACKOFF),
@@ -317,16 +338,124 @@ def queue_revocation(connection: BrexConnection | int, *, attempt: int = 0) -> b
     def send() -> None:
         nonlocal queued
         try:
-            revoke_connection.apply_async((connection_id,), countdown=countdown)
+            task.apply_async((object_id,), countdown=countdown)
         except Exception as err:  # noqa: BLE001 - any broker failure; the sweep recovers
             queued = False
             logger.warning(
-                "Could not queue the revocation of Brex connection %s (%s); the revocation "
-                "sweep will retry it.", connection_id, type(err).__name__,
+                "Could not queue the revocation of %s (%s); the revocation sweep will retry "
+                "it.", what, type(err).__name__,
             )
 
-    transaction.on_commit(send)
+    transaction.on_commit(send, using=using)
     return queued
+
+
+# --- Deleted connections -------------------------------------------------------------------
+
+
+def detach_before_delete(connection: BrexConnection, *, using: str | None = None) -> None:
+    """Keep what is needed to revoke ``connection`` at Brex once its rows are deleted.
+
+    Connected to ``pre_delete`` of :class:`~django_brex_oauth.models.BrexConnection`, so it
+    runs for every way a connection is deleted (one row, a queryset, the admin, a cascade
+    from its owner), inside the deleting transaction and before any row goes: the refresh
+    token (or the access token, when only that is left) is copied, encrypted, into a
+    :class:`~django_brex_oauth.models.DetachedRevocation`, and the ``revoke_detached_token``
+    task is queued after the commit. A deletion that rolls back leaves nothing behind. A
+    connection whose tokens were already wiped (revoked and confirmed) needs nothing. A token
+    that no configured key can decrypt cannot be revoked; the deletion goes on and a warning
+    says so.
+    """
+    tokens = BrexToken.objects.using(using).filter(pk=connection.pk)
+    try:
+        token = tokens.only("connection_id", "access_token", "refresh_token").first()
+    except UndecryptableValue:
+        logger.warning(
+            "Brex connection %s was deleted with tokens no configured key can decrypt; they "
+            "could not be revoked at Brex.", connection.pk,
+        )
+        return
+    value, hint = _token_to_revoke(token)
+    if value is None:
+        return
+    revocation = DetachedRevocation.objects.using(using).create(
+        token=value,
+        token_type_hint=hint,
+        environment=connection.environment,
+        former_connection_id=connection.pk,
+        brex_user_id=connection.brex_user_id,
+    )
+    logger.info(
+        "Brex connection %s is being deleted; its %s will be revoked at Brex (revocation %s).",
+        connection.pk, hint.replace("_", " "), revocation.pk,
+    )
+    _queue_after_commit(
+        "revoke_detached_token", revocation.pk, 0,
+        f"deleted Brex connection {connection.pk}", using=using,
+    )
+
+
+def revoke_when_deleted(sender, instance: BrexConnection, using: str | None = None,
+                        **kwargs) -> None:
+    """The ``pre_delete`` receiver for connections: :func:`detach_before_delete`."""
+    detach_before_delete(instance, using=using)
+
+
+def revoke_detached(revocation: DetachedRevocation | int) -> RevocationAttempt:
+    """Ask Brex once to revoke the token of a deleted connection.
+
+    On success (or when the revocation is gone: another worker finished it) the
+    :class:`~django_brex_oauth.models.DetachedRevocation` is deleted; on failure its
+    ``attempts``, ``attempted_at`` and ``last_error`` say why and the token is kept
+    (encrypted) for the next try. The returned attempt's ``connection_id`` is the id the
+    deleted connection had.
+    """
+    revocation_id = int(getattr(revocation, "pk", revocation))
+    with transaction.atomic():
+        locked = (
+            DetachedRevocation.objects.select_for_update().filter(pk=revocation_id).first()
+        )
+        if locked is None:
+            return RevocationAttempt(RevokeOutcome.NOT_PENDING, 0)
+        locked.attempts += 1
+        locked.attempted_at = timezone.now()
+        locked.save(update_fields=["attempts", "attempted_at"])
+    former = int(locked.former_connection_id)
+    try:
+        oauth.revoke(locked.token, locked.token_type_hint)
+    except BrexOAuthError as err:
+        retryable = _is_retryable(err)
+        error = str(err)[:1000]
+        DetachedRevocation.objects.filter(pk=revocation_id).update(
+            last_error=f"Revocation at Brex failed (attempt {locked.attempts}): {error}"
+        )
+        logger.warning(
+            "Revoking the token of deleted Brex connection %s failed (attempt %s): %s",
+            former, locked.attempts, error,
+        )
+        return RevocationAttempt(RevokeOutcome.FAILED, former, locked.attempts, error,
+                                 retryable)
+    DetachedRevocation.objects.filter(pk=revocation_id).delete()
+    logger.info(
+        "Revoked the %s of deleted Brex connection %s at Brex (attempt %s).",
+        locked.token_type_hint.replace("_", " "), former, locked.attempts,
+    )
+    return RevocationAttempt(RevokeOutcome.REVOKED, former, locked.attempts)
+
+
+def pending_detached_ids(now: datetime | None = None) -> Iterator[int]:
+    """Ids of detached revocations that nothing has tried for ``REVOKE_RETRY_BACKOFF_MAX``
+    seconds (a task retrying one is left alone), as :func:`pending_revocation_ids`."""
+    now = now or timezone.now()
+    quiet_since = now - timedelta(seconds=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX))
+    return (
+        DetachedRevocation.objects.filter(
+            Q(attempted_at__isnull=True) | Q(attempted_at__lte=quiet_since)
+        )
+        .order_by("attempted_at", "pk")
+        .values_list("pk", flat=True)
+        .iterator(chunk_size=500)
+    )
 
 
 def pending_revocation_ids(now: datetime | None = None) -> Iterator[int]:
@@ -362,11 +491,12 @@ class RevocationReport:
 def retry_pending_revocations(now: datetime | None = None) -> RevocationReport:
     """Try once more, in this process, every revocation the sweep would pick up (for cron)."""
     report = RevocationReport()
-    for connection_id in list(pending_revocation_ids(now)):
-        outcome = revoke_at_brex(connection_id).outcome
-        if outcome == RevokeOutcome.REVOKED:
+    attempts = [revoke_at_brex(pk) for pk in list(pending_revocation_ids(now))]
+    attempts += [revoke_detached(pk) for pk in list(pending_detached_ids(now))]
+    for attempt in attempts:
+        if attempt.outcome == RevokeOutcome.REVOKED:
             report.revoked += 1
-        elif outcome == RevokeOutcome.FAILED:
+        elif attempt.outcome == RevokeOutcome.FAILED:
             report.failed += 1
         else:
             report.skipped += 1

@@ -5,7 +5,11 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand
 
 from django_brex_oauth.services.cleanup import prune
-from django_brex_oauth.services.revoke import pending_revocation_ids, retry_pending_revocations
+from django_brex_oauth.services.revoke import (
+    pending_detached_ids,
+    pending_revocation_ids,
+    retry_pending_revocations,
+)
 
 
 class Command(BaseCommand):
@@ -13,8 +17,8 @@ class Command(BaseCommand):
         "Delete expired Brex authorization requests and connection events older than "
         "BREX_OAUTH['EVENT_RETENTION_DAYS'] (refresh events: REFRESH_EVENT_RETENTION_DAYS), "
         "then ask Brex again to revoke every disconnected connection whose revocation it has "
-        "not confirmed (like the Celery prune and revocation sweep tasks, for sites that run "
-        "cron instead)."
+        "not confirmed, and every deleted connection's token still to revoke (like the Celery "
+        "prune and revocation sweep tasks, for sites that run cron instead)."
     )
 
     def add_arguments(self, parser):
@@ -41,7 +45,9 @@ class Command(BaseCommand):
         if skip_revocations:
             return
         if dry_run:
-            count = sum(1 for _ in pending_revocation_ids())
+            count = sum(1 for _ in pending_revocation_ids()) + sum(
+                1 for _ in pending_detached_ids()
+            )
             self.stdout.write(f"Would retry {count} pending revocation(s) at Brex.")
             return
         report = retry_pending_revocations()

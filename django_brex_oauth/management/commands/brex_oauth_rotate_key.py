@@ -3,7 +3,7 @@
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from django_brex_oauth.models import AuthorizationRequest, BrexToken
+from django_brex_oauth.models import AuthorizationRequest, BrexToken, DetachedRevocation
 
 
 class Command(BaseCommand):
@@ -32,9 +32,19 @@ class Command(BaseCommand):
         for auth_request in AuthorizationRequest.objects.order_by("pk").iterator():
             auth_request.save(update_fields=["code_verifier"])
             pending += 1
+        # Tokens of deleted connections still waiting for Brex to confirm their revocation.
+        detached = 0
+        for pk in list(DetachedRevocation.objects.order_by("pk").values_list("pk", flat=True)):
+            with transaction.atomic():
+                # Locked, and skipped if Brex confirmed (and the row went) in the meantime.
+                revocation = DetachedRevocation.objects.select_for_update().filter(pk=pk).first()
+                if revocation is not None:
+                    revocation.save(update_fields=["token"])
+                    detached += 1
         self.stdout.write(
             self.style.SUCCESS(
-                f"Re-encrypted the tokens of {done} connection(s) and {pending} "
-                "authorization request(s) with the current key."
+                f"Re-encrypted the tokens of {done} connection(s), {pending} "
+                f"authorization request(s) and {detached} deleted connection(s) awaiting "
+                "revocation with the current key."
             )
         )
