@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import secrets
 import signal
@@ -18,9 +19,15 @@ from typing import Any
 import jwt
 import pytest
 import requests
+from cryptography.hazmat.primitives import serialization
 
 from django_brex_oauth.testing import FakeBrex
-from django_brex_oauth.testing.fake_brex import ID_TOKEN_FAULTS, REFERRALS_SCOPE
+from django_brex_oauth.testing.fake_brex import (
+    FOREIGN_ISSUER,
+    ID_TOKEN_FAULTS,
+    REFERRALS_SCOPE,
+    UNTRUSTED_AUDIENCE,
+)
 
 REDIRECT_URI = "http://app.example.com/brex/callback"
 STATE = "state-0123456789"
@@ -799,19 +806,21 @@ def test_every_id_token_fault_is_detected(brex: FakeBrex, http: requests.Session
     expected: dict[str, type[Exception]] = {
         "bad_signature": jwt.InvalidSignatureError,
         "alg_none": jwt.InvalidAlgorithmError,
+        "alg_hs256": jwt.InvalidAlgorithmError,
         "wrong_aud": jwt.InvalidAudienceError,
         "wrong_iss": jwt.InvalidIssuerError,
         "expired": jwt.ExpiredSignatureError,
         "future_iat": jwt.ImmatureSignatureError,
         "unknown_kid": jwt.PyJWKClientError,
+        "missing_kid": jwt.PyJWKClientError,
     }
-    assert set(expected) | {"wrong_nonce", "missing_nonce"} == set(ID_TOKEN_FAULTS)
     for fault, error in expected.items():
         brex.id_token_fault = fault
         id_token = login(http, brex)["id_token"]
         with pytest.raises(error):
             verify_id_token(brex, id_token)
-    header = jwt.get_unverified_header(id_token)
+    brex.id_token_fault = "unknown_kid"
+    header = jwt.get_unverified_header(login(http, brex)["id_token"])
     assert header["kid"] not in [k["kid"] for k in brex.jwks()["keys"]]
 
     brex.id_token_fault = "alg_none"
@@ -819,16 +828,110 @@ def test_every_id_token_fault_is_detected(brex: FakeBrex, http: requests.Session
     assert jwt.get_unverified_header(id_token)["alg"] == "none"
     assert id_token.endswith(".")
 
+    # HS256 "signed" with the published public key as the secret: the key-confusion attack.
+    brex.id_token_fault = "alg_hs256"
+    id_token = login(http, brex)["id_token"]
+    header = jwt.get_unverified_header(id_token)
+    assert header["alg"] == "HS256" and header["kid"] == brex.signing_kid
+    public_pem = jwt.PyJWK(brex.jwks()["keys"][0]).key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    signing_input, _, signature = id_token.rpartition(".")
+    mac = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
+    assert base64.urlsafe_b64encode(mac).rstrip(b"=").decode() == signature
+
+    brex.id_token_fault = "missing_kid"
+    id_token = login(http, brex)["id_token"]
+    assert "kid" not in jwt.get_unverified_header(id_token)
+
+    # The faults below keep a valid signature: only the claims are wrong.
+    def claims_with(fault: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        brex.id_token_fault = fault
+        tokens = login(http, brex)
+        claims = verify_id_token(
+            brex, tokens["id_token"], options={"verify_aud": False, "verify_iat": False}
+        )
+        return claims, tokens
+
+    claims, _ = claims_with("extra_aud")
+    assert claims["aud"] == [brex.client_id, UNTRUSTED_AUDIENCE]
+    assert claims["azp"] == brex.client_id
+    claims, _ = claims_with("extra_aud_no_azp")
+    assert claims["aud"] == [brex.client_id, UNTRUSTED_AUDIENCE] and "azp" not in claims
+    claims, _ = claims_with("wrong_azp")
+    assert claims["aud"] == brex.client_id and claims["azp"] == UNTRUSTED_AUDIENCE
+    claims, _ = claims_with("wrong_sub")
+    assert claims["sub"] != brex.default_user["id"]
+    assert claims["sub"] in [user["id"] for user in brex.users]
+    claims, _ = claims_with("stale_iat")
+    assert time.time() - claims["iat"] > 6 * 24 * 3600
+    assert claims["exp"] > time.time() + 3000
+    claims, tokens = claims_with("bad_at_hash")
+    digest = hashlib.sha256(tokens["access_token"].encode()).digest()[:16]
+    assert claims["at_hash"] != base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
     brex.id_token_fault = "wrong_nonce"
     claims = verify_id_token(brex, login(http, brex)["id_token"])
     assert claims["nonce"] != "nonce-abc"
     brex.id_token_fault = "missing_nonce"
     assert "nonce" not in verify_id_token(brex, login(http, brex)["id_token"])
 
+    covered = {*expected, "extra_aud", "extra_aud_no_azp", "wrong_azp", "wrong_sub",
+               "stale_iat", "bad_at_hash", "wrong_nonce", "missing_nonce"}
+    assert covered == set(ID_TOKEN_FAULTS)
+
     brex.id_token_fault = None
     assert verify_id_token(brex, login(http, brex)["id_token"])["nonce"] == "nonce-abc"
     with pytest.raises(ValueError):
         brex.id_token_fault = "sneaky"
+
+
+def test_refresh_id_token_fault_spares_sign_ins(brex: FakeBrex, http: requests.Session) -> None:
+    brex.refresh_id_token_fault = "wrong_sub"
+    tokens = login(http, brex)
+    assert verify_id_token(brex, tokens["id_token"])["sub"] == brex.default_user["id"]
+    refreshed = refresh(http, brex, tokens["refresh_token"]).json()
+    assert verify_id_token(brex, refreshed["id_token"])["sub"] != brex.default_user["id"]
+    # It wins over id_token_fault on a refresh, and leaves it alone at sign-in.
+    brex.id_token_fault = "wrong_iss"
+    with pytest.raises(jwt.InvalidIssuerError):
+        verify_id_token(brex, login(http, brex)["id_token"])
+    refreshed = refresh(http, brex, refreshed["refresh_token"]).json()
+    claims = verify_id_token(brex, refreshed["id_token"])
+    assert claims["sub"] != brex.default_user["id"]
+    brex.refresh_id_token_fault = None
+    with pytest.raises(jwt.InvalidIssuerError):
+        verify_id_token(brex, refresh(http, brex, refreshed["refresh_token"]).json()["id_token"])
+    with pytest.raises(ValueError):
+        brex.refresh_id_token_fault = "sneaky"
+
+
+def test_authorization_responses_carry_iss(brex: FakeBrex, http: requests.Session) -> None:
+    doc = http.get(f"{brex.issuer}/.well-known/openid-configuration", timeout=5).json()
+    assert doc["authorization_response_iss_parameter_supported"] is True
+    # Codes, denials and errors alike (RFC 9207 section 2).
+    for location in (
+        brex.consent(authorize_url(brex)),
+        brex.consent(authorize_url(brex), deny=True),
+        brex.consent(authorize_url(brex, response_type="token")),
+    ):
+        assert query_of(location)["iss"] == brex.issuer
+
+    brex.authorization_response_fault = "wrong_iss"
+    assert query_of(brex.consent(authorize_url(brex)))["iss"] == FOREIGN_ISSUER
+    assert query_of(brex.consent(authorize_url(brex), deny=True))["iss"] == FOREIGN_ISSUER
+    brex.authorization_response_fault = "missing_iss"
+    params = query_of(brex.consent(authorize_url(brex)))
+    assert "code" in params and "iss" not in params
+    assert "iss" not in query_of(brex.consent(authorize_url(brex), deny=True))
+    brex.authorization_response_fault = None
+    assert query_of(brex.consent(authorize_url(brex)))["iss"] == brex.issuer
+    with pytest.raises(ValueError):
+        brex.authorization_response_fault = "sneaky"
+
+    with FakeBrex(authorization_response_iss_parameter_supported=False) as quiet:
+        doc = http.get(f"{quiet.issuer}/.well-known/openid-configuration", timeout=5).json()
+        assert "authorization_response_iss_parameter_supported" not in doc
 
 
 def test_rotate_signing_key(brex: FakeBrex, http: requests.Session) -> None:

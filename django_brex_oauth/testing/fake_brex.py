@@ -18,6 +18,8 @@ It does not depend on Django, so it can be used from any test-suite::
         location = brex.consent(authorize_url)        # what the browser would be sent back to
         brex.fail_next("/v1/token", status=503)      # the next token request fails
         brex.id_token_fault = "wrong_nonce"           # id_tokens carry a defect from now on
+        brex.refresh_id_token_fault = "wrong_sub"     # ... only those a refresh returns
+        brex.authorization_response_fault = "wrong_iss"  # the redirect back names another issuer
 
 Run ``python -m django_brex_oauth.testing.fake_brex --port 8765`` to serve one until Ctrl-C.
 """
@@ -53,15 +55,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 __all__ = [
+    "AUTHORIZATION_RESPONSE_FAULTS",
     "DEFAULT_SCOPES",
+    "FOREIGN_ISSUER",
     "ID_TOKEN_FAULTS",
     "ISSUER_PATH",
     "REFERRALS_SCOPE",
     "SUPPORTED_SCOPES",
+    "UNTRUSTED_AUDIENCE",
     "FakeBrex",
     "main",
 ]
@@ -119,15 +125,32 @@ SUPPORTED_SCOPES: tuple[str, ...] = (
 ID_TOKEN_FAULTS: tuple[str, ...] = (
     "bad_signature",
     "alg_none",
+    "alg_hs256",
     "wrong_aud",
+    "extra_aud",
+    "extra_aud_no_azp",
+    "wrong_azp",
     "wrong_iss",
+    "wrong_sub",
     "expired",
+    "stale_iat",
+    "future_iat",
     "wrong_nonce",
     "missing_nonce",
+    "bad_at_hash",
     "unknown_kid",
-    "future_iat",
+    "missing_kid",
 )
-"""Values accepted by :attr:`FakeBrex.id_token_fault`."""
+"""Values of :attr:`FakeBrex.id_token_fault` and :attr:`FakeBrex.refresh_id_token_fault`."""
+
+AUTHORIZATION_RESPONSE_FAULTS: tuple[str, ...] = ("wrong_iss", "missing_iss")
+"""Values accepted by :attr:`FakeBrex.authorization_response_fault`."""
+
+UNTRUSTED_AUDIENCE = "some-other-client-id"
+"""The foreign client id that the ``wrong_aud``, ``extra_aud*`` and ``wrong_azp`` faults use."""
+
+FOREIGN_ISSUER = "https://accounts-api.evil.example.com/oauth2/default"
+"""The issuer that the ``wrong_iss`` faults name."""
 
 _OIDC_SCOPES = ("openid", "offline_access")
 _STAT_KEYS = (
@@ -590,6 +613,7 @@ class FakeBrex:
         refresh_grace_period: float = 30.0,
         include_expires_in: bool = True,
         include_scope: bool = True,
+        authorization_response_iss_parameter_supported: bool = True,
         authorization_code_ttl: float = 60,
         users: Sequence[Mapping[str, Any]] | None = None,
         company: Mapping[str, Any] | None = None,
@@ -602,6 +626,9 @@ class FakeBrex:
         missing fields get defaults. ``company`` is merged over the default company.
         ``public_url`` overrides :attr:`base_url` when clients reach the fake at another address
         (e.g. when it listens on ``0.0.0.0`` inside a container).
+        ``authorization_response_iss_parameter_supported`` is advertised in discovery, as a
+        server implementing RFC 9207 does; the redirect back always carries ``iss`` unless
+        :attr:`authorization_response_fault` says otherwise.
         """
         self.host = host
         self.port = port
@@ -616,6 +643,9 @@ class FakeBrex:
         self.refresh_grace_period = refresh_grace_period
         self.include_expires_in = include_expires_in
         self.include_scope = include_scope
+        self.authorization_response_iss_parameter_supported = (
+            authorization_response_iss_parameter_supported
+        )
         self.authorization_code_ttl = authorization_code_ttl
         self.public_url = public_url
         self.scopes_supported: list[str] = list(SUPPORTED_SCOPES)
@@ -638,6 +668,8 @@ class FakeBrex:
         self._lock = threading.RLock()
         self._clock_offset = 0.0
         self._id_token_fault: str | None = None
+        self._refresh_id_token_fault: str | None = None
+        self._authorization_response_fault: str | None = None
         self._signing_key = _cached_key("signing")
         self._published_keys: list[_SigningKey] = [self._signing_key]
         self._codes: dict[str, _Code] = {}
@@ -952,22 +984,62 @@ class FakeBrex:
 
     @property
     def id_token_fault(self) -> str | None:
-        """``None`` or one of :data:`ID_TOKEN_FAULTS`: the defect put into id_tokens from now on.
+        """``None`` or one of :data:`ID_TOKEN_FAULTS`: the defect put into every id_token from
+        now on (sign-in and refresh alike).
 
         ``bad_signature`` signs with a foreign key under the published ``kid``; ``alg_none`` sends
-        an unsigned token; ``wrong_aud``/``wrong_iss`` change that claim; ``expired`` dates the
-        token an hour in the past; ``future_iat`` issues it an hour in the future;
-        ``wrong_nonce``/``missing_nonce`` alter the nonce; ``unknown_kid`` signs with a key whose
-        ``kid`` is never in the JWKS.
+        an unsigned token; ``alg_hs256`` signs with HS256, the public key as the HMAC secret;
+        ``wrong_aud``/``wrong_iss`` change that claim; ``extra_aud`` adds a second, foreign
+        audience (with ``azp`` naming the client), ``extra_aud_no_azp`` the same without ``azp``;
+        ``wrong_azp`` names another client in ``azp``; ``wrong_sub`` names another user;
+        ``expired`` dates the token an hour in the past; ``stale_iat`` issues it a week ago
+        (still unexpired); ``future_iat`` issues it an hour in the future;
+        ``wrong_nonce``/``missing_nonce`` alter the nonce; ``bad_at_hash`` hashes another access
+        token; ``unknown_kid`` signs with a key whose ``kid`` is never in the JWKS;
+        ``missing_kid`` leaves ``kid`` out of the header.
         """
         return self._id_token_fault
 
     @id_token_fault.setter
     def id_token_fault(self, fault: str | None) -> None:
-        if fault is not None and fault not in ID_TOKEN_FAULTS:
-            raise ValueError(f"unknown id_token fault {fault!r}; use one of {ID_TOKEN_FAULTS}")
         with self._lock:
-            self._id_token_fault = fault
+            self._id_token_fault = self._checked_fault(fault, ID_TOKEN_FAULTS, "id_token")
+
+    @property
+    def refresh_id_token_fault(self) -> str | None:
+        """``None`` or one of :data:`ID_TOKEN_FAULTS`: the defect put into the id_tokens that
+        refreshes return from now on (it wins over :attr:`id_token_fault` there); sign-ins are
+        left alone."""
+        return self._refresh_id_token_fault
+
+    @refresh_id_token_fault.setter
+    def refresh_id_token_fault(self, fault: str | None) -> None:
+        with self._lock:
+            self._refresh_id_token_fault = self._checked_fault(fault, ID_TOKEN_FAULTS, "id_token")
+
+    @property
+    def authorization_response_fault(self) -> str | None:
+        """``None`` or one of :data:`AUTHORIZATION_RESPONSE_FAULTS`: the defect of every
+        redirect back to the client from now on (codes, denials and errors alike).
+
+        ``wrong_iss`` names :data:`FOREIGN_ISSUER` in ``iss`` (a mix-up attack);
+        ``missing_iss`` leaves ``iss`` out, although discovery still advertises it when
+        :attr:`authorization_response_iss_parameter_supported` is true.
+        """
+        return self._authorization_response_fault
+
+    @authorization_response_fault.setter
+    def authorization_response_fault(self, fault: str | None) -> None:
+        with self._lock:
+            self._authorization_response_fault = self._checked_fault(
+                fault, AUTHORIZATION_RESPONSE_FAULTS, "authorization response"
+            )
+
+    @staticmethod
+    def _checked_fault(fault: str | None, known: tuple[str, ...], what: str) -> str | None:
+        if fault is not None and fault not in known:
+            raise ValueError(f"unknown {what} fault {fault!r}; use one of {known}")
+        return fault
 
     # ---------------------------------------------------------------------------- inspection
 
@@ -991,6 +1063,16 @@ class FakeBrex:
                 return self._now() - record.rotated_at < self.refresh_grace_period
             return True
 
+    def live_grants(self) -> list[dict[str, Any]]:
+        """The user grants not revoked, one ``{"user_id", "scopes"}`` per consent (or
+        :meth:`issue_tokens`), e.g. to check that a refused sign-in left no grant alive."""
+        with self._lock:
+            return [
+                {"user_id": grant.user_id, "scopes": list(grant.scopes)}
+                for grant in self._grants.values()
+                if not grant.revoked
+            ]
+
     def is_access_token_active(self, token: str) -> bool:
         """Whether ``token`` would be accepted by the API now."""
         with self._lock:
@@ -1011,7 +1093,11 @@ class FakeBrex:
             granted = _unique(scopes if scopes is not None else DEFAULT_SCOPES)
             grant = self._new_grant(chosen["id"], granted)
             response = self._token_set(
-                grant, granted, nonce=None, with_refresh="offline_access" in granted
+                grant,
+                granted,
+                nonce=None,
+                with_refresh="offline_access" in granted,
+                id_token_fault=self._id_token_fault,
             )
             response["expires_in"] = int(self.access_token_ttl)
             return response
@@ -1102,6 +1188,7 @@ class FakeBrex:
         nonce: str | None,
         with_refresh: bool,
         refresh_expires_at: float | None = None,
+        id_token_fault: str | None = None,
     ) -> dict[str, Any]:
         access_token = self._new_access_token(scopes, grant.user_id, grant)
         response: dict[str, Any] = {"token_type": "Bearer"}
@@ -1115,12 +1202,22 @@ class FakeBrex:
         user = self._user_by_id(grant.user_id)
         if "openid" in scopes and user is not None:
             response["id_token"] = self._id_token(
-                user, nonce=nonce, access_token=access_token, auth_time=grant.auth_time
+                user,
+                nonce=nonce,
+                access_token=access_token,
+                auth_time=grant.auth_time,
+                fault=id_token_fault,
             )
         return response
 
     def _id_token(
-        self, user: Mapping[str, Any], *, nonce: str | None, access_token: str, auth_time: int
+        self,
+        user: Mapping[str, Any],
+        *,
+        nonce: str | None,
+        access_token: str,
+        auth_time: int,
+        fault: str | None,
     ) -> str:
         now = int(self._now())
         claims: dict[str, Any] = {
@@ -1140,21 +1237,34 @@ class FakeBrex:
         if nonce is not None:
             claims["nonce"] = nonce
         key = self._signing_key
-        kid = key.kid
-        fault = self._id_token_fault
+        headers: dict[str, Any] = {"kid": key.kid}
         if fault == "bad_signature":
             key = _cached_key("foreign")
         elif fault == "unknown_kid":
             key = _cached_key("foreign")
-            kid = "unpublished-" + secrets.token_hex(8)
+            headers["kid"] = "unpublished-" + secrets.token_hex(8)
+        elif fault == "missing_kid":
+            del headers["kid"]
         elif fault == "wrong_aud":
-            claims["aud"] = "some-other-client-id"
+            claims["aud"] = UNTRUSTED_AUDIENCE
+        elif fault in ("extra_aud", "extra_aud_no_azp"):
+            claims["aud"] = [self.client_id, UNTRUSTED_AUDIENCE]
+            if fault == "extra_aud":
+                claims["azp"] = self.client_id
+        elif fault == "wrong_azp":
+            claims["azp"] = UNTRUSTED_AUDIENCE
         elif fault == "wrong_iss":
-            claims["iss"] = "https://accounts-api.evil.example.com/oauth2/default"
+            claims["iss"] = FOREIGN_ISSUER
+        elif fault == "wrong_sub":
+            others = [u["id"] for u in self.users if u["id"] != user["id"]]
+            claims["sub"] = others[0] if others else _random_id("cuuser_")
         elif fault == "expired":
             claims["iat"] = now - 7200
             claims["exp"] = now - 3600
             claims["auth_time"] = min(auth_time, now - 7200)
+        elif fault == "stale_iat":
+            claims["iat"] = now - 7 * 24 * 3600
+            claims["auth_time"] = min(auth_time, claims["iat"])
         elif fault == "future_iat":
             claims["iat"] = now + 3600
             claims["exp"] = now + 7200
@@ -1162,14 +1272,24 @@ class FakeBrex:
             claims["nonce"] = "not-your-nonce-" + secrets.token_urlsafe(12)
         elif fault == "missing_nonce":
             claims.pop("nonce", None)
-        elif fault == "alg_none":
-            header = {"alg": "none", "typ": "JWT", "kid": kid}
-            encoded = [
+        elif fault == "bad_at_hash":
+            claims["at_hash"] = _at_hash(access_token + "-not-this-one")
+        elif fault in ("alg_none", "alg_hs256"):
+            # Built by hand: PyJWT refuses both, as a client should.
+            header = {"alg": "none" if fault == "alg_none" else "HS256", "typ": "JWT", **headers}
+            signing_input = ".".join(
                 _b64url(json.dumps(part, separators=(",", ":")).encode("utf-8"))
                 for part in (header, claims)
-            ]
-            return ".".join(encoded) + "."
-        return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": kid})
+            )
+            if fault == "alg_none":
+                return signing_input + "."
+            # The key-confusion attack: the published public key (PEM) as the HMAC secret.
+            secret = key.private_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            mac = hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest()
+            return signing_input + "." + _b64url(mac)
+        return jwt.encode(claims, key.private_key, algorithm="RS256", headers=headers)
 
     # ---------------------------------------------------------------------------- serving
 
@@ -1375,6 +1495,11 @@ class FakeBrex:
                 "end_session_endpoint": f"{issuer}/v1/logout",
                 "request_parameter_supported": False,
                 "claims_parameter_supported": False,
+                **(
+                    {"authorization_response_iss_parameter_supported": True}
+                    if self.authorization_response_iss_parameter_supported
+                    else {}
+                ),
             },
         )
 
@@ -1406,11 +1531,8 @@ class FakeBrex:
         state = params.get("state")
 
         def fail(error: str, description: str) -> _Response:
-            return _redirect(
-                _add_query(
-                    redirect_uri,
-                    {"error": error, "error_description": description, "state": state},
-                )
+            return self._authorization_response(
+                redirect_uri, {"error": error, "error_description": description, "state": state}
             )
 
         if params.get("response_type") != "code":
@@ -1545,16 +1667,14 @@ class FakeBrex:
         state = params["state"]
         decision = form.get("decision")
         if decision == "deny":
-            return _redirect(
-                _add_query(
-                    redirect_uri,
-                    {
-                        "error": "access_denied",
-                        "error_description": "The resource owner or authorization server "
-                        "denied the request.",
-                        "state": state,
-                    },
-                )
+            return self._authorization_response(
+                redirect_uri,
+                {
+                    "error": "access_denied",
+                    "error_description": "The resource owner or authorization server "
+                    "denied the request.",
+                    "state": state,
+                },
             )
         if decision != "allow":
             return _error_page(400, "invalid_request", "Choose Allow or Deny.")
@@ -1585,9 +1705,22 @@ class FakeBrex:
             expires_at=self._now() + self.authorization_code_ttl,
             auth_time=int(self._now()),
         )
-        return _redirect(
-            _add_query(redirect_uri, {"code": code, "scope": " ".join(granted), "state": state})
+        return self._authorization_response(
+            redirect_uri, {"code": code, "scope": " ".join(granted), "state": state}
         )
+
+    def _authorization_response(
+        self, redirect_uri: str, params: Mapping[str, str | None]
+    ) -> _Response:
+        """The redirect back to the client, with ``iss`` (RFC 9207) unless a fault says not."""
+        fault = self._authorization_response_fault
+        if fault == "wrong_iss":
+            iss: str | None = FOREIGN_ISSUER
+        elif fault == "missing_iss":
+            iss = None
+        else:
+            iss = self.issuer
+        return _redirect(_add_query(redirect_uri, {**params, "iss": iss}))
 
     def _logout(self, request: _Request) -> _Response:
         params = _first(request.query)
@@ -1703,6 +1836,7 @@ class FakeBrex:
             record.scopes,
             nonce=record.nonce,
             with_refresh="offline_access" in record.scopes,
+            id_token_fault=self._id_token_fault,
         )
         return _json(200, body, {"Cache-Control": "no-store", "Pragma": "no-cache"})
 
@@ -1742,6 +1876,7 @@ class FakeBrex:
             nonce=None,
             with_refresh=self.rotate_refresh_tokens,
             refresh_expires_at=record.expires_at,
+            id_token_fault=self._refresh_id_token_fault or self._id_token_fault,
         )
         if self.rotate_refresh_tokens and record.rotated_at is None:
             record.rotated_at = self._now()
