@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     "ID_TOKEN_ALGORITHMS": ["RS256"],
     # Seconds of clock skew tolerated when checking id_token times.
     "ID_TOKEN_LEEWAY": 60,
+    # Seconds an id_token may have been issued before it is checked (its ``iat`` at most this
+    # far in the past, plus ID_TOKEN_LEEWAY); an older one is refused as stale.
+    "ID_TOKEN_MAX_AGE": 300,
     # Seconds before an HTTP request to Brex gives up.
     "HTTP_TIMEOUT": 10.0,
     # Seconds the discovery document and JWKS stay cached.

@@ -93,6 +93,16 @@ def get_provider_metadata(*, force_refresh: bool = False) -> dict[str, Any]:
     return data
 
 
+def discovered_issuer() -> str:
+    """The ``issuer`` of the discovery document, exactly as it is written there.
+
+    The document is accepted only when it names the configured issuer (a trailing slash
+    aside); this is the value an id_token's ``iss`` and an authorization response's ``iss``
+    must then equal character for character (OpenID Connect Core 3.1.3.7, RFC 9207).
+    """
+    return str(get_provider_metadata()["issuer"])
+
+
 def get_endpoint(name: str) -> str:
     """One endpoint URL from discovery, e.g. ``get_endpoint("token_endpoint")``."""
     metadata = get_provider_metadata()

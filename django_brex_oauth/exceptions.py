@@ -77,6 +77,18 @@ class AccessDenied(AuthorizationError):
             super().__init__(f"Brex returned error {error!r}")
 
 
+class IssuerMismatch(AuthorizationError, SuspiciousOperation):
+    """The redirect back names another issuer in ``iss`` than the one the request went to, or
+    names none although the issuer says it always does (RFC 9207, the mix-up defence)."""
+
+    title = "Brex sign-in could not be verified"
+    user_message = (
+        "The answer that brought you back to this site did not come from the Brex sign-in "
+        "this site uses, so it was refused and nothing was connected. Please start "
+        "connecting again."
+    )
+
+
 class NoScopesGranted(AuthorizationError):
     """The person consented to none of the requested API scopes."""
 
@@ -139,6 +151,29 @@ class IdTokenError(BrexOAuthError, SuspiciousOperation):
         "The sign-in answer from Brex could not be verified, so nothing was connected. "
         "Please start connecting again."
     )
+
+
+class RefreshIdTokenError(TokenError, IdTokenError):
+    """The id_token that came with refreshed tokens failed validation (signature, issuer,
+    audience, times, ``at_hash``, or a ``sub`` that is not the connection's Brex user).
+
+    A :class:`TokenError` (OAuth ``error`` ``invalid_id_token``), so a refresh records and
+    reports it as it does Brex refusing the request, and an :class:`IdTokenError`. The new
+    tokens are not stored; the connection keeps the ones it had.
+    """
+
+    title = IdTokenError.title
+    user_message = (
+        "Brex's answer to refreshing this connection could not be verified, so this site "
+        "kept using the connection as it was. Please try again later."
+    )
+
+    def __init__(self, description: str) -> None:
+        self.error = "invalid_id_token"
+        self.description = description
+        self.status = None
+        BrexOAuthError.__init__(self, f"The id_token of the refreshed tokens was refused: "
+                                f"{description}")
 
 
 class DiscoveryError(BrexOAuthError):

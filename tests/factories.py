@@ -62,20 +62,29 @@ def create_connection(
     return connection
 
 
-def create_connections(fake, count: int, owner=None, *, expires_in: float = 3600) -> list[int]:
-    """``count`` active connections with real tokens at ``fake``, inserted in bulk; their ids."""
-    owner = owner or create_user()
+def create_connections(fake, count: int, *, expires_in: float = 3600) -> list[int]:
+    """``count`` active connections with real tokens at ``fake``, inserted in bulk; their ids.
+
+    Each belongs to a site user of its own and to the fake's default Brex user, the ``sub``
+    of the id_tokens its refreshes return (a connection is one per owner and Brex user).
+    """
     now = timezone.now()
     issued = now - timedelta(days=1)
     token_sets = [fake.issue_tokens() for _ in range(count)]
+    batch = uuid.uuid4().hex[:12]
+    user_model = get_user_model()
+    user_model.objects.bulk_create(
+        user_model(username=f"owner-{batch}-{n}") for n in range(count)
+    )
+    owners = user_model.objects.filter(username__startswith=f"owner-{batch}-").order_by("pk")
     connections = BrexConnection.objects.bulk_create(
         BrexConnection(
             owner=owner,
             environment="staging",
-            brex_user_id=f"cuuser_{uuid.uuid4().hex[:24]}",
+            brex_user_id=fake.default_user["id"],
             granted_scopes=tokens["scope"],
         )
-        for tokens in token_sets
+        for owner, tokens in zip(owners, token_sets, strict=True)
     )
     BrexToken.objects.bulk_create(
         BrexToken(

@@ -93,7 +93,8 @@ def test_refreshes_first_when_the_token_is_about_to_expire(brex):
     new = stored_token(connection)
     assert new.access_token != old.access_token
     paths = [r["path"] for r in brex.requests if not r["path"].endswith("openid-configuration")]
-    assert paths == ["/oauth2/default/v1/token", "/v2/users/me"]
+    # The refresh answer's id_token is checked against the issuer's keys before it is used.
+    assert paths == ["/oauth2/default/v1/token", "/oauth2/default/v1/keys", "/v2/users/me"]
     assert api_requests(brex, "/v2/users/me")[0]["headers"]["Authorization"] == (
         f"Bearer {new.access_token}"
     )

@@ -10,22 +10,270 @@ from __future__ import annotations
 
 import pickle
 from datetime import timedelta
+from urllib.parse import parse_qsl, urlsplit
 
+import jwt
 import pytest
 from django.utils import timezone
 
+from django_brex_oauth import discovery, oauth, signals
+from django_brex_oauth.exceptions import IdTokenError, TokenError
 from django_brex_oauth.fields import RotatingFernet, UndecryptableValue
 from django_brex_oauth.models import (
     AuthorizationRequest,
     BrexConnection,
     BrexToken,
+    ConnectionEvent,
     DetachedRevocation,
+    EventKind,
 )
+from django_brex_oauth.services import refresh
 from django_brex_oauth.testing import make_connection
+from django_brex_oauth.testing.fake_brex import FOREIGN_ISSUER
+from tests.factories import SignalRecorder, stored_token
 
 # ---------------------------------------------------------------------------------------
 # Authorization response and id_token: RFC 9207 mix-up defence, OIDC Core 3.1.3.7, 12.2
 # ---------------------------------------------------------------------------------------
+
+# Each refused sign-in shows the error page, stores nothing, and leaves no grant alive at
+# Brex: when Brex issued tokens before the refusal, the app revoked them.
+
+signin = pytest.mark.django_db(transaction=True)
+
+UNVERIFIED = b"Brex sign-in could not be verified"
+MIXED_UP = b"did not come from the Brex sign-in this site uses"
+
+
+def refused_sign_in(response, fake, *, page_text: bytes, tokens_issued: bool) -> None:
+    assert response.status_code == 400
+    assert page_text in response.content
+    assert not BrexConnection.objects.exists()
+    assert not BrexToken.objects.exists()
+    assert fake.stats["token_authorization_code"] == (1 if tokens_issued else 0)
+    assert fake.live_grants() == []
+
+
+def callback_params(location: str) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(location).query, keep_blank_values=True))
+
+
+def refused_id_token(flow, fake, fault: str) -> None:
+    fake.id_token_fault = fault
+    refused_sign_in(flow.connect(), fake, page_text=UNVERIFIED, tokens_issued=True)
+
+
+# RFC 9207: the authorization response's iss
+
+@signin
+def test_rfc9207_a_compliant_answer_names_the_issuer_and_connects(flow, fake_brex):
+    location = fake_brex.consent(flow.start())
+    assert callback_params(location)["iss"] == fake_brex.issuer
+    assert flow.callback(location).status_code == 302
+    assert BrexConnection.objects.get().status == "active"
+
+
+@signin
+def test_rfc9207_an_answer_from_another_issuer_is_refused(flow, fake_brex):
+    fake_brex.authorization_response_fault = "wrong_iss"
+    refused_sign_in(flow.connect(), fake_brex, page_text=MIXED_UP, tokens_issued=False)
+
+
+@signin
+@pytest.mark.parametrize(
+    "iss",
+    ["{issuer}/", "{issuer_upper}", "{issuer}/../default", ""],
+    ids=["trailing-slash", "other-case", "dot-segments", "empty"],
+)
+def test_rfc9207_iss_must_equal_the_discovered_issuer_exactly(flow, fake_brex, iss):
+    location = fake_brex.consent(flow.start())
+    params = callback_params(location)
+    params["iss"] = iss.format(issuer=fake_brex.issuer, issuer_upper=fake_brex.issuer.upper())
+    response = flow.client.get(urlsplit(location).path, params)
+    refused_sign_in(response, fake_brex, page_text=MIXED_UP, tokens_issued=False)
+
+
+@signin
+def test_rfc9207_a_missing_iss_is_refused_when_the_issuer_advertises_it(flow, fake_brex):
+    fake_brex.authorization_response_fault = "missing_iss"
+    refused_sign_in(flow.connect(), fake_brex, page_text=MIXED_UP, tokens_issued=False)
+
+
+@signin
+def test_rfc9207_a_missing_iss_is_accepted_from_an_issuer_that_does_not_send_it(
+    flow, fake_brex
+):
+    fake_brex.authorization_response_iss_parameter_supported = False
+    fake_brex.authorization_response_fault = "missing_iss"
+    assert flow.connect().status_code == 302
+    assert BrexConnection.objects.get().status == "active"
+
+
+@signin
+def test_rfc9207_an_error_answer_from_another_issuer_is_not_believed(flow, fake_brex):
+    # The error may be the other server's: the person is told of the mix-up, not of a denial.
+    fake_brex.authorization_response_fault = "wrong_iss"
+    location = fake_brex.consent(flow.start(), deny=True)
+    assert callback_params(location)["iss"] == FOREIGN_ISSUER
+    response = flow.callback(location)
+    refused_sign_in(response, fake_brex, page_text=MIXED_UP, tokens_issued=False)
+    assert b"declined" not in response.content
+
+
+# OpenID Connect Core 3.1.3.7: the id_token of a sign-in
+
+@signin
+def test_oidc_signature_must_verify_against_the_issuers_key(flow, fake_brex):
+    refused_id_token(flow, fake_brex, "bad_signature")
+
+
+@signin
+@pytest.mark.parametrize("fault", ["alg_none", "alg_hs256"])
+def test_oidc_alg_none_and_hmac_are_refused(flow, fake_brex, fault):
+    # alg_hs256 is "signed" with the published public key as the HMAC secret.
+    refused_id_token(flow, fake_brex, fault)
+
+
+@signin
+def test_oidc_iss_must_be_the_issuer(flow, fake_brex):
+    refused_id_token(flow, fake_brex, "wrong_iss")
+
+
+@signin
+def test_oidc_aud_must_be_this_client(flow, fake_brex):
+    refused_id_token(flow, fake_brex, "wrong_aud")
+
+
+@signin
+@pytest.mark.parametrize("fault", ["extra_aud", "extra_aud_no_azp"])
+def test_oidc_aud_with_an_untrusted_second_audience_is_refused(flow, fake_brex, fault):
+    refused_id_token(flow, fake_brex, fault)
+
+
+@signin
+def test_oidc_azp_must_be_this_client(flow, fake_brex):
+    refused_id_token(flow, fake_brex, "wrong_azp")
+
+
+@signin
+def test_oidc_exp_must_not_have_passed(flow, fake_brex):
+    refused_id_token(flow, fake_brex, "expired")
+
+
+@signin
+def test_oidc_iat_in_the_future_is_refused(flow, fake_brex):
+    refused_id_token(flow, fake_brex, "future_iat")
+
+
+@signin
+def test_oidc_iat_a_week_old_is_refused_though_exp_is_to_come(flow, fake_brex):
+    refused_id_token(flow, fake_brex, "stale_iat")
+
+
+@signin
+def test_oidc_iat_window_is_the_id_token_max_age_setting(flow, fake_brex, settings):
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ID_TOKEN_MAX_AGE": 8 * 24 * 3600}
+    fake_brex.id_token_fault = "stale_iat"
+    assert flow.connect().status_code == 302
+    assert BrexConnection.objects.get().status == "active"
+
+
+@signin
+@pytest.mark.parametrize("fault", ["wrong_nonce", "missing_nonce"])
+def test_oidc_nonce_must_be_this_sign_ins(flow, fake_brex, fault):
+    refused_id_token(flow, fake_brex, fault)
+
+
+@signin
+def test_oidc_at_hash_must_match_the_access_token(flow, fake_brex):
+    refused_id_token(flow, fake_brex, "bad_at_hash")
+
+
+@signin
+def test_oidc_unknown_kid_refetches_the_jwks_once_then_is_refused(flow, fake_brex):
+    discovery.get_jwks()  # the keys are cached, as after any earlier sign-in
+    jwks_before = fake_brex.stats["jwks"]
+    refused_id_token(flow, fake_brex, "unknown_kid")
+    assert fake_brex.stats["jwks"] - jwks_before == 1
+
+
+@signin
+def test_oidc_a_rotated_key_is_found_by_one_jwks_refetch(flow, fake_brex):
+    discovery.get_jwks()
+    jwks_before = fake_brex.stats["jwks"]
+    fake_brex.rotate_signing_key()
+    assert flow.connect().status_code == 302
+    assert BrexConnection.objects.get().status == "active"
+    assert fake_brex.stats["jwks"] - jwks_before == 1
+
+
+@signin
+def test_oidc_no_kid_is_refused_when_the_jwks_has_several_keys(flow, fake_brex):
+    fake_brex.rotate_signing_key(keep_old_in_jwks=True)
+    refused_id_token(flow, fake_brex, "missing_kid")
+
+
+# OpenID Connect Core 12.2: the id_token a refresh returns
+
+
+@pytest.fixture
+def refreshable(brex_settings, fake_brex, user):
+    """A connection whose tokens the fake issued, due for a refresh."""
+    return make_connection(user, fake=fake_brex, expired=True)
+
+
+@signin
+@pytest.mark.parametrize(
+    "fault",
+    ["wrong_sub", "wrong_iss", "wrong_aud", "extra_aud", "wrong_azp", "bad_signature",
+     "alg_none", "expired", "stale_iat", "bad_at_hash"],
+)
+def test_oidc_refresh_with_a_bad_id_token_fails_and_keeps_the_old_tokens(
+    refreshable, fake_brex, fault
+):
+    before = stored_token(refreshable)
+    fake_brex.refresh_id_token_fault = fault
+    with SignalRecorder(refreshed=signals.token_refreshed) as received:
+        with pytest.raises(TokenError) as failure:
+            refresh.refresh_connection(refreshable)
+    assert isinstance(failure.value, IdTokenError)
+    assert failure.value.error == "invalid_id_token"
+    assert fake_brex.stats["token_refresh_token"] == 1  # Brex answered; the answer was refused
+
+    after = stored_token(refreshable)
+    assert (after.access_token, after.refresh_token) == (before.access_token, before.refresh_token)
+    assert after.access_token_expires_at == before.access_token_expires_at
+    assert after.refresh_claimed_until is None
+    assert after.connection.status == "active"
+    assert "id_token" in after.connection.last_error
+    kinds = list(ConnectionEvent.objects.values_list("kind", flat=True))
+    assert kinds == [EventKind.REFRESH_FAILED]
+    assert received["refreshed"] == []
+
+    # Brex still takes the kept refresh token (its grace period), so the next refresh works.
+    fake_brex.refresh_id_token_fault = None
+    assert refresh.refresh_connection(refreshable).outcome == refresh.Outcome.REFRESHED
+    assert stored_token(refreshable).access_token != before.access_token
+
+
+@signin
+def test_oidc_refresh_id_token_needs_no_nonce(refreshable, fake_brex, monkeypatch):
+    answers = []
+    real_refresh = oauth.refresh
+
+    def recording_refresh(refresh_token):
+        answers.append(real_refresh(refresh_token))
+        return answers[-1]
+
+    monkeypatch.setattr(oauth, "refresh", recording_refresh)
+    before = stored_token(refreshable)
+    assert refresh.refresh_connection(refreshable).outcome == refresh.Outcome.REFRESHED
+    # Brex's refresh answer had an id_token without a nonce, as OpenID Connect Core 12.2
+    # advises, and the rotated tokens were stored all the same.
+    (answer,) = answers
+    assert answer.id_token
+    assert "nonce" not in jwt.decode(answer.id_token, options={"verify_signature": False})
+    assert stored_token(refreshable).refresh_token == answer.refresh_token != before.refresh_token
 
 
 # ---------------------------------------------------------------------------------------

@@ -121,12 +121,15 @@ def complete_authorization(
 ) -> CompletedConnection:
     """Finish the flow from the callback's query ``params``.
 
-    Stores nothing unless every check passes: state, Brex's answer, scopes, the code
-    exchange and the id_token.
+    Stores nothing unless every check passes: state, the answer's issuer (RFC 9207), Brex's
+    answer, scopes, the code exchange and the id_token.
     """
     auth_request = consume_authorization_request(
         user=user, state=params.get("state"), state_in_session=state_in_session
     )
+    # Before anything else is believed, an error included: an answer from another
+    # authorization server must not reach Brex's token endpoint with our credentials.
+    oauth.check_authorization_response_issuer(params.get("iss"))
     if params.get("error"):
         raise AccessDenied(params["error"], params.get("error_description", ""))
     code = params.get("code")
@@ -151,7 +154,9 @@ def complete_authorization(
             raise NoScopesGranted("no API scope granted")
         if not tokens.id_token:
             raise IdTokenError("Brex returned no id_token")
-        claims = oauth.validate_id_token(tokens.id_token, nonce=auth_request.nonce)
+        claims = oauth.validate_id_token(
+            tokens.id_token, nonce=auth_request.nonce, access_token=tokens.access_token
+        )
         if not tokens.refresh_token:
             raise OfflineAccessNotGranted("no refresh token")
     except BrexOAuthError:

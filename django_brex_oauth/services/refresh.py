@@ -255,6 +255,8 @@ def _refresh_claimed(
             if time.monotonic() - claimed_at > 1.0:
                 renew_claim(connection_id, claimant)
             answer = oauth.refresh(sent)
+            # Tokens for another Brex user, or from another issuer, are never stored.
+            oauth.validate_refreshed_tokens(answer, subject=token.connection.brex_user_id)
         except (InvalidGrant, InvalidClient) as err:
             result = _mark_needs_reauth(connection_id, err, sent)
             if result is not None:
