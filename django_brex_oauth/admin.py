@@ -22,6 +22,7 @@ from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
+from . import webhook_admin  # noqa: F401 (registers the webhook admin)
 from .conf import brex_settings
 from .exceptions import BrexOAuthError
 from .models import (

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
+from django.utils.module_loading import import_string
 
 from .conf import AUTH_BASE_URLS, REQUIRED_SCOPES, brex_settings
 from .http import is_loopback_url
@@ -164,4 +165,49 @@ def check_settings(app_configs=None, **kwargs):
                 id="brex_oauth.W001",
             )
         )
+    return errors
+
+
+@register(Tags.security, "brex_oauth")
+def check_webhook_settings(app_configs=None, **kwargs):
+    """Validate the webhook settings: a subscription needs a receiver URL Brex accepts, and
+    the secrets fetcher must be importable."""
+    try:
+        brex_settings._user_settings()
+    except ImproperlyConfigured:
+        return []  # reported by check_settings
+    errors: list = []
+    types = brex_settings.WEBHOOK_EVENT_TYPES
+    url = brex_settings.WEBHOOK_URL
+    if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
+        errors.append(Error(
+            "BREX_OAUTH['WEBHOOK_EVENT_TYPES'] must be a list of event type names.",
+            hint='For example ["USER_UPDATED", "EXPENSE_PAYMENT_UPDATED"].',
+            id="brex_oauth.E020",
+        ))
+    elif types and not url:
+        errors.append(Error(
+            "BREX_OAUTH['WEBHOOK_EVENT_TYPES'] is set but WEBHOOK_URL is not.",
+            hint="Set WEBHOOK_URL to the public https:// URL of the brex_oauth:webhook view.",
+            id="brex_oauth.E020",
+        ))
+    if url:
+        parts = urlsplit(str(url))
+        if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_url(url)):
+            errors.append(Error(
+                "BREX_OAUTH['WEBHOOK_URL'] must be an absolute https:// URL.",
+                hint="Brex delivers webhooks over HTTPS only; plain http is allowed only on "
+                "loopback, for a local fake Brex.",
+                id="brex_oauth.E021",
+            ))
+    fetcher = brex_settings.WEBHOOK_SECRETS_FETCHER
+    if not callable(fetcher):
+        try:
+            import_string(str(fetcher))
+        except ImportError:
+            errors.append(Error(
+                f"BREX_OAUTH['WEBHOOK_SECRETS_FETCHER'] = {fetcher!r} cannot be imported.",
+                hint="Name a callable by its dotted path, or leave the default.",
+                id="brex_oauth.E022",
+            ))
     return errors

@@ -117,6 +117,25 @@ DEFAULTS: dict[str, Any] = {
     "REVOKE_RETRY_BACKOFF_MAX": 900,
     # The admin's "expiring soon" filter: refresh tokens within this many days of their end.
     "EXPIRING_SOON_DAYS": 14,
+    # Brex webhook event types each connection subscribes to when it connects (in this
+    # order); empty subscribes to nothing.
+    "WEBHOOK_EVENT_TYPES": [],
+    # The public HTTPS URL of the webhook receiver (brex_oauth:webhook), sent to Brex as is.
+    "WEBHOOK_URL": None,
+    # Seconds a webhook's Webhook-Timestamp may be from now, in either direction.
+    "WEBHOOK_TOLERANCE": 300,
+    # Dotted path of the callable returning the current webhook signing secrets.
+    "WEBHOOK_SECRETS_FETCHER": "django_brex_oauth.webhooks.fetch_secrets_from_brex",
+    # Seconds the webhook signing secrets stay cached.
+    "WEBHOOK_SECRETS_CACHE_TIMEOUT": 3600,
+    # Run the webhook handlers (the app's own and the webhook_received signal) in a Celery
+    # task instead of in the request, right after the event is stored.
+    "WEBHOOK_PROCESS_IN_TASK": False,
+    # Retries of the subscription task while Brex cannot be reached, and the base and cap,
+    # in seconds, of its exponential backoff (with jitter).
+    "WEBHOOK_TASK_MAX_RETRIES": 6,
+    "WEBHOOK_RETRY_BACKOFF": 30,
+    "WEBHOOK_RETRY_BACKOFF_MAX": 900,
 }
 
 

@@ -317,6 +317,10 @@ class EventKind(models.TextChoices):
     DISCONNECTED = "disconnected", "Disconnected"
     REVOKED = "revoked", "Revoked at Brex"
     REVOKE_FAILED = "revoke_failed", "Revocation at Brex failed"
+    WEBHOOK_SUBSCRIBED = "webhook_subscribed", "Subscribed to Brex webhooks"
+    WEBHOOK_SUBSCRIBE_FAILED = "webhook_subscribe_failed", "Webhook subscription failed"
+    WEBHOOK_UNSUBSCRIBED = "webhook_unsubscribed", "Unsubscribed from Brex webhooks"
+    WEBHOOK_UNSUBSCRIBE_FAILED = "webhook_unsubscribe_failed", "Webhook unsubscription failed"
 
 
 class ConnectionEvent(models.Model):
@@ -344,3 +348,86 @@ class ConnectionEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} at {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+
+class WebhookEventStatus(models.TextChoices):
+    RECEIVED = "received", "Received, not processed yet"
+    PROCESSING = "processing", "Processing"
+    PROCESSED = "processed", "Processed"
+    IGNORED = "ignored", "Ignored: no active connection for its company"
+    FAILED = "failed", "A handler failed"
+
+
+class BrexWebhookEvent(models.Model):
+    """A webhook delivery from Brex, stored once per ``Webhook-Id`` after its signature was
+    verified. ``payload`` is Brex's JSON body as received."""
+
+    Status = WebhookEventStatus
+
+    webhook_id = models.CharField("Webhook-Id", max_length=255, unique=True)
+    event_type = models.CharField(max_length=64, db_index=True)
+    company_id = models.CharField("Brex company id", max_length=255, blank=True, db_index=True)
+    payload = models.JSONField()
+    status = models.CharField(
+        max_length=16, choices=WebhookEventStatus.choices, default=WebhookEventStatus.RECEIVED
+    )
+    received_at = models.DateTimeField(default=timezone.now, db_index=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(
+        default=0, help_text="Times the handlers were run for this event."
+    )
+    last_error = models.TextField(blank=True)
+    connections = models.ManyToManyField(
+        BrexConnection,
+        blank=True,
+        related_name="webhook_events",
+        help_text="The active connections of the event's Brex company when it was processed.",
+    )
+
+    class Meta:
+        verbose_name = "Brex webhook event"
+        ordering = ["-received_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.webhook_id}"
+
+    def __repr__(self) -> str:
+        return f"<BrexWebhookEvent {self.webhook_id} {self.event_type} {self.status}>"
+
+
+class SubscriptionStatus(models.TextChoices):
+    SUBSCRIBING = "subscribing", "Being created at Brex"
+    ACTIVE = "active", "Active at Brex"
+    UNSUBSCRIBING = "unsubscribing", "Being deleted at Brex"
+    DELETED = "deleted", "Deleted at Brex"
+    ABANDONED = "abandoned", "Could not be deleted: no live grant left"
+
+
+class BrexWebhookSubscription(models.Model):
+    """A connection's webhook subscription at Brex (``POST /v1/webhooks``)."""
+
+    Status = SubscriptionStatus
+
+    connection = models.ForeignKey(
+        BrexConnection, on_delete=models.CASCADE, related_name="webhook_subscriptions"
+    )
+    brex_webhook_id = models.CharField(
+        "Brex webhook id", max_length=255, blank=True, db_index=True
+    )
+    url = models.URLField(max_length=1000)
+    event_types = models.JSONField(default=list)
+    status = models.CharField(
+        max_length=16, choices=SubscriptionStatus.choices, default=SubscriptionStatus.SUBSCRIBING
+    )
+    idempotency_key = models.CharField(max_length=128)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "Brex webhook subscription"
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.brex_webhook_id or 'pending'} ({self.get_status_display()})"

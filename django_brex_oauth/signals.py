@@ -1,8 +1,8 @@
-"""Signals sent when a connection changes.
+"""Signals sent when a connection changes, and when Brex sends a webhook.
 
-Every signal is sent with ``sender=BrexConnection`` and ``connection=<BrexConnection>``
-after the database transaction that made the change has committed, so receivers can
-rely on what they read. No signal carries a token.
+Every connection signal is sent with ``sender=BrexConnection`` and
+``connection=<BrexConnection>`` after the database transaction that made the change has
+committed, so receivers can rely on what they read. No signal carries a token.
 """
 
 from django.dispatch import Signal
@@ -29,3 +29,14 @@ token_refreshed = Signal()
 #: kwargs: ``connection``, ``error`` (the OAuth error code, e.g. "invalid_grant"),
 #: ``description`` (Brex's description, never a token).
 refresh_failed = Signal()
+
+#: A verified Brex webhook was stored. Sent once per ``Webhook-Id``, after the commit, with
+#: ``sender=BrexWebhookEvent`` (not ``BrexConnection``): redeliveries of the same webhook
+#: send nothing; the admin's "process again" sends it once more.
+#:
+#: kwargs: ``event`` (the stored :class:`~django_brex_oauth.models.BrexWebhookEvent`:
+#: ``webhook_id``, ``event_type``, ``company_id``, ``payload``), ``connections`` (a list of
+#: the *active* connections whose Brex company is the payload's ``company_id``; empty for
+#: an event with no ``company_id``, such as the referral events). An event whose company
+#: has no active connection here is recorded and not signalled.
+webhook_received = Signal()

@@ -156,3 +156,35 @@ def prune() -> dict[str, int]:
     from .services import cleanup
 
     return cleanup.prune().as_dict()
+
+
+# --- Webhooks -----------------------------------------------------------------------------
+
+
+# acks_late: a worker killed mid-way puts the event back; the claim in process() keeps a
+# redelivered task from running the handlers a second time.
+@shared_task(name="brex_oauth.process_webhook_event", ignore_result=True, acks_late=True)
+def process_webhook_event(event_id: int) -> str:
+    """Run the handlers of a stored webhook event once (``WEBHOOK_PROCESS_IN_TASK``).
+    Returns the event's status afterwards, or ``"skipped"`` when it was not claimable."""
+    from .services import webhook_events
+
+    event = webhook_events.process(event_id)
+    return event.status if event is not None else "skipped"
+
+
+@shared_task(name="brex_oauth.sync_webhook_subscription", ignore_result=True)
+def sync_webhook_subscription(subscription_id: int, retries: int = 0) -> str:
+    """Try again to create or delete a webhook subscription at Brex. While Brex cannot be
+    reached it is queued again with backoff, up to ``WEBHOOK_TASK_MAX_RETRIES`` times;
+    ``manage.py brex_oauth_webhooks --sync`` picks up what is left. Returns the
+    subscription's status afterwards."""
+    from .conf import brex_settings
+    from .services import webhook_subscriptions
+
+    result = webhook_subscriptions.attempt(subscription_id)
+    if result is None:
+        return "missing"
+    if result.retryable and retries < int(brex_settings.WEBHOOK_TASK_MAX_RETRIES):
+        webhook_subscriptions.queue_retry(subscription_id, retries + 1)
+    return result.subscription.status

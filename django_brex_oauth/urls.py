@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import views, webhook_views
 
 app_name = "brex_oauth"
 
@@ -10,4 +10,5 @@ urlpatterns = [
     path("connections/", views.connections, name="connections"),
     path("disconnect/<int:pk>/", views.disconnect, name="disconnect"),
     path("disconnect/<int:pk>/confirm/", views.disconnect_confirm, name="disconnect_confirm"),
+    path("webhook/", webhook_views.receive, name="webhook"),
 ]

@@ -31,6 +31,7 @@ from ..models import (
     EventKind,
     RevocationStatus,
 )
+from . import webhook_subscriptions
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -244,6 +245,7 @@ def _store_connection(*, user, environment, brex_user_id, email, identity, token
         # refresh token alive at Brex.
         if replaced_refresh_token:
             transaction.on_commit(lambda: _revoke_quietly(replaced_refresh_token, "refresh_token"))
+        transaction.on_commit(lambda: webhook_subscriptions.subscribe(connection))
         transaction.on_commit(
             lambda: signals.connected.send(
                 sender=BrexConnection, connection=connection, user=user, created=created

@@ -42,6 +42,7 @@ from ..models import (
     RevocationStatus,
     connection_pk,
 )
+from . import webhook_subscriptions
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -132,6 +133,8 @@ def disconnect(
     the transaction open.
     """
     connection_id = connection_pk(connection)
+    # Brex's webhook subscriptions go first, while the grant still works.
+    webhook_subscriptions.unsubscribe(connection_id, actor=actor)
     now = timezone.now()
     with transaction.atomic():
         locked = BrexConnection.objects.select_for_update().get(pk=connection_id)

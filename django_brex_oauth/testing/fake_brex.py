@@ -59,6 +59,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from .fake_webhooks import FakeWebhooks
+
 __all__ = [
     "AUTHORIZATION_RESPONSE_FAULTS",
     "DEFAULT_SCOPES",
@@ -552,8 +554,8 @@ main{max-width:440px;margin:56px auto;background:#fff;border-radius:14px;padding
 h1{font-size:20px;line-height:1.3;margin:0 0 6px}
 p{margin:0 0 16px;color:#555}
 label.field{display:block;font-weight:600;margin:0 0 4px}
-input[type=email]{width:100%;padding:10px 12px;border:1px solid #ccc;border-radius:8px;font:inherit;
-  margin-bottom:18px}
+input[type=email],input[type=text]{width:100%;padding:10px 12px;border:1px solid #ccc;
+  border-radius:8px;font:inherit;margin-bottom:18px}
 ul{list-style:none;margin:0 0 20px;padding:0;border:1px solid #eee;border-radius:10px}
 li{padding:10px 14px;border-top:1px solid #eee}
 li:first-child{border-top:0}
@@ -681,6 +683,10 @@ class FakeBrex:
         self._path_latency: dict[str, float] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        #: Webhook subscriptions, secrets and deliveries (see :mod:`.fake_webhooks`).
+        self.webhooks = FakeWebhooks(
+            self, {"json": _json, "api_error": _api_error, "html": _html, "page": _page}
+        )
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -702,6 +708,7 @@ class FakeBrex:
 
     def stop(self) -> None:
         """Stop serving, close the socket and wait for the server thread."""
+        self.webhooks.stop()
         server, thread = self._server, self._thread
         if server is None:
             return
@@ -1040,6 +1047,12 @@ class FakeBrex:
         if fault is not None and fault not in known:
             raise ValueError(f"unknown {what} fault {fault!r}; use one of {known}")
         return fault
+
+    def emit(self, event_type: str, payload: Mapping[str, Any] | None = None,
+             **options: Any) -> list[Any]:
+        """Send a signed webhook event to the subscribed URLs (see
+        :meth:`FakeWebhooks.emit <django_brex_oauth.testing.fake_webhooks.FakeWebhooks.emit>`)."""
+        return self.webhooks.emit(event_type, payload, **options)
 
     # ---------------------------------------------------------------------------- inspection
 
@@ -1429,6 +1442,9 @@ class FakeBrex:
         }
         if path in exact:
             return exact[path], {}
+        route, params = self.webhooks.routes(path)
+        if route is not None:
+            return route, params
         match = re.fullmatch(r"/v2/users/([^/]+)", path)
         if match:
             return {"GET": self._api_user}, {"user_id": urllib.parse.unquote(match.group(1))}
