@@ -323,28 +323,24 @@ class FakeWebhooks:
         self._idempotency[key] = webhook_id
         return self._r["json"](200, dict(self.subscriptions[webhook_id]))
 
-    def _found(self, webhook_id: str) -> dict[str, Any] | None:
+    def _found(self, request: Any, webhook_id: str) -> tuple[dict[str, Any] | None, Any]:
+        """The subscription, or the error answer (401 without a token, 404 unknown)."""
+        problem = self._auth(request)
+        if problem is not None:
+            return None, problem
         subscription = self.subscriptions.get(webhook_id)
         if subscription is None or subscription["status"] == "DELETED":
-            return None
-        return subscription
+            return None, self._error(404, f"Webhook {webhook_id} not found")
+        return subscription, None
 
     def _get(self, request: Any, webhook_id: str) -> Any:
-        problem = self._auth(request)
-        if problem is not None:
-            return problem
-        subscription = self._found(webhook_id)
-        if subscription is None:
-            return self._error(404, f"Webhook {webhook_id} not found")
-        return self._r["json"](200, dict(subscription))
+        subscription, problem = self._found(request, webhook_id)
+        return problem or self._r["json"](200, dict(subscription or {}))
 
     def _update(self, request: Any, webhook_id: str) -> Any:
-        problem = self._auth(request)
-        if problem is not None:
-            return problem
-        subscription = self._found(webhook_id)
+        subscription, problem = self._found(request, webhook_id)
         if subscription is None:
-            return self._error(404, f"Webhook {webhook_id} not found")
+            return problem
         body = request.json()
         invalid = self._check_body(body)
         if invalid:
@@ -355,12 +351,9 @@ class FakeWebhooks:
         return self._r["json"](200, dict(subscription))
 
     def _delete(self, request: Any, webhook_id: str) -> Any:
-        problem = self._auth(request)
-        if problem is not None:
-            return problem
-        subscription = self._found(webhook_id)
+        subscription, problem = self._found(request, webhook_id)
         if subscription is None:
-            return self._error(404, f"Webhook {webhook_id} not found")
+            return problem
         subscription["status"] = "DELETED"
         return self._r["json"](200, {})
 
