@@ -191,6 +191,15 @@ def check_webhook_settings(app_configs=None, **kwargs):
             hint="Set WEBHOOK_URL to the public https:// URL of the brex_oauth:webhook view.",
             id="brex_oauth.E020",
         ))
+    elif types and "companies.readonly" not in (brex_settings.SCOPES or ()):
+        errors.append(Warning(
+            "BREX_OAUTH['WEBHOOK_EVENT_TYPES'] is set but SCOPES does not ask for "
+            "companies.readonly.",
+            hint="Webhook events reach the connections of their Brex company, which the app "
+            "learns from GET /v2/company (companies.readonly); a connection without it "
+            "hears no event that names a company.",
+            id="brex_oauth.W020",
+        ))
     if url:
         parts = urlsplit(str(url))
         if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_url(url)):

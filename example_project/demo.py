@@ -59,6 +59,11 @@ DEMO_PASSWORD = "demo"
 FAKE_CLIENT_ID = "test-client-id"
 FAKE_CLIENT_SECRET = "test-client-secret"
 
+#: Events each connection subscribes to in the demo (the fake's account page sends
+#: USER_UPDATED).
+WEBHOOK_EVENT_TYPES = ("USER_UPDATED", "EXPENSE_PAYMENT_UPDATED", "TRANSFER_PROCESSED",
+                       "TRANSFER_FAILED")
+
 #: What the demo leaves in a data directory; a fresh start removes exactly these.
 DATA_FILES = ("db.sqlite3", "db.sqlite3-wal", "db.sqlite3-shm", "db.sqlite3-journal",
               "celerybeat-schedule", "celerybeat-schedule.db", "celerybeat-schedule.dat",
@@ -313,6 +318,11 @@ class Stack:
         return f"http://{self.config.host}:{self.config.port}/"
 
     @property
+    def webhook_url(self) -> str:
+        """The site's webhook receiver, which the fake Brex posts its events to."""
+        return self.url + "brex/webhook/"
+
+    @property
     def log_dir(self) -> Path:
         """Where each process's output is kept."""
         return self.config.data_dir / "logs"
@@ -342,6 +352,9 @@ class Stack:
                     "BREX_REFRESH_MARGIN": _number(config.refresh_margin),
                     "BREX_CLIENT_REFRESH_MARGIN": _number(config.client_refresh_margin),
                     "BREX_SWEEP_INTERVAL": _number(config.sweep_interval),
+                    # The fake delivers its events to the site's receiver.
+                    "BREX_WEBHOOK_URL": self.webhook_url,
+                    "BREX_WEBHOOK_EVENT_TYPES": ",".join(WEBHOOK_EVENT_TYPES),
                 }
             )
         env.update(config.extra_env)
@@ -697,6 +710,10 @@ def _print_ready(stack: Stack, use_fake: bool, brex: Mapping[str, str], staying:
         lines.append(
             f"  Fake Brex:  {stack.issuer} (access tokens last {_number(config.access_token_ttl)} "
             f"s; beat sweeps every {_number(config.sweep_interval)} s)"
+        )
+        lines.append(
+            f"  Webhooks:   change your name at {stack.fake_url}/account and watch the "
+            "dashboard's events"
         )
     else:
         target = brex.get("BREX_ISSUER") or f"Brex {brex.get('BREX_ENVIRONMENT', 'production')}"

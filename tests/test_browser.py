@@ -3,7 +3,8 @@
 Headless Chromium (Debian's ``chromium``) driven by Playwright signs in to the example site,
 served for real (runserver, a Celery worker and beat, SQLite) by the demo's machinery,
 connects at a fake Brex granting only some scopes, sees live Brex data on the dashboard and a
-refresh done in the background, denies on a second try, and disconnects. Each step is saved
+refresh done in the background, denies on a second try, and disconnects; reconnects, changes
+their name at Brex and sees the USER_UPDATED webhook arrive on the dashboard. Each step is saved
 to test-artifacts/screenshots/NN-step.png; the site's logs to test-artifacts/browser-site-logs/.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from django_brex_oauth.testing import FakeBrex
+from django_brex_oauth.testing.fake_webhooks import signature_header
 from tests.conftest import require_service
 from tests.example_site import ARTIFACTS, clean_environment, demo, keep_logs, query
 
@@ -75,9 +77,10 @@ def fake() -> Iterator[FakeBrex]:
 @pytest.fixture
 def site(tmp_path: Path, fake: FakeBrex) -> Iterator[demo.Stack]:
     data_dir = tmp_path / "site"
+    port = demo.free_port()
     config = demo.StackConfig(
         python=sys.executable,
-        port=demo.free_port(),
+        port=port,
         data_dir=data_dir,
         env_file="",
         fake_port=None,
@@ -94,6 +97,8 @@ def site(tmp_path: Path, fake: FakeBrex) -> Iterator[demo.Stack]:
             "BREX_CLIENT_REFRESH_MARGIN": "2",
             "BREX_SWEEP_INTERVAL": "1",
             "DASHBOARD_POLL_SECONDS": "1",
+            "BREX_WEBHOOK_URL": f"http://127.0.0.1:{port}/brex/webhook/",
+            "BREX_WEBHOOK_EVENT_TYPES": ",".join(demo.WEBHOOK_EVENT_TYPES),
         },
     )
     stack = demo.Stack(config)
@@ -224,12 +229,59 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
         data_dir, "SELECT status, revocation_status FROM brex_oauth_brexconnection"
     ) == [("revoked", "done")]
     shot("disconnected")
+    # The webhook subscription made on connect went at Brex before the revocation.
+    assert [s["status"] for s in fake.webhooks.subscriptions.values()] == ["DELETED"]
+
+    # Reconnect sharing everything; at Brex the customer changes their name, Brex sends
+    # USER_UPDATED to the site's webhook, and the open dashboard shows it arrive.
+    card.get_by_role("link", name=re.compile(r"^Reconnect")).click()
+    expect(page.locator("#consent-form")).to_be_visible()
+    page.locator("#allow").click()
+    expect(page).to_have_url(site.url)
+    expect(card.locator(".badge")).to_have_text("Active")
+    expect(card.locator(".brex-company")).to_contain_text(fake.company["legal_name"])
+    live = [s for s in fake.webhooks.subscriptions.values() if s["status"] == "ACTIVE"]
+    assert [s["event_types"] for s in live] == [list(demo.WEBHOOK_EVENT_TYPES)]
+    events = page.locator("#brex-events")
+    expect(events).to_contain_text("No events yet.")
+    dashboard = page
+    brex_page = page.context.new_page()
+    brex_page.goto(fake.base_url + "/account")
+    brex_page.get_by_label("First name").fill("Augusta")
+    brex_page.get_by_role("button", name="Save").click()
+    expect(brex_page.locator("#saved")).to_contain_text("USER_UPDATED to 1 subscription")
+    shot.page = brex_page
+    shot("name-changed-at-brex")
+    brex_page.close()
+    shot.page = dashboard
+    arrived = events.locator("li[data-event]")
+    expect(arrived).to_have_count(1, timeout=15_000)
+    expect(arrived.locator(".event-type")).to_have_text("USER_UPDATED")
+    expect(arrived).to_contain_text("changed: first_name")
+    shot("user-updated-event-on-the-dashboard")
+    (delivery,) = fake.webhooks.deliveries
+    assert delivery.attempts == [200]
+    assert query(data_dir, "SELECT webhook_id, event_type, status FROM "
+                 "brex_oauth_brexwebhookevent") == [(delivery.webhook_id, "USER_UPDATED",
+                                                     "processed")]
+    page.reload()
+    expect(card.locator(".brex-user")).to_contain_text(f"Augusta {ada['last_name']}")
 
     # No token or authorization code reached the site's, the worker's or beat's output.
     output = "\n".join(line for process in site.processes.values() for line in process.lines)
     secrets = shot.secrets_seen_by_brex(codes=True)
     assert len(secrets) >= 4  # a code, two access tokens, a refresh token at least
     assert not [secret for secret in secrets if secret in output]
+    # Nor a webhook signing secret or signature, or the event's payload.
+    signatures = [
+        value.split(",", 1)[1]
+        for delivery in fake.webhooks.deliveries for timestamp in delivery.timestamps
+        for value in signature_header(fake.webhooks.signing_secrets, delivery.webhook_id,
+                                      timestamp, delivery.body).split()
+    ]
+    assert signatures
+    assert not [s for s in fake.webhooks.signing_secrets + signatures if s in output]
+    assert "updated_attributes" not in output
     assert "/brex/callback/?code=[redacted]&" in output
 
     # Staff see the connection in the admin, with what happened to it.

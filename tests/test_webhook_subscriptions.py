@@ -362,6 +362,8 @@ def test_sync_retries_a_pending_deletion_and_exits_1_when_brex_fails(fake_brex, 
         ({"WEBHOOK_URL": "http://127.0.0.1:8000/brex/webhook/"}, []),
         ({"WEBHOOK_URL": HOOK_URL, "WEBHOOK_EVENT_TYPES": TYPES}, []),
         ({"WEBHOOK_SECRETS_FETCHER": "nowhere.fetch"}, ["brex_oauth.E022"]),
+        ({"WEBHOOK_URL": HOOK_URL, "WEBHOOK_EVENT_TYPES": TYPES, "SCOPES": ["users.readonly"]},
+         ["brex_oauth.W020"]),
     ],
 )
 def test_system_checks_refuse_unusable_webhook_settings(settings, overrides, expected):

@@ -565,7 +565,7 @@ li code{color:#888;font-size:12px;margin-left:auto}
 .actions{display:flex;flex-direction:row-reverse;gap:12px}
 button{flex:1;padding:11px 0;border-radius:8px;font:inherit;font-weight:600;cursor:pointer;
   border:1px solid #161616}
-#allow{background:#161616;color:#fff}
+#allow,#save{background:#161616;color:#fff}
 #deny{background:#fff;color:#161616}
 .error{color:#b00020}
 .note{font-size:12px;color:#888;margin:14px 0 0}

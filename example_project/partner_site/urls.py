@@ -13,6 +13,7 @@ admin.site.site_title = "Partner site admin"
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("token-status/", views.token_status, name="token_status"),
+    path("webhook-events/", views.webhook_events, name="webhook_events"),
     path(
         "login/",
         auth_views.LoginView.as_view(extra_context={"show_demo_login": settings.SHOW_DEMO_LOGIN}),

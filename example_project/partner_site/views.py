@@ -17,10 +17,12 @@ from django.views.decorators.cache import never_cache
 from django_brex_oauth.client import BrexClient
 from django_brex_oauth.conf import brex_settings
 from django_brex_oauth.exceptions import BrexAPIError, BrexOAuthError
-from django_brex_oauth.models import BrexConnection, BrexToken, EventKind
+from django_brex_oauth.models import BrexConnection, BrexToken, BrexWebhookEvent, EventKind
 
 USER_SCOPES = ("users", "users.readonly")
 COMPANY_SCOPES = ("companies.readonly",)
+#: Webhook events the dashboard lists.
+LATEST_EVENTS = 10
 
 
 @dataclass
@@ -110,6 +112,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "active_views": [v for v in views if v.connection.is_active],
             "brex_target": _brex_target(),
             "status_poll_seconds": settings.DASHBOARD_POLL_SECONDS,
+            "webhook_events": [_event_row(e) for e in _latest_events(request.user)],
+            "webhooks_on": bool(brex_settings.WEBHOOK_EVENT_TYPES),
         },
     )
 
@@ -138,3 +142,32 @@ def token_status(request: HttpRequest) -> JsonResponse:
             }
         )
     return JsonResponse({"now": timezone.now().isoformat(), "connections": data})
+
+
+def _latest_events(user) -> QuerySet[BrexWebhookEvent]:
+    """The newest webhook events Brex sent about this user's connections."""
+    return (
+        BrexWebhookEvent.objects.filter(connections__owner=user)
+        .distinct()
+        .order_by("-received_at", "-pk")[:LATEST_EVENTS]
+    )
+
+
+def _event_row(event: BrexWebhookEvent) -> dict[str, Any]:
+    payload = event.payload if isinstance(event.payload, dict) else {}
+    changed = payload.get("updated_attributes")
+    return {
+        "id": event.webhook_id,
+        "type": event.event_type,
+        "status": event.get_status_display(),
+        "received_at": event.received_at.isoformat(),
+        "summary": ("changed: " + ", ".join(map(str, changed))) if isinstance(changed, list)
+        else "",
+    }
+
+
+@never_cache
+@login_required
+def webhook_events(request: HttpRequest) -> JsonResponse:
+    """The newest webhook events for the dashboard to show as they arrive."""
+    return JsonResponse({"events": [_event_row(e) for e in _latest_events(request.user)]})
