@@ -381,6 +381,34 @@ def test_the_signal_is_sent_after_the_commit(deliver, connection):
     assert seen == [(False, True)]
 
 
+def test_the_signal_waits_for_the_commit_under_atomic_requests(
+    deliver, connection, atomic_requests, received
+):
+    from django_brex_oauth.services import webhook_events
+
+    seen = atomic_requests.watch(webhook_events, "process")
+    assert deliver.post(deliver.body()).status_code == 200
+    assert seen == [False] and len(received) == 1
+
+
+def test_a_bug_while_handling_leaves_the_event_failed_not_processing(
+    deliver, connection, monkeypatch
+):
+    from django_brex_oauth.services import webhook_events
+
+    def broken(*args):
+        raise KeyError("payload-value")
+
+    monkeypatch.setattr(webhook_events, "_refresh_user_details", broken)
+    with pytest.raises(KeyError):
+        deliver.post(deliver.body())
+    event = BrexWebhookEvent.objects.get()
+    assert (event.status, event.last_error) == (WebhookEventStatus.FAILED,
+                                                "Handling failed: KeyError.")
+    monkeypatch.undo()
+    assert webhook_events.process(event, again=True).status == WebhookEventStatus.PROCESSED
+
+
 def test_a_receiver_that_raises_is_recorded_and_the_others_still_hear(
     deliver, connection, received
 ):

@@ -130,21 +130,34 @@ def process(event: BrexWebhookEvent | int, *, again: bool = False) -> BrexWebhoo
 
     if stored.company_id and not connections:
         return _finish(stored, WebhookEventStatus.IGNORED, "", now)
+    try:
+        errors = _run_handlers(stored, connections)
+    except Exception as err:
+        # Never left "processing" (which "process again" leaves alone). Only the type is
+        # kept: an exception's text may quote the payload.
+        _finish(stored, WebhookEventStatus.FAILED,
+                f"Handling failed: {type(err).__name__}.", now)
+        raise
+    status = WebhookEventStatus.FAILED if errors else WebhookEventStatus.PROCESSED
+    return _finish(stored, status, " ".join(errors), now)
+
+
+def _run_handlers(event: BrexWebhookEvent, connections: list[BrexConnection]) -> list[str]:
+    """The app's own handler, then ``webhook_received``; the failures, described."""
     errors = []
-    if stored.event_type == USER_UPDATED:
-        errors += _refresh_user_details(stored.payload, connections)
+    if event.event_type == USER_UPDATED:
+        errors += _refresh_user_details(event.payload, connections)
     # After the app's own handler; a receiver that raises is recorded, not re-raised, so
     # that every receiver hears of the event once.
     for receiver, result in signals.webhook_received.send_robust(
-        sender=BrexWebhookEvent, event=stored, connections=connections
+        sender=BrexWebhookEvent, event=event, connections=connections
     ):
         if isinstance(result, Exception):
             name = getattr(receiver, "__qualname__", type(receiver).__name__)
             errors.append(f"Receiver {name} raised {type(result).__name__}.")
             logger.error("A webhook_received receiver (%s) raised %s for Brex webhook %s.",
-                         name, type(result).__name__, stored.webhook_id)
-    status = WebhookEventStatus.FAILED if errors else WebhookEventStatus.PROCESSED
-    return _finish(stored, status, " ".join(errors), now)
+                         name, type(result).__name__, event.webhook_id)
+    return errors
 
 
 def _finish(event: BrexWebhookEvent, status: str, error: str, started) -> BrexWebhookEvent:
