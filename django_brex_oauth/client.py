@@ -77,7 +77,8 @@ def get_with_token(access_token: str, path: str, *, session=None) -> Any:
     """GET ``path`` from the API server with ``access_token`` once; JSON in, typed errors out.
 
     No refresh and no retry: for the moment right after connecting, before a connection
-    exists. Raises :class:`BrexUnavailable` for network errors, and
+    exists. Returns ``None`` when a successful answer is not JSON (the caller checks the
+    shape). Raises :class:`BrexUnavailable` for network errors, and
     :class:`BrexAPIUnavailable` (a ``BrexUnavailable``) for 429 and 5xx.
     """
     url = brex_settings.api_base_url + path
@@ -91,7 +92,7 @@ def get_with_token(access_token: str, path: str, *, session=None) -> Any:
         raise unavailable(err) from err
     if response.status_code >= 400:
         raise _error_from_response(response, "GET", path)
-    return response.json()
+    return _json_or_none(response)
 
 
 class _APIClient:

@@ -77,6 +77,20 @@ def refresh_due_connections(all_active: bool = False) -> int:
     return queued
 
 
+# --- Identity (read again after connecting) ------------------------------------------------
+
+
+@shared_task(ignore_result=True)
+def read_identity(connection_id: int) -> bool:
+    """Read who connected (email, company) again, for a connection whose identity Brex did
+    not answer in a usable form when it connected. The API client retries 429, 5xx and
+    network errors itself; what still fails is left for the next reconnect. Returns True
+    once the identity is complete."""
+    from .services import connect
+
+    return connect.update_identity(connection_id)
+
+
 # --- Revocation and cleanup ---------------------------------------------------------------
 
 

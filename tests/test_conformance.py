@@ -16,7 +16,7 @@ import jwt
 import pytest
 from django.utils import timezone
 
-from django_brex_oauth import discovery, oauth, signals
+from django_brex_oauth import discovery, oauth, signals, tasks
 from django_brex_oauth.exceptions import IdTokenError, TokenError
 from django_brex_oauth.fields import RotatingFernet, UndecryptableValue
 from django_brex_oauth.models import (
@@ -594,3 +594,82 @@ def test_key_rotation_keeps_the_token_of_a_deleted_connection_awaiting_revocatio
     call_command("brex_oauth_rotate_key", stdout=None)
     settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": []}
     assert DetachedRevocation.objects.get(pk=pending.pk).token == "refresh-DETACHED"
+
+
+# Identity answers: /v2/users/me or /v2/company answering something malformed during the
+# connect keeps a usable connection (the grant is stored, so it can be revoked) and the
+# identity is read again later.
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("fault", ["not_json", "json_list", "json_string", "wrong_types"])
+def test_a_malformed_identity_answer_keeps_a_usable_connection_and_reads_it_again_later(
+    flow, fake_brex, user, fault, caplog
+):
+    fake_brex.identity_fault = fault
+
+    response = flow.connect()
+
+    assert response.status_code == 302, response.content[:300]
+    connection = BrexConnection.objects.get(owner=user)
+    assert connection.status == "active"
+    # Nothing of the malformed answers is stored; the email comes from the signed id_token.
+    assert (connection.brex_company_id, connection.brex_company_name) == ("", "")
+    assert connection.brex_user_email == fake_brex.default_user["email"]
+    token = BrexToken.objects.get(pk=connection.pk)
+    # The grant Brex issued is held by the site: usable, and revocable by a disconnect.
+    assert fake_brex.is_refresh_token_active(token.refresh_token)
+    assert fake_brex.is_access_token_active(token.access_token)
+    assert "/v2/users/me" in caplog.text and "/v2/company" in caplog.text
+    assert "Something went wrong" not in caplog.text and token.access_token not in caplog.text
+
+    # Once Brex answers properly, the identity is read again and stored.
+    fake_brex.identity_fault = None
+    assert tasks.read_identity(connection.pk) is True
+    connection.refresh_from_db()
+    assert connection.brex_user_email == fake_brex.default_user["email"]
+    assert connection.brex_company_id == fake_brex.company["id"]
+    assert connection.brex_company_name == fake_brex.company["legal_name"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_identity_is_read_again_by_itself_after_the_connect_commits(flow, fake_brex, user):
+    # Only the answers during the callback are malformed; the task queued after the
+    # commit reads proper ones.
+    fake_brex.fail_next("/v2/users/me", status=200, body="<html>maintenance</html>")
+    fake_brex.fail_next("/v2/company", status=200, body=[fake_brex.company])
+
+    response = flow.connect()
+
+    assert response.status_code == 302
+    connection = BrexConnection.objects.get(owner=user)
+    assert connection.brex_user_email == fake_brex.default_user["email"]
+    assert connection.brex_company_id == fake_brex.company["id"]
+    me_answers = [r["status"] for r in fake_brex.requests if r["path"] == "/v2/users/me"]
+    assert me_answers == [200, 200]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_with_a_malformed_identity_can_be_disconnected_and_revoked(
+    flow, fake_brex, user, user_client
+):
+    from django.urls import reverse
+
+    fake_brex.identity_fault = "json_string"
+    flow.connect()
+    connection = BrexConnection.objects.get(owner=user)
+    refresh_token = BrexToken.objects.get(pk=connection.pk).refresh_token
+
+    response = user_client.post(reverse("brex_oauth:disconnect", args=[connection.pk]))
+
+    assert response.status_code == 302
+    assert not fake_brex.is_refresh_token_active(refresh_token)
+
+
+def test_unknown_identity_faults_are_refused():
+    from django_brex_oauth.testing.fake_brex import IDENTITY_FAULTS, FakeBrex
+
+    assert set(IDENTITY_FAULTS) == {"not_json", "json_list", "json_string", "wrong_types"}
+    fake = FakeBrex()
+    with pytest.raises(ValueError, match="unknown identity fault"):
+        fake.identity_fault = "teapot"

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
 from django.db import transaction
 from django.utils import timezone
 
 from .. import oauth, signals
-from ..client import get_with_token
+from ..client import BrexClient, get_with_token
 from ..conf import brex_settings
 from ..exceptions import (
     AccessDenied,
@@ -30,7 +33,9 @@ from ..models import (
     ConnectionStatus,
     EventKind,
     RevocationStatus,
+    connection_pk,
 )
+from ..tasks import read_identity as read_identity_task
 from . import webhook_subscriptions
 
 logger = logging.getLogger("django_brex_oauth")
@@ -165,39 +170,141 @@ def complete_authorization(
                         "refresh_token" if tokens.refresh_token else "access_token")
         raise
 
-    identity = _read_identity(tokens.access_token, tokens.scopes)
+    # Who connected is read with the new access token. Whatever Brex answers (an error, a
+    # body that is not JSON, the wrong shape), the connection is stored: the grant is
+    # valid and usable, and only the email and company are left out, to be read again by
+    # the read_identity task after the commit.
+    identity = read_identity(lambda path: get_with_token(tokens.access_token, path),
+                             tokens.scopes)
+    if identity.email is None and _valid_email(claims.get("email")):
+        identity.email = claims["email"]
     connection, created = _store_connection(
         user=user,
         environment=auth_request.environment,
         brex_user_id=str(claims["sub"]),
-        email=identity.get("email") or claims.get("email") or "",
         identity=identity,
         tokens=tokens,
     )
     return CompletedConnection(connection, created, auth_request.next_url)
 
 
-def _read_identity(access_token: str, scopes: list[str]) -> dict[str, Any]:
-    """The Brex user's email and company, as far as the granted scopes allow."""
-    identity: dict[str, Any] = {}
+#: Scopes that allow reading ``GET /v2/users/me``.
+USER_SCOPES = frozenset({"users", "users.readonly"})
+#: The scope that allows reading ``GET /v2/company``.
+COMPANY_SCOPE = "companies.readonly"
+
+
+@dataclass
+class Identity:
+    """Who connected, as far as Brex's answers could be read. ``None`` means "not read"
+    (the scope was not granted, or the answer was unusable), not "empty"."""
+
+    email: str | None = None
+    company_id: str | None = None
+    company_name: str | None = None
+    #: False when an answer the scopes allow could not be used (an error or a malformed
+    #: body): worth reading again later.
+    complete: bool = True
+
+
+def _valid_email(value: Any) -> bool:
+    if not isinstance(value, str) or not 0 < len(value) <= 254:
+        return False
+    try:
+        validate_email(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def _json_object(read: Callable[[str], Any], path: str) -> dict[str, Any] | None:
+    """Brex's answer at ``path`` when it is a JSON object; None (and a warning that names
+    what was wrong, never the body) when the call failed or answered anything else."""
+    try:
+        answer = read(path)
+    except BrexOAuthError as err:
+        logger.warning("Could not read %s from Brex: %s", path, err)
+        return None
+    if not isinstance(answer, dict):
+        logger.warning(
+            "Brex answered %s with %s instead of a JSON object.",
+            path, "no JSON" if answer is None else f"a JSON {type(answer).__name__}",
+        )
+        return None
+    return answer
+
+
+def read_identity(read: Callable[[str], Any], scopes: list[str]) -> Identity:
+    """The Brex user's email and company, as far as the granted ``scopes`` allow and
+    Brex's answers make sense. ``read(path)`` GETs an API path and returns its parsed JSON
+    (``None`` for a body that is not JSON). A field of the wrong type or size is left out,
+    and the result is then marked incomplete."""
+    identity = Identity()
     granted = set(scopes)
-    if granted & {"users", "users.readonly"}:
-        try:
-            me = get_with_token(access_token, "/v2/users/me")
-            identity["email"] = me.get("email") or ""
-        except BrexOAuthError as err:
-            logger.warning("Could not read the Brex user after connecting: %s", err)
-    if "companies.readonly" in granted:
-        try:
-            company = get_with_token(access_token, "/v2/company")
-            identity["company_id"] = company.get("id") or ""
-            identity["company_name"] = company.get("legal_name") or ""
-        except BrexOAuthError as err:
-            logger.warning("Could not read the Brex company after connecting: %s", err)
+    if granted & USER_SCOPES:
+        me = _json_object(read, "/v2/users/me")
+        email = me.get("email") if me is not None else None
+        if _valid_email(email):
+            identity.email = email
+        else:
+            identity.complete = False
+            if me is not None:
+                logger.warning("Brex's /v2/users/me carried no usable email.")
+    if COMPANY_SCOPE in granted:
+        company = _json_object(read, "/v2/company")
+        company_id = company.get("id") if company is not None else None
+        name = company.get("legal_name") if company is not None else None
+        if isinstance(company_id, str) and 0 < len(company_id) <= 255 and (
+            name is None or isinstance(name, str)
+        ):
+            identity.company_id = company_id
+            identity.company_name = (name or "")[:255]
+        else:
+            identity.complete = False
+            if company is not None:
+                logger.warning("Brex's /v2/company carried no usable id and legal name.")
     return identity
 
 
-def _store_connection(*, user, environment, brex_user_id, email, identity, tokens):
+def update_identity(connection: BrexConnection | int) -> bool:
+    """Read who connected again, for a connection whose identity could not be read when it
+    connected, through :class:`~django_brex_oauth.client.BrexClient` (which refreshes and
+    retries as for any call), and store what reads well. Returns True once the identity is
+    complete; False when it is still not (the next reconnect reads it again), or the
+    connection is no longer active."""
+    connection = BrexConnection.objects.get(pk=connection_pk(connection))
+    if not connection.is_active:
+        return False
+    identity = read_identity(BrexClient(connection).get, connection.scopes)
+    changes = _identity_fields(identity)
+    if changes:
+        BrexConnection.objects.filter(pk=connection.pk).update(
+            **changes, updated_at=timezone.now()
+        )
+    return identity.complete
+
+
+def _identity_fields(identity: Identity) -> dict[str, str]:
+    changes: dict[str, str] = {}
+    if identity.email is not None:
+        changes["brex_user_email"] = identity.email
+    if identity.company_id is not None:
+        changes["brex_company_id"] = identity.company_id
+        changes["brex_company_name"] = identity.company_name or ""
+    return changes
+
+
+def _queue_identity_read(connection_id: int) -> None:
+    try:
+        read_identity_task.delay(connection_id)
+    except Exception as err:  # noqa: BLE001 - any broker failure; the identity stays unread
+        logger.warning(
+            "Could not queue reading the identity of Brex connection %s (%s); it is read "
+            "again when the customer reconnects.", connection_id, type(err).__name__,
+        )
+
+
+def _store_connection(*, user, environment, brex_user_id, identity, tokens):
     now = timezone.now()
     with transaction.atomic():
         connection, created = BrexConnection.objects.select_for_update().get_or_create(
@@ -212,9 +319,9 @@ def _store_connection(*, user, environment, brex_user_id, email, identity, token
             if old is not None and old.refresh_token and old.refresh_token != tokens.refresh_token:
                 replaced_refresh_token = old.refresh_token
             connection.connected_at = now
-        connection.brex_user_email = email[:254]
-        connection.brex_company_id = identity.get("company_id", connection.brex_company_id)
-        connection.brex_company_name = identity.get("company_name", connection.brex_company_name)
+        # What could not be read keeps its value from an earlier connect.
+        for field, value in _identity_fields(identity).items():
+            setattr(connection, field, value)
         connection.granted_scopes = " ".join(tokens.scopes)
         connection.status = ConnectionStatus.ACTIVE
         connection.revoked_at = None
@@ -246,6 +353,8 @@ def _store_connection(*, user, environment, brex_user_id, email, identity, token
         if replaced_refresh_token:
             transaction.on_commit(lambda: _revoke_quietly(replaced_refresh_token, "refresh_token"))
         transaction.on_commit(lambda: webhook_subscriptions.subscribe(connection))
+        if not identity.complete:
+            transaction.on_commit(lambda: _queue_identity_read(connection.pk))
         transaction.on_commit(
             lambda: signals.connected.send(
                 sender=BrexConnection, connection=connection, user=user, created=created

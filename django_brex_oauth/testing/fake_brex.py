@@ -66,6 +66,7 @@ __all__ = [
     "DEFAULT_SCOPES",
     "FOREIGN_ISSUER",
     "ID_TOKEN_FAULTS",
+    "IDENTITY_FAULTS",
     "ISSUER_PATH",
     "REFERRALS_SCOPE",
     "SUPPORTED_SCOPES",
@@ -153,6 +154,14 @@ UNTRUSTED_AUDIENCE = "some-other-client-id"
 
 FOREIGN_ISSUER = "https://accounts-api.evil.example.com/oauth2/default"
 """The issuer that the ``wrong_iss`` faults name."""
+
+IDENTITY_FAULTS: tuple[str, ...] = (
+    "not_json",
+    "json_list",
+    "json_string",
+    "wrong_types",
+)
+"""Values accepted by :attr:`FakeBrex.identity_fault`."""
 
 _OIDC_SCOPES = ("openid", "offline_access")
 _STAT_KEYS = (
@@ -672,6 +681,7 @@ class FakeBrex:
         self._id_token_fault: str | None = None
         self._refresh_id_token_fault: str | None = None
         self._authorization_response_fault: str | None = None
+        self._identity_fault: str | None = None
         self._signing_key = _cached_key("signing")
         self._published_keys: list[_SigningKey] = [self._signing_key]
         self._codes: dict[str, _Code] = {}
@@ -1047,6 +1057,23 @@ class FakeBrex:
         if fault is not None and fault not in known:
             raise ValueError(f"unknown {what} fault {fault!r}; use one of {known}")
         return fault
+
+    @property
+    def identity_fault(self) -> str | None:
+        """``None`` or one of :data:`IDENTITY_FAULTS`: how ``/v2/users/me`` and
+        ``/v2/company`` answer from now on, with HTTP 200 and a malformed body.
+
+        ``not_json`` sends an HTML page; ``json_list`` a JSON list holding the right object;
+        ``json_string`` a JSON string; ``wrong_types`` the right object with every field of
+        the wrong type (numbers for ids and names, a list for the email, an object for the
+        status).
+        """
+        return self._identity_fault
+
+    @identity_fault.setter
+    def identity_fault(self, fault: str | None) -> None:
+        with self._lock:
+            self._identity_fault = self._checked_fault(fault, IDENTITY_FAULTS, "identity")
 
     def emit(self, event_type: str, payload: Mapping[str, Any] | None = None,
              **options: Any) -> list[Any]:
@@ -2050,7 +2077,7 @@ class FakeBrex:
         user = self._user_by_id(record.user_id)
         if user is None:
             return _api_error(404, "User not found", "NOT_FOUND")
-        return _json(200, user)
+        return self._identity_answer(user)
 
     def _api_user(self, request: _Request, user_id: str) -> _Response:
         _, problem = self._api_auth(request, "users", "users.readonly")
@@ -2093,7 +2120,27 @@ class FakeBrex:
         _, problem = self._api_auth(request, "companies.readonly")
         if problem is not None:
             return problem
-        return _json(200, self.company)
+        return self._identity_answer(self.company)
+
+    def _identity_answer(self, data: dict[str, Any]) -> _Response:
+        fault = self._identity_fault
+        if fault == "not_json":
+            return _html(200, _page("Brex", "<p>Something went wrong.</p>"))
+        if fault == "json_list":
+            return _json(200, [data])
+        if fault == "json_string":
+            return _json(200, str(data.get("id", "")))
+        if fault == "wrong_types":
+            wrong: dict[str, Any] = {}
+            for index, (key, value) in enumerate(data.items()):
+                if key == "email":
+                    wrong[key] = [value]
+                elif key == "status":
+                    wrong[key] = {"value": value}
+                else:
+                    wrong[key] = 10_000 + index
+            return _json(200, wrong)
+        return _json(200, data)
 
     def _api_create_referral(self, request: _Request) -> _Response:
         _, problem = self._api_auth(request, REFERRALS_SCOPE)
