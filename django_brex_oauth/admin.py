@@ -538,8 +538,8 @@ class BrexWebhookEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     search_fields = ("webhook_id", "company_id")
     date_hierarchy = "received_at"
     readonly_fields = ("webhook_id", "event_type", "company_id", "status", "received_at",
-                       "processed_at", "attempts", "last_error", "connection_list",
-                       "payload_json")
+                       "processing_since", "processed_at", "attempts", "last_error",
+                       "connection_list", "payload_json")
     exclude = ("payload", "connections")
     actions = ["process_again"]
 

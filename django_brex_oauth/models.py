@@ -373,6 +373,9 @@ class BrexWebhookEvent(models.Model):
     )
     received_at = models.DateTimeField(default=timezone.now, db_index=True)
     processed_at = models.DateTimeField(null=True, blank=True)
+    processing_since = models.DateTimeField(
+        null=True, blank=True, help_text="When the handlers now running were started."
+    )
     attempts = models.PositiveIntegerField(
         default=0, help_text="Times the handlers were run for this event."
     )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.urls import reverse
+from django.utils import timezone
 
 from django_brex_oauth import signals
 from django_brex_oauth.models import BrexWebhookEvent, WebhookEventStatus
@@ -76,9 +79,19 @@ def test_process_again_runs_the_handlers_once_more(admin_client, events, user):
 
 def test_an_event_being_processed_is_left_alone(events):
     BrexWebhookEvent.objects.filter(pk=events["user"].pk).update(
-        status=WebhookEventStatus.PROCESSING)
+        status=WebhookEventStatus.PROCESSING, processing_since=timezone.now())
     assert webhook_events.process(events["user"], again=True) is None
     assert webhook_events.process(events["user"]) is None
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_a_claim_left_by_a_process_that_died_is_taken_over(events, again):
+    started = timezone.now() - timedelta(seconds=webhook_events.PROCESSING_TIMEOUT + 1)
+    BrexWebhookEvent.objects.filter(pk=events["user"].pk).update(
+        status=WebhookEventStatus.PROCESSING, processing_since=started)
+    event = webhook_events.process(events["user"], again=again)
+    assert event is not None and event.status == WebhookEventStatus.PROCESSED
+    assert BrexWebhookEvent.objects.get(pk=events["user"].pk).processing_since is None
 
 
 def test_process_again_needs_the_change_permission(client, django_user_model, events):

@@ -8,9 +8,11 @@ schedules the handling, after its transaction commits: in the same process, or i
 
 :func:`process` claims the event with one conditional update (``received`` →
 ``processing``), so a task delivered twice or two staff clicking "process again" still run
-the handlers once per claim. It runs the app's own handler (``USER_UPDATED`` refreshes the
-stored Brex user details of the matching connections) and then sends
-``signals.webhook_received`` outside any transaction. An event whose ``company_id`` matches
+the handlers once per claim. A claim left by a process that died is taken over after
+:data:`PROCESSING_TIMEOUT` (the handlers may then run a second time for that event).
+It runs the app's own handler (``USER_UPDATED`` refreshes the stored Brex user details of
+the matching connections) and then sends ``signals.webhook_received`` outside any
+transaction. An event whose ``company_id`` matches
 no active connection is ``ignored`` (recorded, not signalled); one without a
 ``company_id`` (referral events) is signalled with no connections.
 
@@ -23,9 +25,11 @@ import enum
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from .. import signals
@@ -41,6 +45,10 @@ logger = logging.getLogger("django_brex_oauth")
 PROCESS_TASK = "brex_oauth.process_webhook_event"
 
 USER_UPDATED = "USER_UPDATED"
+
+#: Seconds after which an event still ``processing`` is taken to belong to a process that
+#: died, so that a redelivered task or "process again" may handle it.
+PROCESSING_TIMEOUT = 600
 _USER_SCOPES = ("users", "users.readonly")
 
 
@@ -113,14 +121,19 @@ def process(event: BrexWebhookEvent | int, *, again: bool = False) -> BrexWebhoo
     being processed right now is handled once more.
     """
     event_id = event.pk if isinstance(event, BrexWebhookEvent) else int(event)
+    now = timezone.now()
+    # A claim older than PROCESSING_TIMEOUT belonged to a process that died (a worker
+    # killed mid-way, whose task comes back with acks_late): it may be taken over.
+    stale = Q(status=WebhookEventStatus.PROCESSING,
+              processing_since__lt=now - timedelta(seconds=PROCESSING_TIMEOUT))
     claimable = BrexWebhookEvent.objects.filter(pk=event_id)
     if again:
-        claimable = claimable.exclude(status=WebhookEventStatus.PROCESSING)
+        claimable = claimable.filter(~Q(status=WebhookEventStatus.PROCESSING) | stale)
     else:
-        claimable = claimable.filter(status=WebhookEventStatus.RECEIVED)
-    now = timezone.now()
+        claimable = claimable.filter(Q(status=WebhookEventStatus.RECEIVED) | stale)
     with transaction.atomic():
-        if not claimable.update(status=WebhookEventStatus.PROCESSING, last_error=""):
+        if not claimable.update(status=WebhookEventStatus.PROCESSING, processing_since=now,
+                                last_error=""):
             return None
         stored = BrexWebhookEvent.objects.get(pk=event_id)
         stored.attempts += 1
@@ -165,7 +178,8 @@ def _finish(event: BrexWebhookEvent, status: str, error: str, started) -> BrexWe
     event.last_error = error[:2000]
     event.processed_at = timezone.now()
     BrexWebhookEvent.objects.filter(pk=event.pk).update(
-        status=status, last_error=event.last_error, processed_at=event.processed_at
+        status=status, last_error=event.last_error, processed_at=event.processed_at,
+        processing_since=None,
     )
     logger.info("Brex webhook %s (%s): %s in %.0f ms.", event.webhook_id, event.event_type,
                 status, (event.processed_at - started).total_seconds() * 1000)
