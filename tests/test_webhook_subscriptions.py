@@ -371,3 +371,57 @@ def test_system_checks_refuse_unusable_webhook_settings(settings, overrides, exp
 
     settings.BREX_OAUTH = {**settings.BREX_OAUTH, **overrides}
     assert [e.id for e in check_webhook_settings()] == expected
+
+
+# --- the fake's subscription endpoints --------------------------------------------------------
+
+
+def call(fake, method, path, token, body=None, key=None):
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    if key:
+        headers["Idempotency-Key"] = key
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(fake.api_base_url + path, data=data, method=method,
+                                     headers=headers)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as answer:
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read() or b"null")
+
+
+def test_the_fakes_subscription_endpoints_behave_like_brexs(fake_brex, brex_settings):
+    token = make_connection(create_user("api"), fake=fake_brex).token.access_token
+    body = {"url": HOOK_URL, "event_types": TYPES}
+
+    assert call(fake_brex, "POST", "/v1/webhooks", token, body)[0] == 400  # no key
+    for bad in ({"url": "http://partner.example.com/hook", "event_types": TYPES},
+                {"url": HOOK_URL, "event_types": []},
+                {"url": HOOK_URL, "event_types": ["NOT_A_TYPE"]}):
+        status, error = call(fake_brex, "POST", "/v1/webhooks", token, bad, key="k-bad")
+        assert status == 400 and error["type"] == "BAD_REQUEST"
+    assert call(fake_brex, "POST", "/v1/webhooks", "not-a-token", body, key="k1")[0] == 401
+
+    status, created = call(fake_brex, "POST", "/v1/webhooks", token, body, key="k1")
+    assert status == 200
+    assert created == {"id": created["id"], "url": HOOK_URL, "event_types": TYPES,
+                       "status": "ACTIVE"}
+    assert call(fake_brex, "POST", "/v1/webhooks", token, body, key="k1")[1] == created
+    assert call(fake_brex, "GET", f"/v1/webhooks/{created['id']}", token) == (200, created)
+    status, page = call(fake_brex, "GET", "/v1/webhooks", token)
+    assert page == {"items": [created], "next_cursor": None}
+
+    changed = {"url": HOOK_URL, "event_types": ["USER_UPDATED"]}
+    status, updated = call(fake_brex, "PUT", f"/v1/webhooks/{created['id']}", token, changed)
+    assert (status, updated["event_types"]) == (200, ["USER_UPDATED"])
+
+    assert call(fake_brex, "DELETE", f"/v1/webhooks/{created['id']}", token)[0] == 200
+    assert call(fake_brex, "GET", f"/v1/webhooks/{created['id']}", token)[0] == 404
+    assert call(fake_brex, "DELETE", f"/v1/webhooks/{created['id']}", token)[0] == 404
+    assert call(fake_brex, "GET", "/v1/webhooks", token)[1]["items"] == []
+    assert fake_brex.emit("USER_UPDATED") == []  # nothing subscribed any more
