@@ -38,13 +38,36 @@ def _read_body(request: HttpRequest) -> bytes:
     return body
 
 
+def _holds_nul(value: object) -> bool:
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _payload(body: bytes) -> dict:
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
+        # NaN and Infinity are Python's extensions, not JSON (PostgreSQL refuses them).
+        payload = json.loads(body, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise webhooks.WebhookPayloadInvalid("The body is not JSON.") from err
     if not isinstance(payload, dict):
         raise webhooks.WebhookPayloadInvalid("The body is not a JSON object.")
+    if _holds_nul(payload):
+        # PostgreSQL's jsonb cannot store a NUL character.
+        raise webhooks.WebhookPayloadInvalid("The body holds a NUL character.")
     if not isinstance(payload.get("event_type"), str) or not payload["event_type"]:
         raise webhooks.WebhookPayloadInvalid("The body has no event_type.")
     return payload

@@ -191,7 +191,13 @@ def test_a_timestamp_that_is_not_integer_seconds_is_refused(deliver, connection)
     assert deliver.post(body, headers).status_code == 400
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'{"company_id": "x"}', b"\xff\xfe"])
+@pytest.mark.parametrize("body", [
+    b"not json", b"[1, 2]", b'{"company_id": "x"}', b"\xff\xfe",
+    b'{"event_type": "USER_UPDATED", "amount": NaN}',
+    b'{"event_type": "USER_UPDATED", "amount": -Infinity}',
+    b'{"event_type": "USER_UPDATED", "note": "a\\u0000b"}',
+    b'{"event_type": "USER_UPDATED", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+])
 def test_a_signed_body_that_is_not_an_event_is_refused(deliver, connection, body, received):
     response = deliver.post(body)
     assert response.status_code == 400
