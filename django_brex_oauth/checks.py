@@ -50,6 +50,54 @@ def _url_problem(name: str, value: object) -> Error | None:
     return None
 
 
+def _callback_url_problems() -> list:
+    """``REDIRECT_URI`` / ``SITE_URL``: one of them set, well formed, https without DEBUG."""
+    redirect_uri, site_url = brex_settings.REDIRECT_URI, brex_settings.SITE_URL
+    if not redirect_uri and not site_url:
+        # Refused at connect time either way; in development a warning lets the site start.
+        level, check_id = (Warning, "W004") if settings.DEBUG else (Error, "E010")
+        return [
+            level(
+                "Neither BREX_OAUTH['SITE_URL'] nor BREX_OAUTH['REDIRECT_URI'] is set, so "
+                "there is no callback URL to give Brex and connecting Brex is refused.",
+                hint="Set SITE_URL to this site's public address, e.g. "
+                "https://partner.example.com (the callback's path comes from your URLconf), "
+                "or REDIRECT_URI to the exact callback URL registered with Brex. It is never "
+                "taken from the request's Host header.",
+                id=f"brex_oauth.{check_id}",
+            )
+        ]
+    problems: list = []
+    if site_url:
+        parts = urlsplit(str(site_url))
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+        ):
+            problems.append(
+                Error(
+                    f"BREX_OAUTH['SITE_URL'] must be a scheme and host only, not {site_url!r}.",
+                    hint="For example https://partner.example.com. For a callback URL that "
+                    "is not this address plus the callback's path, set REDIRECT_URI instead.",
+                    id="brex_oauth.E011",
+                )
+            )
+    name, value = ("REDIRECT_URI", redirect_uri) if redirect_uri else ("SITE_URL", site_url)
+    if urlsplit(str(value)).scheme != "https" and not settings.DEBUG:
+        problems.append(
+            Error(
+                f"BREX_OAUTH['{name}'] must use https:// when DEBUG is off.",
+                hint="Brex sends the authorization code to the callback URL; register the "
+                "https:// callback URL with Brex and set it here.",
+                id="brex_oauth.E006",
+            )
+        )
+    return problems
+
+
 @register(Tags.security, "brex_oauth")
 def check_settings(app_configs=None, **kwargs):
     """Validate ``BREX_OAUTH``."""
@@ -111,17 +159,7 @@ def check_settings(app_configs=None, **kwargs):
             problem = _url_problem(name, getattr(brex_settings, name))
             if problem:
                 errors.append(problem)
-    redirect_uri = brex_settings.REDIRECT_URI
-    if redirect_uri:
-        if urlsplit(str(redirect_uri)).scheme != "https" and not settings.DEBUG:
-            errors.append(
-                Error(
-                    "BREX_OAUTH['REDIRECT_URI'] must use https:// when DEBUG is off.",
-                    hint="Brex sends the authorization code to this address; register the "
-                    "https:// callback URL with Brex and set it here.",
-                    id="brex_oauth.E006",
-                )
-            )
+    errors.extend(_callback_url_problems())
     algorithms = brex_settings.ID_TOKEN_ALGORITHMS
     if (
         not isinstance(algorithms, list | tuple)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.urls import reverse
 
 from .exceptions import BrexOAuthConfigurationError
 
@@ -45,8 +46,13 @@ DEFAULTS: dict[str, Any] = {
     "ISSUER": None,
     # Override the API server.
     "API_BASE_URL": None,
-    # Absolute callback URL registered with Brex; None builds it from the request.
+    # Absolute callback URL registered with Brex. When None, SITE_URL is joined to the
+    # callback's path; the request's Host header is never used.
     "REDIRECT_URI": None,
+    # This site's public address (scheme, host and port, no path), e.g.
+    # "https://partner.example.com"; the callback URL is this plus the callback's path in
+    # the URLconf. Used when REDIRECT_URI is None.
+    "SITE_URL": None,
     # Always add prompt=login so the person signs in to Brex again.
     "FORCE_LOGIN": False,
     # Where to send the person after connecting when no safe ``next`` was given (a URL or
@@ -180,6 +186,21 @@ class BrexOAuthSettings:
         if self.API_BASE_URL:
             return str(self.API_BASE_URL).rstrip("/")
         return API_BASE_URLS[self.environment]
+
+    @property
+    def redirect_uri(self) -> str | None:
+        """The callback URL sent to Brex: ``REDIRECT_URI``, else ``SITE_URL`` joined to the
+        callback's path (``reverse("brex_oauth:callback")``, so a script prefix is kept);
+        None when neither is set.
+
+        Never built from a request: with a lax ``ALLOWED_HOSTS`` a forged ``Host`` header
+        would otherwise choose where Brex sends the authorization code.
+        """
+        if self.REDIRECT_URI:
+            return str(self.REDIRECT_URI)
+        if self.SITE_URL:
+            return str(self.SITE_URL).rstrip("/") + reverse("brex_oauth:callback")
+        return None
 
     @property
     def environment(self) -> str:

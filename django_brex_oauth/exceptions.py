@@ -42,6 +42,19 @@ class AuthorizationError(BrexOAuthError):
     """The redirect back from Brex cannot complete a connection."""
 
 
+class RedirectURINotConfigured(AuthorizationError):
+    """Neither ``REDIRECT_URI`` nor ``SITE_URL`` is set, so there is no callback URL to give
+    Brex (it is never taken from the request's ``Host`` header)."""
+
+    title = "Connecting Brex is not set up on this site yet"
+    user_message = (
+        "This site has not been told the address Brex should send you back to, so "
+        "connecting was not started and nothing was stored. The site's administrators need "
+        "to set BREX_OAUTH['SITE_URL'] (or BREX_OAUTH['REDIRECT_URI'])."
+    )
+    http_status = 503
+
+
 class StateError(AuthorizationError, SuspiciousOperation):
     """The ``state`` is missing, unknown, used already, expired or bound to someone else."""
 

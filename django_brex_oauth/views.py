@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from . import services
 from .conf import brex_settings
-from .exceptions import BrexOAuthError
+from .exceptions import BrexOAuthError, RedirectURINotConfigured
 from .models import BrexConnection, ConnectionStatus
 from .services.revoke import disconnect as disconnect_connection
 
@@ -63,12 +63,6 @@ class UnsafeNext(BrexOAuthError):
     )
 
 
-def _redirect_uri(request: HttpRequest) -> str:
-    return brex_settings.REDIRECT_URI or request.build_absolute_uri(
-        reverse("brex_oauth:callback")
-    )
-
-
 @never_cache
 @require_GET
 @login_required
@@ -76,8 +70,16 @@ def connect(request: HttpRequest) -> HttpResponse:
     """Start connecting a Brex account: send the person to Brex to sign in and consent.
 
     ``?next=`` (a path on this site) is where to land afterwards; ``?force_login=1``
-    makes Brex ask the person to sign in again.
+    makes Brex ask the person to sign in again. The callback URL given to Brex comes from
+    the settings alone (``REDIRECT_URI`` or ``SITE_URL``); without either, nothing starts.
     """
+    redirect_uri = brex_settings.redirect_uri
+    if not redirect_uri:
+        logger.error(
+            "Refused to start a Brex connection: set BREX_OAUTH['SITE_URL'] or "
+            "BREX_OAUTH['REDIRECT_URI'] (system check brex_oauth.E010)."
+        )
+        return render_error(request, RedirectURINotConfigured())
     next_url = _safe_next(request, request.GET.get("next"))
     if next_url is None:
         logger.warning("Refused an unsafe next URL on Brex connect for user %s", request.user.pk)
@@ -85,7 +87,7 @@ def connect(request: HttpRequest) -> HttpResponse:
     try:
         auth_request, url = services.start_authorization(
             user=request.user,
-            redirect_uri=_redirect_uri(request),
+            redirect_uri=redirect_uri,
             next_url=next_url,
             force_login=request.GET.get("force_login") in ("1", "true", "yes"),
         )

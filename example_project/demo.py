@@ -358,6 +358,11 @@ class Stack:
                 }
             )
         env.update(config.extra_env)
+        # The callback Brex is given is the site's own address + /brex/callback/, unless the
+        # environment or the .env file names the registered one.
+        configured = brex_settings_from(env, config.env_file)
+        if not (configured.get("BREX_SITE_URL") or configured.get("BREX_REDIRECT_URI")):
+            env["BREX_SITE_URL"] = self.url.rstrip("/")
         return env
 
     def _echo_filter(self, name: str) -> Callable[[str], bool] | None:

@@ -69,6 +69,9 @@ BREX_OAUTH = {
     "ENVIRONMENT": "staging",
     "SCOPES": ["users.readonly", "companies.readonly"],
     "ENCRYPTION_KEY": "tests-encryption-key-0123456789",
+    # The callback URL Brex is given: this plus /brex/callback/ (the test client's host; the
+    # flow helpers follow only the path and query back to the site).
+    "SITE_URL": "https://testserver",
 }
 
 CELERY_TASK_ALWAYS_EAGER = True

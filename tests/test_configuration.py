@@ -13,6 +13,7 @@ BASE = {
     "CLIENT_SECRET": "secret",
     "ENCRYPTION_KEY": "a-separate-key",
     "SCOPES": ["users.readonly"],
+    "SITE_URL": "https://partner.example",
 }
 
 

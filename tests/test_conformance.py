@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import pickle
 from datetime import timedelta
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import jwt
 import pytest
+from django.core.checks import ERROR, WARNING
+from django.urls import reverse
 from django.utils import timezone
 
 from django_brex_oauth import discovery, oauth, signals, tasks
+from django_brex_oauth.checks import check_settings
 from django_brex_oauth.exceptions import IdTokenError, TokenError
 from django_brex_oauth.fields import RotatingFernet, UndecryptableValue
 from django_brex_oauth.models import (
@@ -279,6 +282,64 @@ def test_oidc_refresh_id_token_needs_no_nonce(refreshable, fake_brex, monkeypatc
 # ---------------------------------------------------------------------------------------
 # Redirect URI, response headers and secrets in error reports
 # ---------------------------------------------------------------------------------------
+
+
+def _redirect_uri_sent(location: str) -> str:
+    return parse_qs(urlsplit(location).query)["redirect_uri"][0]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("configured", ["SITE_URL", "REDIRECT_URI"])
+def test_a_forged_host_header_never_reaches_the_redirect_uri(
+    user_client, brex_settings, settings, configured
+):
+    settings.ALLOWED_HOSTS = ["*"]
+    if configured == "REDIRECT_URI":
+        settings.BREX_OAUTH = {**settings.BREX_OAUTH, "SITE_URL": None,
+                               "REDIRECT_URI": "https://partner.example/brex/callback/"}
+        expected = "https://partner.example/brex/callback/"
+    else:
+        expected = "https://testserver/brex/callback/"
+
+    response = user_client.get(reverse("brex_oauth:connect"), HTTP_HOST="evil.example")
+
+    assert response.status_code == 302
+    assert "evil.example" not in response["Location"]
+    assert _redirect_uri_sent(response["Location"]) == expected
+    assert AuthorizationRequest.objects.get().redirect_uri == expected
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("debug", [False, True])
+def test_with_no_callback_url_configured_connect_refuses_and_names_the_setting(
+    user_client, brex_settings, settings, fake_brex, debug
+):
+    settings.DEBUG = debug
+    settings.ALLOWED_HOSTS = ["*"]
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "SITE_URL": None, "REDIRECT_URI": None}
+
+    response = user_client.get(reverse("brex_oauth:connect"), HTTP_HOST="evil.example")
+
+    assert response.status_code == 503
+    assert "Location" not in response
+    body = response.content.decode()
+    assert "BREX_OAUTH[&#x27;SITE_URL&#x27;]" in body and "REDIRECT_URI" in body
+    assert "evil.example" not in body
+    assert not AuthorizationRequest.objects.exists()
+    assert fake_brex.stats["authorize"] == 0
+
+
+@pytest.mark.parametrize(("debug", "level", "check_id"),
+                         [(False, ERROR, "brex_oauth.E010"), (True, WARNING, "brex_oauth.W004")])
+def test_the_system_check_refuses_a_site_with_no_callback_url(settings, debug, level, check_id):
+    settings.DEBUG = debug
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "SITE_URL": None, "REDIRECT_URI": None}
+
+    (message,) = [m for m in check_settings() if m.id == check_id]
+
+    assert message.level == level
+    assert "SITE_URL" in message.msg and "REDIRECT_URI" in message.msg
+    assert "Host header" in message.hint
 
 
 # ---------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_connect_redirects_to_brex_with_state_pkce_and_nonce(flow, fake_brex, us
     assert authorize_url.startswith(fake_brex.issuer + "/v1/authorize?")
     assert params["client_id"] == fake_brex.client_id
     assert params["response_type"] == "code"
-    assert params["redirect_uri"] == "http://testserver/brex/callback/"
+    assert params["redirect_uri"] == "https://testserver/brex/callback/"  # SITE_URL + path
     assert params["scope"].split() == [
         "openid", "offline_access", "users.readonly", "companies.readonly"
     ]
@@ -365,6 +365,8 @@ def test_error_template_is_overridable(flow, settings, tmp_path):
 
 def test_whole_journey_over_real_http(live_server, fake_brex, brex_settings, user):
     """The site served over HTTP too: a requests session plays the browser."""
+    # The site's configured address is where the live server listens.
+    brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "SITE_URL": live_server.url}
     browser = requests.Session()
     login_page = browser.get(live_server.url + "/login/", timeout=5)
     browser.post(

@@ -19,6 +19,10 @@ from typing import Any
 
 from .fake_brex import FakeBrex
 
+#: The address of Django's test client: the ``SITE_URL`` a site that sets no callback URL of
+#: its own gets from :func:`brex_oauth_settings_for`.
+TEST_CLIENT_URL = "http://testserver"
+
 
 def brex_oauth_settings_for(
     fake: FakeBrex, base: Mapping[str, Any] | None = None
@@ -26,14 +30,20 @@ def brex_oauth_settings_for(
     """``base`` (by default the current ``settings.BREX_OAUTH``) pointed at ``fake``.
 
     Only the issuer, the API server and the client credentials change; scopes, the
-    encryption key and every other setting stay as the site configured them.
+    encryption key and every other setting stay as the site configured them. A site that
+    sets neither ``SITE_URL`` nor ``REDIRECT_URI`` gets ``SITE_URL`` ``http://testserver``,
+    the address of Django's test client.
     """
     if base is None:
         from django.conf import settings
 
         base = getattr(settings, "BREX_OAUTH", None) or {}
+    callback = {} if base.get("SITE_URL") or base.get("REDIRECT_URI") else {
+        "SITE_URL": TEST_CLIENT_URL
+    }
     return {
         **dict(base),
+        **callback,
         "ISSUER": fake.issuer,
         "API_BASE_URL": fake.api_base_url,
         "CLIENT_ID": fake.client_id,

@@ -121,6 +121,11 @@ BREX_OAUTH = {
     "ENCRYPTION_KEY": env.str(
         "BREX_ENCRYPTION_KEY", default="example-partner-site-token-key-not-for-production"
     ),
+    # The site's public address: Brex sends people back to SITE_URL + /brex/callback/ (the
+    # app never builds it from the request's Host header). runserver's address in
+    # development; with DEBUG off there is no default, so the checks ask for it.
+    "SITE_URL": env.str("BREX_SITE_URL", default="http://127.0.0.1:8000" if DEBUG else "")
+    or None,
     "CONNECT_REDIRECT_URL": env.str("BREX_CONNECT_REDIRECT_URL", default="dashboard"),
     "DISCONNECT_REDIRECT_URL": env.str("BREX_DISCONNECT_REDIRECT_URL", default="dashboard"),
 }
