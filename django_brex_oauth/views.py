@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import wraps
 from urllib.parse import urlencode
 
 from django.contrib import messages
@@ -14,6 +16,7 @@ from django.shortcuts import get_object_or_404, render, resolve_url
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
+from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.http import require_GET, require_POST
 
 from . import services
@@ -29,6 +32,23 @@ MAX_PENDING_PER_SESSION = 5
 ERROR_TEMPLATE = "brex_oauth/error.html"
 CONNECTIONS_TEMPLATE = "brex_oauth/connections.html"
 DISCONNECT_CONFIRM_TEMPLATE = "brex_oauth/disconnect_confirm.html"
+
+
+def no_referrer(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Send ``Referrer-Policy: no-referrer`` with every response ``view`` returns, whatever
+    ``SECURE_REFERRER_POLICY`` says (SecurityMiddleware only sets a policy a response lacks).
+
+    The callback's URL holds the authorization code and the state: a page it answers with
+    (or a page that follows it) must not hand that URL to anyone as the ``Referer``.
+    """
+
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        response = view(request, *args, **kwargs)
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    return wrapped
 
 
 def render_error(request: HttpRequest, error: BrexOAuthError) -> HttpResponse:
@@ -101,6 +121,9 @@ def connect(request: HttpRequest) -> HttpResponse:
 
 # The services commit as they go (the connection, a revocation's outcome) and call Brex
 # between commits; a request-wide transaction under ATOMIC_REQUESTS would hold them open.
+# no_referrer goes outside login_required so that its redirect to the login page (whose
+# ``next`` holds the code) carries the policy too.
+@no_referrer
 @transaction.non_atomic_requests
 @never_cache
 @require_GET
@@ -156,6 +179,9 @@ def _connection_name(connection: BrexConnection) -> str:
     return connection.brex_company_name or connection.brex_user_email or "Brex account"
 
 
+# Pages with connection details and the disconnect button: never cached, never framed
+# (clickjacking), whatever the site's X_FRAME_OPTIONS or middleware say.
+@xframe_options_deny
 @never_cache
 @require_GET
 @login_required
@@ -176,6 +202,7 @@ def connections(request: HttpRequest) -> HttpResponse:
     )
 
 
+@xframe_options_deny
 @never_cache
 @require_GET
 @login_required

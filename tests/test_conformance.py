@@ -342,6 +342,77 @@ def test_the_system_check_refuses_a_site_with_no_callback_url(settings, debug, l
     assert "Host header" in message.hint
 
 
+# The site's own header middleware, absent, and present with looser choices of its own.
+SITE_HEADER_MIDDLEWARE = {
+    "no security middleware": {},
+    "looser site policies": {
+        "prepend": "django.middleware.security.SecurityMiddleware",
+        "append": "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        "SECURE_REFERRER_POLICY": "unsafe-url",
+        "X_FRAME_OPTIONS": "SAMEORIGIN",
+    },
+}
+
+
+@pytest.fixture(params=sorted(SITE_HEADER_MIDDLEWARE))
+def site_middleware(request, settings):
+    variant = SITE_HEADER_MIDDLEWARE[request.param]
+    middleware = list(settings.MIDDLEWARE)
+    if "prepend" in variant:
+        middleware.insert(0, variant["prepend"])
+    if "append" in variant:
+        middleware.append(variant["append"])
+    settings.MIDDLEWARE = middleware
+    for name in ("SECURE_REFERRER_POLICY", "X_FRAME_OPTIONS"):
+        if name in variant:
+            setattr(settings, name, variant[name])
+    return request.param
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_answer_of_the_callback_sends_no_referrer(
+    site_middleware, flow, fake_brex, client, user
+):
+    answers = {}
+    location = fake_brex.consent(flow.start())
+    answers["connected (redirect)"] = flow.callback(location)
+    answers["replayed (error page)"] = flow.callback(location)
+    answers["declined (error page)"] = flow.connect(deny=True)
+    answers["unknown state (error page)"] = flow.callback(
+        reverse("brex_oauth:callback") + "?code=x&state=" + "s" * 43
+    )
+    answers["wrong method"] = flow.client.post(reverse("brex_oauth:callback"))
+    flow.client.logout()
+    answers["signed out (login redirect)"] = flow.client.get(
+        reverse("brex_oauth:callback") + "?code=a-code&state=a-state"
+    )
+
+    assert answers["connected (redirect)"].status_code == 302
+    assert answers["replayed (error page)"].status_code == 400
+    assert answers["declined (error page)"].status_code == 400
+    assert answers["signed out (login redirect)"]["Location"].startswith("/login/")
+    assert answers["wrong method"].status_code == 405
+    for name, response in answers.items():
+        assert response["Referrer-Policy"] == "no-referrer", name
+        assert "no-store" in response.get("Cache-Control", ""), name
+
+
+@pytest.mark.django_db(transaction=True)
+def test_connection_pages_refuse_framing_and_caching(site_middleware, flow):
+    flow.connect()
+    connection = BrexConnection.objects.get()
+    pages = {
+        "connections": flow.client.get(reverse("brex_oauth:connections")),
+        "disconnect confirmation": flow.client.get(
+            reverse("brex_oauth:disconnect_confirm", args=[connection.pk])
+        ),
+    }
+    for name, response in pages.items():
+        assert response.status_code == 200, name
+        assert response["X-Frame-Options"] == "DENY", name
+        assert "no-store" in response["Cache-Control"], name
+
+
 # ---------------------------------------------------------------------------------------
 # Stored tokens, identity answers and deleted owners
 # ---------------------------------------------------------------------------------------
