@@ -9,6 +9,7 @@ from django.core.checks import Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.utils.module_loading import import_string
+from django.views.decorators.debug import sensitive_variables
 
 from .conf import AUTH_BASE_URLS, REQUIRED_SCOPES, brex_settings
 from .http import is_loopback_url
@@ -99,6 +100,7 @@ def _callback_url_problems() -> list:
 
 
 @register(Tags.security, "brex_oauth")
+@sensitive_variables("conf")  # the raw settings, CLIENT_SECRET included
 def check_settings(app_configs=None, **kwargs):
     """Validate ``BREX_OAUTH``."""
     try:

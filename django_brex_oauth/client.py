@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import requests
+from django.views.decorators.debug import sensitive_variables
 
 from .backoff import backoff_delay
 from .conf import brex_settings
@@ -73,6 +74,7 @@ def _json_or_none(response: requests.Response) -> Any:
         return None
 
 
+@sensitive_variables()
 def get_with_token(access_token: str, path: str, *, session=None) -> Any:
     """GET ``path`` from the API server with ``access_token`` once; JSON in, typed errors out.
 
@@ -130,6 +132,7 @@ class _APIClient:
 
     # Requests.
 
+    @sensitive_variables("access_token")
     def request(
         self,
         method: str,
@@ -178,6 +181,8 @@ class _APIClient:
                 raise _error_from_response(response, method, path)
             return _json_or_none(response)
 
+    # requests holds the token under other names (the headers): hide all of it.
+    @sensitive_variables()
     def _send(
         self,
         method: str,
@@ -296,6 +301,7 @@ class BrexClient(_APIClient):
             raise self._not_usable(token.connection.status)
         return token.access_token
 
+    @sensitive_variables()
     def _access_token_rejected(self, access_token: str) -> bool:
         from .services import refresh
 
@@ -340,6 +346,7 @@ class OnboardingClient(_APIClient):
 
         return get_client_credentials_token(self.scopes)
 
+    @sensitive_variables()
     def _access_token_rejected(self, access_token: str) -> bool:
         from .services.client_credentials import forget_client_credentials_token
 

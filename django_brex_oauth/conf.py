@@ -10,6 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.urls import reverse
+from django.views.decorators.debug import sensitive_variables
 
 from .exceptions import BrexOAuthConfigurationError
 
@@ -153,6 +154,8 @@ class BrexOAuthSettings:
     ``ImproperlyConfigured``), so a misspelt setting is caught instead of silently ignored.
     """
 
+    # The dict holds CLIENT_SECRET, and an unknown key raises with it in this frame.
+    @sensitive_variables("value")
     def _user_settings(self) -> dict[str, Any]:
         value = getattr(settings, "BREX_OAUTH", None) or {}
         if not isinstance(value, dict):

@@ -3,6 +3,11 @@
 Plain arguments in, plain data out: no ORM, no ``HttpRequest``. Endpoints come from
 discovery; token requests go through requests-oauthlib with the client credentials
 in the form body (``client_secret_post``, as Brex documents).
+
+Every function here that holds a token, a code, a verifier or the client secret is marked
+``@sensitive_variables()`` with no names: Django's error reports (and the trackers that use
+its filter) then show none of the locals of that function or of anything it calls, where
+requests and oauthlib hold the same values under names of their own (``data``, ``body``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from urllib.parse import urlencode
 
 import jwt
 import requests
+from django.views.decorators.debug import sensitive_variables
 from oauthlib.oauth2 import OAuth2Error
 from requests_oauthlib import OAuth2Session
 
@@ -55,12 +61,14 @@ def new_code_verifier() -> str:
     return secrets.token_urlsafe(48)
 
 
+@sensitive_variables()
 def code_challenge(verifier: str) -> str:
     """The S256 PKCE challenge for ``verifier``."""
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
+@sensitive_variables()
 def build_authorization_url(
     *,
     redirect_uri: str,
@@ -103,6 +111,7 @@ class TokenResponse:
     id_token: str | None = field(default=None, repr=False)
 
     @classmethod
+    @sensitive_variables()
     def from_dict(cls, token: dict[str, Any], *, requested_scopes: list[str] | None = None):
         scope = token.get("scope")
         if isinstance(scope, str):
@@ -136,6 +145,7 @@ class _BrexOAuth2Session(OAuth2Session):
         self.register_compliance_hook("access_token_response", _raise_for_outage)
         self.register_compliance_hook("refresh_token_response", _raise_for_outage)
 
+    @sensitive_variables()
     def request(self, method, url, *args, **kwargs):  # type: ignore[override]
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = float(brex_settings.HTTP_TIMEOUT)
@@ -170,6 +180,7 @@ def _token_error(err: OAuth2Error) -> TokenError:
     return TokenError(error, description, status)
 
 
+@sensitive_variables()
 def _call_token_endpoint(call) -> dict[str, Any]:
     token_url = discovery.get_endpoint("token_endpoint")
     try:
@@ -184,6 +195,7 @@ def _call_token_endpoint(call) -> dict[str, Any]:
         raise unavailable(err) from err
 
 
+@sensitive_variables()
 def exchange_code(
     *, code: str, redirect_uri: str, code_verifier: str, granted_scopes: list[str] | None = None
 ) -> TokenResponse:
@@ -206,6 +218,7 @@ def exchange_code(
     return TokenResponse.from_dict(token, requested_scopes=granted_scopes)
 
 
+@sensitive_variables()
 def refresh(refresh_token: str) -> TokenResponse:
     """Trade a refresh token for new tokens. ``refresh_token`` of the answer is None
     when Brex did not rotate it (keep the old one)."""
@@ -224,6 +237,7 @@ def refresh(refresh_token: str) -> TokenResponse:
     return TokenResponse.from_dict(token)
 
 
+@sensitive_variables()
 def verify_client_credentials() -> None:
     """Find out whether the token endpoint accepts ``CLIENT_ID`` and ``CLIENT_SECRET``,
     without issuing or changing anything at Brex.
@@ -241,6 +255,7 @@ def verify_client_credentials() -> None:
     )
 
 
+@sensitive_variables()
 def client_credentials(scopes: list[str]) -> TokenResponse:
     """A client-credentials token (the onboarding API) for ``scopes``."""
     from oauthlib.oauth2 import BackendApplicationClient
@@ -257,6 +272,7 @@ def client_credentials(scopes: list[str]) -> TokenResponse:
     return TokenResponse.from_dict(token, requested_scopes=scopes)
 
 
+@sensitive_variables()
 def revoke(token: str, token_type_hint: str = "refresh_token") -> None:
     """Revoke ``token`` at the discovery ``revocation_endpoint`` (RFC 7009, form-encoded).
 
@@ -332,6 +348,7 @@ def _allowed_algorithms() -> list[str]:
     return [a for a in brex_settings.ID_TOKEN_ALGORITHMS if a not in FORBIDDEN_ALGORITHMS]
 
 
+@sensitive_variables()
 def access_token_hash(access_token: str, alg: str) -> str:
     """The ``at_hash`` of ``access_token`` for an id_token signed with ``alg`` (OpenID Connect
     Core 3.1.3.6): the left half of its hash by ``alg``'s hash function, base64url."""
@@ -375,6 +392,7 @@ def _check_issued_at(claims: dict[str, Any]) -> None:
         )
 
 
+@sensitive_variables()
 def _check_access_token_hash(claims: dict[str, Any], alg: str, access_token: str | None) -> None:
     claimed = claims.get("at_hash")
     if claimed is None or access_token is None:
@@ -386,6 +404,7 @@ def _check_access_token_hash(claims: dict[str, Any], alg: str, access_token: str
         raise IdTokenError("The id_token's at_hash does not match the access token.")
 
 
+@sensitive_variables()
 def _verified_claims(id_token: str, *, access_token: str | None) -> dict[str, Any]:
     """The claims of an id_token that passes every check but the ``nonce`` and ``sub``
     (OpenID Connect Core 3.1.3.7 and 12.2); raises :class:`IdTokenError`, or
@@ -423,6 +442,7 @@ def _verified_claims(id_token: str, *, access_token: str | None) -> dict[str, An
     return claims
 
 
+@sensitive_variables()
 def validate_id_token(
     id_token: str, *, nonce: str, access_token: str | None = None
 ) -> dict[str, Any]:
@@ -444,6 +464,7 @@ def validate_id_token(
     return claims
 
 
+@sensitive_variables()
 def validate_refreshed_tokens(tokens: TokenResponse, *, subject: str) -> None:
     """Check the id_token of a refresh answer, if it has one (OpenID Connect Core 12.2).
 

@@ -17,6 +17,7 @@ from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.clickjacking import xframe_options_deny
+from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_POST
 
 from . import services
@@ -63,6 +64,28 @@ def render_error(request: HttpRequest, error: BrexOAuthError) -> HttpResponse:
         },
         status=error.http_status,
     )
+
+
+#: What the authorization code reads as in the request once the callback has taken it.
+REDACTED = "[redacted]"
+
+
+@sensitive_variables()
+def take_callback_params(request: HttpRequest) -> dict[str, str]:
+    """The callback's query parameters; the authorization code is then replaced in the
+    request itself (``request.GET`` and the ``QUERY_STRING``).
+
+    Whatever reads the request after the view has started, Django's technical 500 page and
+    error e-mails, an error tracker's request data, the ``repr`` of the request in every
+    frame of a traceback, then finds ``code=[redacted]`` instead of the code.
+    """
+    params = request.GET.dict()
+    if "code" in request.GET:
+        redacted = request.GET.copy()
+        redacted["code"] = REDACTED
+        request.GET = redacted
+        request.META["QUERY_STRING"] = redacted.urlencode(safe="[]")
+    return params
 
 
 def _safe_next(request: HttpRequest, value: str | None) -> str | None:
@@ -123,6 +146,7 @@ def connect(request: HttpRequest) -> HttpResponse:
 # between commits; a request-wide transaction under ATOMIC_REQUESTS would hold them open.
 # no_referrer goes outside login_required so that its redirect to the login page (whose
 # ``next`` holds the code) carries the policy too.
+@sensitive_variables("params")
 @no_referrer
 @transaction.non_atomic_requests
 @never_cache
@@ -130,14 +154,15 @@ def connect(request: HttpRequest) -> HttpResponse:
 @login_required
 def callback(request: HttpRequest) -> HttpResponse:
     """Where Brex sends the person back with a code (or an error) and the state."""
-    state = request.GET.get("state", "")
+    params = take_callback_params(request)
+    state = params.get("state", "")
     pending = request.session.get(SESSION_KEY, [])
     in_session = bool(state) and state in pending
     if in_session:
         request.session[SESSION_KEY] = [s for s in pending if s != state]
     try:
         result = services.complete_authorization(
-            user=request.user, params=request.GET.dict(), state_in_session=in_session
+            user=request.user, params=params, state_in_session=in_session
         )
     except BrexOAuthError as err:
         logger.warning(

@@ -9,18 +9,28 @@ whatever Brex issued revoked. ``docs/security.rst`` maps each threat to these te
 from __future__ import annotations
 
 import pickle
+import sys
+from collections.abc import Callable
 from datetime import timedelta
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import jwt
 import pytest
 from django.core.checks import ERROR, WARNING
+from django.core.management import call_command
+from django.core.signals import got_request_exception
+from django.db.models.sql.compiler import SQLInsertCompiler, SQLUpdateCompiler
+from django.db.models.sql.subqueries import InsertQuery
 from django.urls import reverse
 from django.utils import timezone
+from django.views.debug import ExceptionReporter
+from requests.adapters import HTTPAdapter
 
-from django_brex_oauth import discovery, oauth, signals, tasks
+from django_brex_oauth import checks, discovery, oauth, signals, tasks
 from django_brex_oauth.checks import check_settings
-from django_brex_oauth.exceptions import IdTokenError, TokenError
+from django_brex_oauth.client import BrexClient, OnboardingClient
+from django_brex_oauth.conf import brex_settings as app_settings
+from django_brex_oauth.exceptions import BrexOAuthConfigurationError, IdTokenError, TokenError
 from django_brex_oauth.fields import RotatingFernet, UndecryptableValue
 from django_brex_oauth.models import (
     AuthorizationRequest,
@@ -30,7 +40,9 @@ from django_brex_oauth.models import (
     DetachedRevocation,
     EventKind,
 )
-from django_brex_oauth.services import refresh
+from django_brex_oauth.services import client_credentials, refresh
+from django_brex_oauth.services.refresh import refresh_connection
+from django_brex_oauth.services.revoke import disconnect
 from django_brex_oauth.testing import make_connection
 from django_brex_oauth.testing.fake_brex import FOREIGN_ISSUER
 from tests.factories import SignalRecorder, stored_token
@@ -411,6 +423,303 @@ def test_connection_pages_refuse_framing_and_caching(site_middleware, flow):
         assert response.status_code == 200, name
         assert response["X-Frame-Options"] == "DENY", name
         assert "no-store" in response["Cache-Control"], name
+
+
+# Secrets in error reports. Each test plants a failure deep in a token-holding path (inside
+# requests, or in the ORM's write of the token row), after the secrets are in the frames'
+# locals, and renders Django's ExceptionReporter as the technical 500 page and the error
+# e-mail do. With the filter off (DEBUG on) every secret must show, or the test would prove
+# nothing; with it on (DEBUG off, as in production) none may.
+
+
+class DeepFailure(Exception):
+    """Planted deep in a token-holding path."""
+
+
+def _fail_http(monkeypatch, path_suffix: str) -> None:
+    original = HTTPAdapter.send
+
+    def send(adapter, request, *args, **kwargs):
+        if urlsplit(request.url).path.endswith(path_suffix):
+            raise DeepFailure(f"planted in the request to {path_suffix}")
+        return original(adapter, request, *args, **kwargs)
+
+    monkeypatch.setattr(HTTPAdapter, "send", send)
+
+
+def _writes(query, field: str) -> bool:
+    if isinstance(query, InsertQuery):
+        return any(f.name == field for f in query.fields) and any(
+            getattr(obj, field) for obj in query.objs
+        )
+    return any(f.name == field and value for f, _model, value in query.values)
+
+
+def _fail_db_write(monkeypatch, model, field: str) -> None:
+    """Fail the SQL statement that writes a value into ``model.field``."""
+    for compiler in (SQLInsertCompiler, SQLUpdateCompiler):
+        original = compiler.execute_sql
+
+        def execute_sql(self, *args, _original=original, **kwargs):
+            if self.query.model is model and _writes(self.query, field):
+                raise DeepFailure(f"planted in the write of {model.__name__}.{field}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(compiler, "execute_sql", execute_sql)
+
+
+def _record(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.name`` so that each return value is kept in the returned list."""
+    seen: list = []
+    original = getattr(owner, name)
+
+    def recording(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(owner, name, recording)
+    return seen
+
+
+def _token_secrets(answer: oauth.TokenResponse, prefix: str = "") -> dict[str, str]:
+    values = {"access token": answer.access_token, "refresh token": answer.refresh_token,
+              "id_token": answer.id_token}
+    return {prefix + name: value for name, value in values.items() if value}
+
+
+def _stored_secrets(connection) -> dict[str, str]:
+    token = BrexToken.objects.get(pk=connection.pk)
+    return {"stored access token": token.access_token,
+            "stored refresh token": token.refresh_token}
+
+
+def _raised(call: Callable[[], object], expected: type[Exception] = DeepFailure):
+    try:
+        call()
+    except expected:
+        return sys.exc_info()
+    pytest.fail(f"{expected.__name__} was not raised")
+
+
+def _report(exc_info, request=None) -> str:
+    reporter = ExceptionReporter(request, *exc_info)
+    return reporter.get_traceback_html() + reporter.get_traceback_text()
+
+
+def assert_no_secret_in_error_reports(settings, exc_info, secrets: dict[str, str],
+                                      request=None) -> None:
+    assert secrets and all(secrets.values())
+    settings.DEBUG = True  # Django's filter is off: the frames' locals show as they are
+    unfiltered = _report(exc_info, request)
+    settings.DEBUG = False
+    filtered = _report(exc_info, request)
+    assert exc_info[0].__name__ in filtered and "Local vars" in filtered
+    for name, value in secrets.items():
+        assert value in unfiltered, f"the {name} is in no frame: this failure proves nothing"
+        assert value not in filtered, f"the {name} is in the error report"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "failure",
+    ["exchanging the code", "validating the id_token", "reading the identity",
+     "storing the tokens"],
+)
+def test_a_callback_failing_reports_no_secret(
+    flow, fake_brex, settings, monkeypatch, failure
+):
+    location = fake_brex.consent(flow.start())
+    code = parse_qs(urlsplit(location).query)["code"][0]
+    verifier = AuthorizationRequest.objects.get().code_verifier
+    answers = _record(monkeypatch, oauth, "exchange_code")
+    if failure == "exchanging the code":
+        _fail_http(monkeypatch, "/v1/token")
+    elif failure == "validating the id_token":
+        monkeypatch.setattr(discovery, "find_jwk", _planted_failure)
+    elif failure == "reading the identity":
+        _fail_http(monkeypatch, "/v2/users/me")
+    else:
+        _fail_db_write(monkeypatch, BrexToken, "access_token")
+    failures = []
+
+    def capture(sender, request, **kwargs):
+        failures.append((request, sys.exc_info()))
+
+    got_request_exception.connect(capture)
+    flow.client.raise_request_exception = False
+    try:
+        assert flow.callback(location).status_code == 500
+    finally:
+        got_request_exception.disconnect(capture)
+
+    ((request, exc_info),) = failures
+    # Which secrets are in the frames at each point (the unfiltered report must show them;
+    # a TokenResponse's repr hides its tokens, so they show only where a string holds one).
+    tokens = _token_secrets(answers[0]) if answers else {}
+    secrets = {"code": code, **{
+        "exchanging the code": {"verifier": verifier, "client secret": fake_brex.client_secret},
+        "validating the id_token": {"id_token": tokens.get("id_token")},
+        "reading the identity": {"access token": tokens.get("access token")},
+        "storing the tokens": {"access token": tokens.get("access token"),
+                               "refresh token": tokens.get("refresh token")},
+    }[failure]}
+    assert_no_secret_in_error_reports(settings, exc_info, secrets, request)
+    # The code is gone from the request itself, for error trackers that read its URL.
+    assert code not in request.get_full_path() and code not in str(dict(request.GET))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_starting_a_connection_that_fails_reports_no_verifier(
+    user_client, brex_settings, settings, monkeypatch
+):
+    verifiers = _record(monkeypatch, oauth, "new_code_verifier")
+    _fail_db_write(monkeypatch, AuthorizationRequest, "code_verifier")
+
+    exc_info = _raised(lambda: user_client.get(reverse("brex_oauth:connect")))
+
+    assert_no_secret_in_error_reports(settings, exc_info, {"verifier": verifiers[0]})
+
+
+REFRESH_ENTRY_POINTS = {
+    "service": lambda connection: refresh_connection(connection.pk, force=True),
+    "task": lambda connection: tasks.refresh_connection(connection.pk, force=True),
+    "command": lambda connection: call_command("brex_oauth_refresh", "--all"),
+    "API client": lambda connection: BrexClient(connection).get_me(),
+}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("entry", sorted(REFRESH_ENTRY_POINTS))
+def test_a_refresh_failing_after_brex_answered_reports_no_token(
+    user, brex_settings, fake_brex, settings, monkeypatch, entry
+):
+    connection = make_connection(user, fake=fake_brex, expired=True)
+    old = _stored_secrets(connection)
+    answers = _record(monkeypatch, oauth, "refresh")
+    _fail_db_write(monkeypatch, BrexToken, "access_token")
+
+    exc_info = _raised(lambda: REFRESH_ENTRY_POINTS[entry](connection))
+
+    secrets = {"new access token": answers[0].access_token,
+               "new refresh token": answers[0].refresh_token,
+               "old refresh token": old["stored refresh token"]}
+    assert_no_secret_in_error_reports(settings, exc_info, secrets)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refresh_failing_in_the_token_request_reports_no_token(
+    user, brex_settings, fake_brex, settings, monkeypatch
+):
+    connection = make_connection(user, fake=fake_brex)
+    _fail_http(monkeypatch, "/v1/token")
+
+    exc_info = _raised(lambda: refresh_connection(connection.pk, force=True))
+
+    secrets = {**_stored_secrets(connection), "client secret": fake_brex.client_secret}
+    assert_no_secret_in_error_reports(settings, exc_info, secrets)
+
+
+def _pending_revocation(connection) -> None:
+    BrexConnection.objects.filter(pk=connection.pk).update(
+        status="revoked", revocation_status="pending"
+    )
+
+
+REVOKE_ENTRY_POINTS = {
+    "disconnect": lambda connection: disconnect(connection, queue_retry=False),
+    "task": lambda connection: (_pending_revocation(connection),
+                                tasks.revoke_connection(connection.pk)),
+    "command": lambda connection: (_pending_revocation(connection),
+                                   call_command("brex_oauth_cleanup")),
+}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("entry", sorted(REVOKE_ENTRY_POINTS))
+def test_a_revocation_failing_in_its_request_reports_no_token(
+    user, brex_settings, fake_brex, settings, monkeypatch, entry
+):
+    connection = make_connection(user, fake=fake_brex)
+    secrets = {"refresh token": _stored_secrets(connection)["stored refresh token"],
+               "client secret": fake_brex.client_secret}
+    _fail_http(monkeypatch, "/v1/revoke")
+
+    exc_info = _raised(lambda: REVOKE_ENTRY_POINTS[entry](connection))
+
+    assert_no_secret_in_error_reports(settings, exc_info, secrets)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_api_call_failing_in_its_request_reports_no_access_token(
+    user, brex_settings, fake_brex, settings, monkeypatch
+):
+    connection = make_connection(user, fake=fake_brex)
+    _fail_http(monkeypatch, "/v2/company")
+
+    exc_info = _raised(lambda: BrexClient(connection).get_company())
+
+    secrets = _stored_secrets(connection)
+    del secrets["stored refresh token"]  # a call that needs no refresh never reads it
+    assert_no_secret_in_error_reports(settings, exc_info, secrets)
+
+
+@pytest.mark.django_db
+def test_client_credentials_failing_report_no_secret(
+    brex_settings, fake_brex, settings, monkeypatch
+):
+    referrals = OnboardingClient.REFERRALS_SCOPE
+    _fail_http(monkeypatch, "/v1/token")
+    exc_info = _raised(lambda: client_credentials.get_client_credentials_token([referrals]))
+    assert_no_secret_in_error_reports(
+        settings, exc_info, {"client secret": fake_brex.client_secret}
+    )
+
+    monkeypatch.undo()
+    answers = _record(monkeypatch, oauth, "client_credentials")
+    monkeypatch.setattr(client_credentials, "_fernet", _FailingFernet())
+    exc_info = _raised(lambda: OnboardingClient().get_referral("ref_1"))
+    assert_no_secret_in_error_reports(settings, exc_info, _token_secrets(answers[0]))
+
+
+class _FailingFernet:
+    """Fails to encrypt the token before it is cached (the plaintext is in its frame)."""
+
+    def encrypt(self, data):
+        raise DeepFailure("planted in the encryption of the token")
+
+
+@pytest.mark.django_db
+def test_the_management_commands_report_no_secret(
+    user, brex_settings, fake_brex, settings, monkeypatch
+):
+    _fail_http(monkeypatch, "/v1/token")
+    exc_info = _raised(lambda: call_command("brex_oauth_check"))
+    assert_no_secret_in_error_reports(
+        settings, exc_info, {"client secret": fake_brex.client_secret}
+    )
+
+    monkeypatch.undo()
+    connection = make_connection(user, fake=fake_brex)
+    _fail_db_write(monkeypatch, BrexToken, "access_token")
+    exc_info = _raised(lambda: call_command("brex_oauth_rotate_key"))
+    assert_no_secret_in_error_reports(settings, exc_info, _stored_secrets(connection))
+
+
+def test_settings_errors_report_no_client_secret(settings, monkeypatch):
+    secret = settings.BREX_OAUTH["CLIENT_SECRET"]
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "CLIENT_SECRETS": "a typo"}
+    # The reporter's own settings section hides BREX_OAUTH; the frames are the danger.
+    exc_info = _raised(lambda: app_settings.CLIENT_ID, BrexOAuthConfigurationError)
+    assert_no_secret_in_error_reports(settings, exc_info, {"client secret": secret})
+
+    settings.BREX_OAUTH = {k: v for k, v in settings.BREX_OAUTH.items() if k != "CLIENT_SECRETS"}
+    monkeypatch.setattr(checks, "_callback_url_problems", _planted_failure)
+    exc_info = _raised(check_settings)
+    assert_no_secret_in_error_reports(settings, exc_info, {"client secret": secret})
+
+
+def _planted_failure(*args, **kwargs):
+    raise DeepFailure("planted in the checks")
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 from django.core.cache import caches
 from django.utils.encoding import force_bytes, force_str
+from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth
 from ..conf import brex_settings
@@ -46,6 +47,7 @@ def _lock_seconds() -> int:
     return int(float(brex_settings.HTTP_TIMEOUT) * 2) + 5
 
 
+@sensitive_variables()
 def _cached_token(key: str) -> str | None:
     entry: Any = _cache().get(key)
     if not isinstance(entry, dict) or entry.get("refresh_at", 0) <= time.time():
@@ -56,6 +58,7 @@ def _cached_token(key: str) -> str | None:
         return None
 
 
+@sensitive_variables()
 def _fetch_and_store(key: str, scopes: list[str]) -> str:
     answer = oauth.client_credentials(scopes)
     lifetime = float(answer.expires_in)
@@ -70,6 +73,7 @@ def _fetch_and_store(key: str, scopes: list[str]) -> str:
     return answer.access_token
 
 
+@sensitive_variables()
 def get_client_credentials_token(scopes: Iterable[str]) -> str:
     """A valid client-credentials access token for ``scopes``.
 
@@ -108,6 +112,7 @@ def get_client_credentials_token(scopes: Iterable[str]) -> str:
             return _fetch_and_store(key, wanted)
 
 
+@sensitive_variables()
 def forget_client_credentials_token(scopes: Iterable[str], access_token: str | None = None) -> None:
     """Drop the cached token for ``scopes`` (only if it is ``access_token``, when given),
     e.g. after Brex rejected it."""

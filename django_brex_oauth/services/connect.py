@@ -6,12 +6,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import transaction
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth, signals
 from ..client import BrexClient, get_with_token
@@ -41,6 +43,7 @@ from . import webhook_subscriptions
 logger = logging.getLogger("django_brex_oauth")
 
 
+@sensitive_variables()
 def start_authorization(
     *, user, redirect_uri: str, next_url: str = "", force_login: bool = False
 ) -> tuple[AuthorizationRequest, str]:
@@ -122,6 +125,7 @@ def consume_authorization_request(*, user, state: str | None, state_in_session: 
     return auth_request
 
 
+@sensitive_variables()
 def complete_authorization(
     *, user, params: dict[str, str], state_in_session: bool
 ) -> CompletedConnection:
@@ -304,6 +308,7 @@ def _queue_identity_read(connection_id: int) -> None:
         )
 
 
+@sensitive_variables()
 def _store_connection(*, user, environment, brex_user_id, identity, tokens):
     now = timezone.now()
     with transaction.atomic():
@@ -351,7 +356,11 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens):
         # The app's own follow-up first: a receiver that raises must not keep the replaced
         # refresh token alive at Brex.
         if replaced_refresh_token:
-            transaction.on_commit(lambda: _revoke_quietly(replaced_refresh_token, "refresh_token"))
+            # A partial, not a lambda: a lambda's frame would hold the token outside any
+            # function marked sensitive when the commit runs it.
+            transaction.on_commit(
+                partial(_revoke_quietly, replaced_refresh_token, "refresh_token")
+            )
         transaction.on_commit(lambda: webhook_subscriptions.subscribe(connection))
         if not identity.complete:
             transaction.on_commit(lambda: _queue_identity_read(connection.pk))
@@ -363,6 +372,7 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens):
     return connection, created
 
 
+@sensitive_variables()
 def _revoke_quietly(token: str | None, hint: str) -> None:
     """Best-effort revocation of a token this site will not keep."""
     if not token:

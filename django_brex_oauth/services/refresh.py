@@ -30,6 +30,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.db.models.functions import Now
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from .. import discovery, oauth, signals
 from ..conf import brex_settings
@@ -158,6 +159,7 @@ def _load(connection_id: int) -> BrexToken | None:
     return BrexToken.objects.select_related("connection").filter(pk=connection_id).first()
 
 
+@sensitive_variables()
 def refresh_connection(
     connection: BrexConnection | int,
     *,
@@ -239,6 +241,7 @@ def refresh_connection(
             release_claim(connection_id, claimant)
 
 
+@sensitive_variables()
 def _refresh_claimed(
     token: BrexToken,
     claimant: str,
@@ -283,6 +286,7 @@ def _refresh_claimed(
     raise BrexUnavailable("The stored refresh token kept changing while refreshing.")
 
 
+@sensitive_variables()
 def _save(
     connection_id: int, claimant: str, sent: str, answer: oauth.TokenResponse
 ) -> RefreshResult:
@@ -331,6 +335,7 @@ def _save(
     return RefreshResult(Outcome.REFRESHED, connection_id, token, rotated=rotated)
 
 
+@sensitive_variables()
 def _mark_needs_reauth(
     connection_id: int, err: TokenError, sent: str
 ) -> RefreshResult | None:
@@ -395,6 +400,7 @@ def _record_transient_failure(connection_id: int, err: BrexOAuthError) -> None:
     logger.warning("Refreshing Brex connection %s failed: %s", connection_id, err)
 
 
+@sensitive_variables()
 def _revoke_quietly(refresh_token: str) -> None:
     try:
         oauth.revoke(refresh_token, "refresh_token")

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth, signals
 from ..backoff import backoff_delay
@@ -193,6 +194,7 @@ def disconnect(
     return DisconnectResult(locked, newly, attempt, retry_queued)
 
 
+@sensitive_variables()
 def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> RevocationAttempt:
     """Ask Brex once to revoke a disconnected connection's refresh token; record the outcome.
 
@@ -255,6 +257,7 @@ def _refresh_token_expired(token: BrexToken, now: datetime) -> bool:
     )
 
 
+@sensitive_variables()
 def _finish(
     connection_id: int, sent: str | None, attempt_number: int, reason: str, actor
 ) -> tuple[RevocationAttempt | None, BrexToken | None]:

@@ -2,6 +2,7 @@
 
 from django.core.management.base import BaseCommand
 from django.db import transaction
+from django.views.decorators.debug import sensitive_variables
 
 from django_brex_oauth.models import AuthorizationRequest, BrexToken, DetachedRevocation
 
@@ -16,6 +17,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--batch-size", type=int, default=500)
 
+    # Saving a row puts the plaintext tokens in the ORM's frames (``values``) below this one.
+    @sensitive_variables()
     def handle(self, *args, batch_size: int, **options):
         done = 0
         pks = list(BrexToken.objects.order_by("pk").values_list("pk", flat=True))
