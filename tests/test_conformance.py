@@ -650,6 +650,30 @@ def test_a_revocation_failing_in_its_request_reports_no_token(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_deleting_a_connection_that_fails_reports_no_token(
+    user, brex_settings, fake_brex, settings, monkeypatch
+):
+    connection = make_connection(user, fake=fake_brex)
+    refresh_token = _stored_secrets(connection)["stored refresh token"]
+    # Copying the token for its revocation after the rows go, then revoking it.
+    _fail_db_write(monkeypatch, DetachedRevocation, "token")
+    exc_info = _raised(lambda: BrexConnection.objects.filter(pk=connection.pk).delete())
+    assert_no_secret_in_error_reports(settings, exc_info, {"refresh token": refresh_token})
+
+    monkeypatch.undo()
+    revocation = DetachedRevocation.objects.create(
+        token=refresh_token, environment=connection.environment,
+        former_connection_id=connection.pk, brex_user_id=connection.brex_user_id,
+    )
+    _fail_http(monkeypatch, "/v1/revoke")
+    exc_info = _raised(lambda: tasks.revoke_detached_token(revocation.pk))
+    assert_no_secret_in_error_reports(
+        settings, exc_info,
+        {"refresh token": refresh_token, "client secret": fake_brex.client_secret},
+    )
+
+
+@pytest.mark.django_db(transaction=True)
 def test_an_api_call_failing_in_its_request_reports_no_access_token(
     user, brex_settings, fake_brex, settings, monkeypatch
 ):

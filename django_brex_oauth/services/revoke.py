@@ -359,6 +359,7 @@ def _queue_after_commit(task_name: str, object_id: int, attempt: int, what: str,
 # --- Deleted connections -------------------------------------------------------------------
 
 
+@sensitive_variables()
 def detach_before_delete(connection: BrexConnection, *, using: str | None = None) -> None:
     """Keep what is needed to revoke ``connection`` at Brex once its rows are deleted.
 
@@ -407,6 +408,7 @@ def revoke_when_deleted(sender, instance: BrexConnection, using: str | None = No
     detach_before_delete(instance, using=using)
 
 
+@sensitive_variables()
 def revoke_detached(revocation: DetachedRevocation | int) -> RevocationAttempt:
     """Ask Brex once to revoke the token of a deleted connection.
 
