@@ -7,8 +7,8 @@ From the repository root, with nothing but Python 3.10+ and pip::
 
 finds a Python with the package installed from this checkout (the one running it, else
 ``.venv/`` as the README's test command makes it), or else creates ``.venv-demo/`` in the
-repository and installs ``-e ".[example]"`` into it (again only when setup.py or
-pyproject.toml change). It then migrates a fresh SQLite database under
+repository and installs ``-e ".[example]"`` into it (again only when pyproject.toml
+changes). It then migrates a fresh SQLite database under
 ``example_project/var/``, creates the demo user (``demo`` / ``demo``), and starts:
 
 * the fake Brex server (``python -m django_brex_oauth.testing.fake_brex``), whose access
@@ -569,9 +569,7 @@ def ensure_virtualenv(venv: Path = DEMO_VENV, out: IO[str] | None = None) -> str
                 "python3-venv)."
             )
     stamp = venv / ".django-brex-oauth-demo"
-    wanted = hashlib.sha256(
-        b"".join((REPO_DIR / name).read_bytes() for name in ("setup.py", "pyproject.toml"))
-    ).hexdigest()
+    wanted = hashlib.sha256((REPO_DIR / "pyproject.toml").read_bytes()).hexdigest()
     if not stamp.exists() or stamp.read_text().strip() != wanted:
         print(f'Installing -e ".[example]" into {_shown(venv)} ...', file=out, flush=True)
         subprocess.run(

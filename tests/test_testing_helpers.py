@@ -204,18 +204,55 @@ def test_partner_code_reads_the_brex_user(brex_oauth_settings, fake_brex, django
 """
 
 
-def test_partners_enable_the_fixtures_with_pytest_plugins(tmp_path):
+def run_partner_suite(tmp_path, conftest: str | None = None, *options: str):
+    """Run PARTNER_TEST with pytest in a fresh process, as a partner's project would: the
+    package comes from the environment it is installed in, not from this checkout."""
     (tmp_path / "partner_settings.py").write_text(textwrap.dedent(PARTNER_SETTINGS))
-    (tmp_path / "conftest.py").write_text(
-        'pytest_plugins = ["django_brex_oauth.testing.pytest_plugin"]\n'
-    )
+    if conftest is not None:
+        (tmp_path / "conftest.py").write_text(conftest)
     (tmp_path / "test_partner.py").write_text(textwrap.dedent(PARTNER_TEST))
-    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    # Nothing from this run's own pytest configuration may reach the partner's run:
+    # disabling autoload or preloading plugins would hide what the entry point does.
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in {"DJANGO_SETTINGS_MODULE", "PYTEST_ADDOPTS", "PYTEST_PLUGINS",
+                     "PYTEST_DISABLE_PLUGIN_AUTOLOAD"}
+    }
     env["PYTHONPATH"] = str(tmp_path)
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "--ds", "partner_settings", "--rootdir", str(tmp_path), str(tmp_path)],
+         "--ds", "partner_settings", "--rootdir", str(tmp_path), *options, str(tmp_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_partners_enable_the_fixtures_with_pytest_plugins(tmp_path):
+    result = run_partner_suite(
+        tmp_path, 'pytest_plugins = ["django_brex_oauth.testing.pytest_plugin"]\n'
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+def test_installing_the_package_is_enough_for_the_fixtures(tmp_path):
+    """The pytest11 entry point registers the plugin: no conftest.py at all."""
+    result = run_partner_suite(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
+def test_naming_the_plugin_as_well_does_not_register_it_twice(tmp_path):
+    """``-p`` (and the ``pytest_plugins`` line above) name a plugin the entry point has
+    already registered; pytest must take it as the same one, not fail on a duplicate."""
+    result = run_partner_suite(tmp_path, None, "-p", "django_brex_oauth.testing.pytest_plugin")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
+def test_the_entry_point_can_be_switched_off(tmp_path):
+    """``-p no:<name>`` turns the plugin off, so the name documented for it is the real one."""
+    result = run_partner_suite(
+        tmp_path, None, "-p", "no:django_brex_oauth.testing.pytest_plugin"
+    )
+    assert result.returncode != 0
+    assert "fixture 'brex_oauth_settings' not found" in result.stdout

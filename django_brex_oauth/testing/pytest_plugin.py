@@ -1,10 +1,8 @@
 """pytest fixtures for sites using django-brex-oauth.
 
-Enable them in your ``conftest.py`` (they need pytest-django)::
-
-    pytest_plugins = ["django_brex_oauth.testing.pytest_plugin"]
-
-Then::
+Installing the package registers this plugin with pytest (the ``pytest11`` entry point,
+named after this module); the fixtures need pytest-django, which the ``testing`` extra
+brings (``pip install "django-brex-oauth[testing]"``). Then::
 
     def test_dashboard_shows_the_company(client, user, brex_oauth_settings, fake_brex):
         connection = make_connection(user, fake=fake_brex)
