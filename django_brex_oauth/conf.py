@@ -143,6 +143,8 @@ DEFAULTS: dict[str, Any] = {
     "WEBHOOK_TASK_MAX_RETRIES": 6,
     "WEBHOOK_RETRY_BACKOFF": 30,
     "WEBHOOK_RETRY_BACKOFF_MAX": 900,
+    # Days webhook events are kept before the cleanup task prunes them (None keeps them).
+    "WEBHOOK_EVENT_RETENTION_DAYS": 90,
 }
 
 

@@ -74,7 +74,7 @@ def remaining(rows) -> set[str]:
 
 def test_the_prune_task_deletes_expired_requests_and_old_events(rows):
     result = tasks.prune.delay().get()
-    assert result == {"authorization_requests": 2, "events": 2}
+    assert result == {"authorization_requests": 2, "events": 2, "webhook_events": 0}
     assert remaining(rows) == {"pending", "used", "just_expired", "recent_event", "connection"}
     # Nothing else is touched: the connection keeps its tokens.
     assert BrexToken.objects.get(pk=rows["connection"].pk).refresh_token

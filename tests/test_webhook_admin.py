@@ -105,3 +105,28 @@ def test_process_again_needs_the_change_permission(client, django_user_model, ev
     client.post(reverse(CHANGELIST), {"action": "process_again",
                                       "_selected_action": [events["transfer"].pk]})
     assert BrexWebhookEvent.objects.get(pk=events["transfer"].pk).attempts == 0
+
+
+def test_webhook_events_past_their_retention_are_pruned(events, settings):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from django_brex_oauth import tasks
+
+    old = timezone.now() - timedelta(days=91)
+    BrexWebhookEvent.objects.filter(pk=events["user"].pk).update(received_at=old)
+    BrexWebhookEvent.objects.filter(pk=events["transfer"].pk).update(
+        received_at=old + timedelta(days=2))
+    events["user"].connections.set(events["user"].connections.model.objects.all())
+
+    out = StringIO()
+    call_command("brex_oauth_cleanup", "--dry-run", "--skip-revocations", stdout=out)
+    assert "Would delete 1 old webhook event(s)." in out.getvalue()
+    assert tasks.prune.delay().get()["webhook_events"] == 1
+    assert set(BrexWebhookEvent.objects.values_list("webhook_id", flat=True)) == {
+        "msg_transfer", "msg_stranger"}
+
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "WEBHOOK_EVENT_RETENTION_DAYS": None}
+    BrexWebhookEvent.objects.update(received_at=old - timedelta(days=999))
+    assert tasks.prune.delay().get()["webhook_events"] == 0

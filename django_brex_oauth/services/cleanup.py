@@ -1,4 +1,5 @@
-"""Pruning what is no longer needed: expired authorization requests and old events."""
+"""Pruning what is no longer needed: expired authorization requests, old events and old
+webhook events."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from ..conf import brex_settings
-from ..models import AuthorizationRequest, ConnectionEvent, EventKind
+from ..models import AuthorizationRequest, BrexWebhookEvent, ConnectionEvent, EventKind
 
 #: How long an expired authorization request is kept, so that a person coming back from
 #: Brex late is told the attempt expired (rather than that it is unknown).
@@ -27,6 +28,7 @@ class PruneResult:
 
     authorization_requests: int = 0
     events: int = 0
+    webhook_events: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counts as a plain dict (for a task result or a log line)."""
@@ -58,6 +60,17 @@ def old_events(now: datetime | None = None) -> QuerySet:
     return ConnectionEvent.objects.filter(functools.reduce(operator.or_, conditions))
 
 
+def old_webhook_events(now: datetime | None = None) -> QuerySet:
+    """Webhook events received more than ``WEBHOOK_EVENT_RETENTION_DAYS`` ago (``None``
+    keeps them). Brex redelivers for days, not months, so their ids are no longer needed
+    to recognise a duplicate."""
+    now = now or timezone.now()
+    days = brex_settings.WEBHOOK_EVENT_RETENTION_DAYS
+    if days is None:
+        return BrexWebhookEvent.objects.none()
+    return BrexWebhookEvent.objects.filter(received_at__lt=now - timedelta(days=int(days)))
+
+
 def _delete_in_batches(queryset: QuerySet) -> int:
     model = queryset.model
     deleted = 0
@@ -65,16 +78,18 @@ def _delete_in_batches(queryset: QuerySet) -> int:
         batch = list(queryset.order_by("pk").values_list("pk", flat=True)[:BATCH_SIZE])
         if not batch:
             return deleted
-        deleted += model.objects.filter(pk__in=batch).delete()[0]
+        # Rows of this model only, not the many-to-many links deleted with them.
+        deleted += model.objects.filter(pk__in=batch).delete()[1].get(model._meta.label, 0)
 
 
 def prune(now: datetime | None = None, *, dry_run: bool = False) -> PruneResult:
-    """Delete expired authorization requests and events past the retention period.
+    """Delete expired authorization requests, and events and webhook events past their
+    retention period.
 
     With ``dry_run`` nothing is deleted; the counts say what would be.
     """
     now = now or timezone.now()
-    requests, events = expired_authorization_requests(now), old_events(now)
+    querysets = (expired_authorization_requests(now), old_events(now), old_webhook_events(now))
     if dry_run:
-        return PruneResult(requests.count(), events.count())
-    return PruneResult(_delete_in_batches(requests), _delete_in_batches(events))
+        return PruneResult(*(queryset.count() for queryset in querysets))
+    return PruneResult(*(_delete_in_batches(queryset) for queryset in querysets))

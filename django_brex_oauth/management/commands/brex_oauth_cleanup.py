@@ -42,6 +42,8 @@ class Command(BaseCommand):
                 f"and {result.events} old event(s)."
             )
         )
+        if result.webhook_events:
+            self.stdout.write(f"{verb} {result.webhook_events} old webhook event(s).")
         if skip_revocations:
             return
         if dry_run:
