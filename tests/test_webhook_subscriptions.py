@@ -425,3 +425,37 @@ def test_the_fakes_subscription_endpoints_behave_like_brexs(fake_brex, brex_sett
     assert call(fake_brex, "DELETE", f"/v1/webhooks/{created['id']}", token)[0] == 404
     assert call(fake_brex, "GET", "/v1/webhooks", token)[1]["items"] == []
     assert fake_brex.emit("USER_UPDATED") == []  # nothing subscribed any more
+
+
+def test_a_disconnect_while_brex_creates_the_subscription_does_not_leave_it_active(
+    fake_brex, webhook_settings
+):
+    from django import db
+
+    from tests.conftest import require_postgres
+
+    require_postgres()
+    connection = make_connection(create_user("racer"), fake=fake_brex)
+    fake_brex.set_latency(1.5, "/v1/webhooks")
+    def subscribe():
+        try:
+            webhook_subscriptions.subscribe(connection)
+        finally:
+            db.connection.close()
+
+    subscribing = threading.Thread(target=subscribe)
+    subscribing.start()
+    try:
+        for _ in range(100):  # until the POST has reached Brex
+            if requests_to(fake_brex, "POST", "/v1/webhooks"):
+                break
+            threading.Event().wait(0.02)
+        disconnect(connection)
+    finally:
+        subscribing.join(10)
+        fake_brex.set_latency(0, "/v1/webhooks")
+
+    subscription = BrexWebhookSubscription.objects.get()
+    assert subscription.brex_webhook_id  # what Brex made is known...
+    assert subscription.status == SubscriptionStatus.ABANDONED  # ...and not taken as live
+    assert [e for e in kinds(connection) if e == EventKind.WEBHOOK_SUBSCRIBED] == []

@@ -157,6 +157,15 @@ def _create_at_brex(subscription: BrexWebhookSubscription, actor) -> SyncResult:
                            "The connection can no longer be used; not subscribed.", actor,
                            error=str(err))
         return _failed(subscription, EventKind.WEBHOOK_SUBSCRIBE_FAILED, err, actor)
+    with transaction.atomic():
+        current = BrexWebhookSubscription.objects.select_for_update().get(pk=subscription.pk)
+        if current.status != SubscriptionStatus.SUBSCRIBING:
+            # Disconnected while Brex was answering: what Brex just made must go too.
+            current.brex_webhook_id = brex_id[:255]
+            current.status = SubscriptionStatus.UNSUBSCRIBING
+            current.save(update_fields=["brex_webhook_id", "status", "updated_at"])
+    if current.status == SubscriptionStatus.UNSUBSCRIBING:
+        return _delete_at_brex(current, actor)
     subscription.brex_webhook_id = brex_id[:255]
     return _record(subscription, SubscriptionStatus.ACTIVE, EventKind.WEBHOOK_SUBSCRIBED,
                    f"Subscribed to {', '.join(subscription.event_types)} "
