@@ -68,20 +68,29 @@ def create_connections(fake, count: int, *, expires_in: float = 3600) -> list[in
     Each belongs to a site user of its own and to the fake's default Brex user, the ``sub``
     of the id_tokens its refreshes return (a connection is one per owner and Brex user).
     """
+    token_sets = [fake.issue_tokens() for _ in range(count)]
+    return store_connections(token_sets, fake.default_user["id"], expires_in=expires_in)
+
+
+def store_connections(
+    token_sets: list[dict[str, Any]], brex_user_id: str, *, expires_in: float = 3600
+) -> list[int]:
+    """One active connection per token answer in ``token_sets`` (issued to the Brex user
+    ``brex_user_id``), each with a site user of its own, inserted in bulk; their ids. For a
+    process that has no fake of its own."""
     now = timezone.now()
     issued = now - timedelta(days=1)
-    token_sets = [fake.issue_tokens() for _ in range(count)]
     batch = uuid.uuid4().hex[:12]
     user_model = get_user_model()
     user_model.objects.bulk_create(
-        user_model(username=f"owner-{batch}-{n}") for n in range(count)
+        user_model(username=f"owner-{batch}-{n}") for n in range(len(token_sets))
     )
     owners = user_model.objects.filter(username__startswith=f"owner-{batch}-").order_by("pk")
     connections = BrexConnection.objects.bulk_create(
         BrexConnection(
             owner=owner,
             environment="staging",
-            brex_user_id=fake.default_user["id"],
+            brex_user_id=brex_user_id,
             granted_scopes=tokens["scope"],
         )
         for owner, tokens in zip(owners, token_sets, strict=True)

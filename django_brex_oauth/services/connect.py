@@ -18,6 +18,7 @@ from django.views.decorators.debug import sensitive_variables
 from .. import oauth, signals
 from ..client import BrexClient, get_with_token
 from ..conf import brex_settings
+from ..db import write_transaction
 from ..exceptions import (
     AccessDenied,
     AuthorizationError,
@@ -311,7 +312,7 @@ def _queue_identity_read(connection_id: int) -> None:
 @sensitive_variables()
 def _store_connection(*, user, environment, brex_user_id, identity, tokens):
     now = timezone.now()
-    with transaction.atomic():
+    with write_transaction():
         connection, created = BrexConnection.objects.select_for_update().get_or_create(
             owner=user,
             environment=environment,

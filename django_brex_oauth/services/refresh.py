@@ -34,6 +34,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from .. import discovery, oauth, signals
 from ..conf import brex_settings
+from ..db import write_transaction
 from ..exceptions import (
     BrexOAuthError,
     BrexUnavailable,
@@ -291,7 +292,7 @@ def _save(
     connection_id: int, claimant: str, sent: str, answer: oauth.TokenResponse
 ) -> RefreshResult:
     now = timezone.now()
-    with transaction.atomic():
+    with write_transaction():
         connection = BrexConnection.objects.select_for_update().get(pk=connection_id)
         token = BrexToken.objects.select_for_update().get(pk=connection_id)
         if connection.status != ConnectionStatus.ACTIVE:
@@ -341,7 +342,7 @@ def _mark_needs_reauth(
 ) -> RefreshResult | None:
     """Mark the connection ``needs_reauth`` unless its refresh token changed since ``sent``
     was read (then return None so the caller uses the new one)."""
-    with transaction.atomic():
+    with write_transaction():
         connection = BrexConnection.objects.select_for_update().get(pk=connection_id)
         token = BrexToken.objects.select_for_update().get(pk=connection_id)
         if token.refresh_token and token.refresh_token != sent:
@@ -380,7 +381,7 @@ def _mark_needs_reauth(
 def _forget_access_token(connection_id: int) -> None:
     """Wipe the access token of a connection that is not active (it cannot be used), which
     also takes it out of the sweep's indexes."""
-    with transaction.atomic():
+    with write_transaction():
         connection = BrexConnection.objects.select_for_update().get(pk=connection_id)
         if connection.status != ConnectionStatus.ACTIVE:
             BrexToken.objects.filter(pk=connection_id).update(
@@ -390,7 +391,7 @@ def _forget_access_token(connection_id: int) -> None:
 
 def _record_transient_failure(connection_id: int, err: BrexOAuthError) -> None:
     reason = f"Refresh failed, will retry: {err}"[:2000]
-    with transaction.atomic():
+    with write_transaction():
         BrexConnection.objects.filter(pk=connection_id).update(
             last_error=reason, updated_at=timezone.now()
         )

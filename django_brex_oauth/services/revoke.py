@@ -31,6 +31,7 @@ from django.views.decorators.debug import sensitive_variables
 from .. import oauth, signals
 from ..backoff import backoff_delay
 from ..conf import brex_settings
+from ..db import write_transaction
 from ..exceptions import BrexOAuthError, BrexUnavailable, DiscoveryError
 from ..fields import UndecryptableValue
 from ..models import (
@@ -137,7 +138,7 @@ def disconnect(
     # Brex's webhook subscriptions go first, while the grant still works.
     webhook_subscriptions.unsubscribe(connection_id, actor=actor)
     now = timezone.now()
-    with transaction.atomic():
+    with write_transaction():
         locked = BrexConnection.objects.select_for_update().get(pk=connection_id)
         newly = locked.status != ConnectionStatus.REVOKED
         if newly:
@@ -209,7 +210,7 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
     connection_id = connection_pk(connection)
     actor = actor if getattr(actor, "pk", None) else None
     now = timezone.now()
-    with transaction.atomic():
+    with write_transaction():
         locked = _lock_pending(connection_id)
         if locked is None:
             return RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id)
@@ -263,7 +264,7 @@ def _finish(
 ) -> tuple[RevocationAttempt | None, BrexToken | None]:
     """Wipe the tokens and mark the revocation done, unless the stored token changed since
     ``sent`` was read (then return the current token so the caller revokes that one)."""
-    with transaction.atomic():
+    with write_transaction():
         locked = _lock_pending(connection_id)
         if locked is None:
             # Reconnected (or finished by another worker) while Brex was answering.
@@ -295,7 +296,7 @@ def _record_failure(
     retryable = _is_retryable(err)
     error = str(err)[:1000]
     reason = f"Revocation at Brex failed (attempt {attempt_number}): {error}"
-    with transaction.atomic():
+    with write_transaction():
         BrexConnection.objects.filter(
             pk=connection_id, revocation_status=RevocationStatus.PENDING
         ).update(last_error=reason, updated_at=timezone.now())
