@@ -305,16 +305,14 @@ class BrexConnectionAdmin(admin.ModelAdmin):
             return "-"
         return _days((timezone.now() - issued).days)
 
-    @admin.display(description="refresh token days left", ordering="refresh_token_expires_at")
+    @admin.display(description="refresh token days left (estimate)",
+                   ordering="refresh_token_expires_at")
     def refresh_token_days_left(self, obj: BrexConnection) -> str:
-        issued = getattr(obj, "refresh_token_issued_at", None)
+        # The app's reckoning (REFRESH_TOKEN_LIFETIME from the last refresh), not Brex's.
         expires = getattr(obj, "refresh_token_expires_at", None)
         if expires is None or obj.status == ConnectionStatus.REVOKED:
             return "-"
-        left = max(0, (expires - timezone.now()).days)
-        if issued is None:
-            return str(left)
-        return f"{left} of {(expires - issued).days}"
+        return f"about {max(0, (expires - timezone.now()).days)}"
 
     @admin.display(description="last error")
     def last_error_short(self, obj: BrexConnection) -> str:
@@ -326,14 +324,17 @@ class BrexConnectionAdmin(admin.ModelAdmin):
     def refresh_token_issued(self, obj: BrexConnection) -> str:
         return _when(getattr(obj, "refresh_token_issued_at", None))
 
-    @admin.display(description="refresh token expires")
+    @admin.display(description="refresh token expires (estimate)")
     def refresh_token_expiry(self, obj: BrexConnection) -> str:
         expires = getattr(obj, "refresh_token_expires_at", None)
         if expires is None:
             return "-"
         if obj.status == ConnectionStatus.REVOKED:
             return _when(expires)
-        return f"{_when(expires)} ({self.refresh_token_days_left(obj)} days left)"
+        return (
+            f"{_when(expires)} ({self.refresh_token_days_left(obj)} days left, reckoned from "
+            "the last refresh; Brex does not say)"
+        )
 
     @admin.display(description="refresh token last used")
     def refresh_token_used(self, obj: BrexConnection) -> str:

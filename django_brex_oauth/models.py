@@ -232,6 +232,8 @@ class BrexToken(models.Model):
 
     @property
     def refresh_token_days_left(self) -> int | None:
+        """Whole days until the refresh token's estimated end (``refresh_token_expires_at``:
+        ``REFRESH_TOKEN_LIFETIME`` after the last refresh; Brex does not say), or None."""
         if self.refresh_token_expires_at is None:
             return None
         return max(0, (self.refresh_token_expires_at - timezone.now()).days)

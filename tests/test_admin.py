@@ -97,8 +97,8 @@ def test_the_changelist_shows_each_connection_and_its_tokens_state(
     assert response.status_code == 200
     page = response.content.decode()
     for header in ("Owner", "Brex company", "Environment", "Status", "Granted scopes",
-                   "Access token expires", "Refresh token age", "Refresh token days left",
-                   "Last refreshed at", "Last error"):
+                   "Access token expires", "Refresh token age",
+                   "Refresh token days left (estimate)", "Last refreshed at", "Last error"):
         assert f">{header}</a>" in page or f">{header}</span>" in page, header
     row = re.search(r'<tr>\s*<td class="action-checkbox">.*?</tr>', page, re.S).group(0)
     assert "ada" in row
@@ -107,7 +107,7 @@ def test_the_changelist_shows_each_connection_and_its_tokens_state(
     assert "Active" in row
     assert "users.readonly, companies.readonly" in row
     assert "12 days" in row
-    assert "77 of 90" in row
+    assert "about 77" in row
     assert "Refresh failed, will retry: Brex token endpoint answered HTTP 503" in row
     expires = BrexToken.objects.get(pk=connection.pk).access_token_expires_at
     assert timezone.localtime(expires).strftime("%Y-%m-%d %H:%M") in row

@@ -380,13 +380,18 @@ def test_reconnecting_while_a_revocation_is_pending_keeps_the_new_tokens(
     assert list(pending_revocation_ids(timezone.now() + timedelta(days=1))) == []
 
 
-def test_an_expired_refresh_token_needs_no_request_to_brex(user, connection, fake_brex):
+def test_a_refresh_token_past_its_estimated_end_is_still_revoked_at_brex(
+    user, connection, fake_brex
+):
+    # The stored end date is the app's estimate; only Brex knows whether the grant lives.
+    refresh_token = BrexToken.objects.get(pk=connection.pk).refresh_token
     BrexToken.objects.filter(pk=connection.pk).update(
         refresh_token_expires_at=timezone.now() - timedelta(minutes=1)
     )
     result = disconnect(connection, actor=user)
     assert result.revoked_at_brex
-    assert revoke_requests(fake_brex) == []
+    assert len(revoke_requests(fake_brex)) == 1
+    assert not fake_brex.is_refresh_token_active(refresh_token)
     assert BrexToken.objects.get(pk=connection.pk).refresh_token is None
 
 

@@ -11,15 +11,35 @@ import multiprocessing
 import queue
 import threading
 import time
+from datetime import timedelta
 
 import pytest
+from django.contrib.messages import get_messages
 from django.db import connection as db_connection
+from django.urls import reverse
+from django.utils import timezone
 
+from django_brex_oauth import signals
+from django_brex_oauth.models import (
+    BrexToken,
+    ConnectionEvent,
+    ConnectionStatus,
+    EventKind,
+    RevocationStatus,
+)
+from django_brex_oauth.services import refresh
 from django_brex_oauth.testing import FakeBrex
+from django_brex_oauth.testing.factories import make_connection
 from django_brex_oauth.testing.server import brex_oauth_settings_for
 from tests import sqlite_refreshers
 from tests.conftest import require_postgres
-from tests.factories import store_connections
+from tests.factories import (
+    SignalRecorder,
+    create_connection,
+    create_user,
+    store_connections,
+    stored_token,
+)
 
 # ---------------------------------------------------------------------------------------
 # Saving a refresh: reconnect races, malformed answers, narrower grants, a failed commit
@@ -34,6 +54,68 @@ from tests.factories import store_connections
 # ---------------------------------------------------------------------------------------
 # Lost keys, revocation, environments, concurrent refreshers on SQLite, the demo
 # ---------------------------------------------------------------------------------------
+
+
+def _events(connection_id: int) -> list[tuple[str, str]]:
+    return list(
+        ConnectionEvent.objects.filter(connection_id=connection_id)
+        .order_by("created_at", "pk")
+        .values_list("kind", "detail")
+    )
+
+
+def _page_messages(response) -> list[str]:
+    return [str(message) for message in get_messages(response.wsgi_request)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_refresh_restarts_the_refresh_tokens_estimated_end(brex_settings, fake_brex):
+    """Brex's refresh tokens last 90 days from the last exchange: a connection made 100
+    days ago and refreshed since is not "past its 90 days"."""
+    connection = create_connection(
+        fake_brex, expires_in=30,
+        refresh_token_issued_at=timezone.now() - timedelta(days=100),
+        refresh_token_expires_at=timezone.now() - timedelta(days=10),
+    )
+    assert refresh.sweep().refreshed == 1
+    token = stored_token(connection)
+    assert token.connection.status == ConnectionStatus.ACTIVE
+    expected = timezone.now() + timedelta(days=90)
+    assert abs(token.refresh_token_expires_at - expected) < timedelta(minutes=1)
+    assert token.refresh_token_days_left == 89
+    # The chain's start stays where the customer connected.
+    assert token.refresh_token_issued_at < timezone.now() - timedelta(days=99)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_disconnect_past_the_estimated_end_still_revokes_at_brex(
+    brex_settings, fake_brex, user, user_client
+):
+    """The estimated end date has passed but Brex still holds the grant: the disconnect
+    asks Brex, and the person is told it was revoked only because Brex said so."""
+    connection = make_connection(user, fake=fake_brex)
+    refresh_token = stored_token(connection).refresh_token
+    BrexToken.objects.filter(pk=connection.pk).update(
+        refresh_token_expires_at=timezone.now() - timedelta(days=1)
+    )
+    with SignalRecorder(disconnected=signals.disconnected) as received:
+        response = user_client.post(
+            reverse("brex_oauth:disconnect", args=[connection.pk]), follow=True
+        )
+    assert response.status_code == 200
+    revocations = [r for r in fake_brex.requests if r["path"].endswith("/v1/revoke")]
+    assert len(revocations) == 1
+    assert not fake_brex.is_refresh_token_active(refresh_token)
+    connection.refresh_from_db()
+    assert connection.status == ConnectionStatus.REVOKED
+    assert connection.revocation_status == RevocationStatus.DONE
+    assert stored_token(connection).refresh_token is None
+    kinds = [kind for kind, _ in _events(connection.pk)]
+    assert kinds == [EventKind.DISCONNECTED, EventKind.REVOKED]
+    assert "Brex confirmed the revocation" in _events(connection.pk)[-1][1]
+    assert [r["revoked_at_brex"] for r in received["disconnected"]] == [True]
+    assert any("Brex has revoked" in m for m in _page_messages(response))
+
 
 
 SQLITE_REFRESHERS = 4
@@ -57,14 +139,13 @@ def test_concurrent_cron_refreshers_never_reuse_a_refresh_token(database, tmp_pa
         if database == "postgresql":
             require_postgres()
             databases = {"default": {**db_connection.settings_dict}}
-            ids = store_connections(token_sets, fake.default_user["id"])
+            ids = store_connections(token_sets, create_user())
         else:
             # A file, as a site's SQLite database is (several processes share it).
             databases = {"default": {"ENGINE": "django.db.backends.sqlite3",
                                      "NAME": str(tmp_path / "db.sqlite3")}}
             setup = context.Process(target=sqlite_refreshers.run_prepare,
-                                    args=(databases, brex_oauth, token_sets,
-                                          fake.default_user["id"], results))
+                                    args=(databases, brex_oauth, token_sets, results))
             setup.start()
             kind, ids = results.get(timeout=120)
             setup.join(30)

@@ -93,9 +93,9 @@ def test_on_demand_refresh_saves_the_rotated_tokens(brex, received):
     assert not brex.is_refresh_token_active(before.refresh_token)
     now = timezone.now()
     assert close_to(after.access_token_expires_at, now + timedelta(seconds=3600))
-    # Rotation does not restart the refresh token's 90-day clock.
+    # The chain's start stays; its estimated end is 90 days from this exchange.
     assert after.refresh_token_issued_at == before.refresh_token_issued_at
-    assert after.refresh_token_expires_at == before.refresh_token_expires_at
+    assert close_to(after.refresh_token_expires_at, now + timedelta(days=90))
     assert close_to(after.refresh_token_used_at, now)
     assert after.refresh_claimed_until is None and after.refresh_claimed_by == ""
     connection.refresh_from_db()

@@ -308,6 +308,12 @@ def _save(
         if answer.refresh_token:
             token.refresh_token = answer.refresh_token
         token.refresh_token_used_at = now
+        # Brex's refresh tokens last 90 days from the last exchange and every refresh
+        # returns one (the same value when not rotated), so the estimated end moves with
+        # each refresh. It stays an estimate: Brex may also cap a chain's total lifetime.
+        token.refresh_token_expires_at = now + timedelta(
+            seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME)
+        )
         if token.refresh_claimed_by == claimant:
             token.refresh_claimed_until = None
             token.refresh_claimed_by = ""

@@ -204,8 +204,9 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
     and the client authentication of the token endpoint (or the access token, when only that
     is left). On success the tokens are wiped, the revocation becomes ``done`` and a
     ``revoked`` event is written; on failure a ``revoke_failed`` event and ``last_error``
-    say why, and the refresh token is kept for the next try. A refresh token already past
-    its 90 days counts as revoked: Brex has forgotten it.
+    say why, and the refresh token is kept for the next try. Brex is asked even when the
+    refresh token's estimated end date has passed: the date is the app's reckoning, Brex
+    answers 200 for a token it has forgotten, and only its answer says the grant is gone.
     """
     connection_id = connection_pk(connection)
     actor = actor if getattr(actor, "pk", None) else None
@@ -225,8 +226,6 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
         value, hint = _token_to_revoke(token)
         if value is None:
             reason = "Nothing was left to revoke at Brex."
-        elif token is not None and _refresh_token_expired(token, now):
-            reason = "The refresh token had passed its 90 days, so Brex had forgotten it."
         else:
             try:
                 oauth.revoke(value, hint)
@@ -248,14 +247,6 @@ def _token_to_revoke(token: BrexToken | None) -> tuple[str | None, str]:
     if token is not None and token.access_token:
         return token.access_token, "access_token"
     return None, "refresh_token"
-
-
-def _refresh_token_expired(token: BrexToken, now: datetime) -> bool:
-    return (
-        bool(token.refresh_token)
-        and token.refresh_token_expires_at is not None
-        and token.refresh_token_expires_at <= now
-    )
 
 
 @sensitive_variables()
