@@ -310,8 +310,13 @@ class BrexClient(_APIClient):
         return True
 
     def _adopt(self, result) -> None:
+        from .services import refresh
+
         if result.token is not None:
             self.connection.status = result.token.connection.status
+        elif result.outcome != refresh.Outcome.BUSY:
+            # No token came back (none stored, or none readable): the status says why.
+            self.connection.refresh_from_db(fields=["status"])
         if not result.usable:
             self._token = None
             raise self._not_usable()

@@ -27,6 +27,8 @@ class RevocationStatus(models.TextChoices):
     NOT_REQUESTED = "", "Not requested"
     PENDING = "pending", "Pending at Brex"
     DONE = "done", "Revoked at Brex"
+    #: The stored tokens could not be decrypted, so Brex could not be asked.
+    NOT_POSSIBLE = "not_possible", "Brex could not be told"
 
 
 class BrexConnection(models.Model):

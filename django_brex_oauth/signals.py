@@ -26,8 +26,9 @@ token_refreshed = Signal()
 
 #: A refresh failed for good: the connection now needs the customer to reconnect.
 #:
-#: kwargs: ``connection``, ``error`` (the OAuth error code, e.g. "invalid_grant"),
-#: ``description`` (Brex's description, never a token).
+#: kwargs: ``connection``, ``error`` (the OAuth error code, e.g. "invalid_grant"; or
+#: "undecryptable_token" when no configured key decrypts the stored tokens),
+#: ``description`` (Brex's description, or what went wrong here; never a token).
 refresh_failed = Signal()
 
 #: A verified Brex webhook was stored. Sent once per ``Webhook-Id``, after the commit, with

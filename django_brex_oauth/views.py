@@ -24,6 +24,7 @@ from . import services
 from .conf import brex_settings
 from .exceptions import BrexOAuthError, RedirectURINotConfigured
 from .models import BrexConnection, ConnectionStatus
+from .services.revoke import RevokeOutcome
 from .services.revoke import disconnect as disconnect_connection
 
 logger = logging.getLogger("django_brex_oauth")
@@ -259,6 +260,14 @@ def disconnect(request: HttpRequest, pk: int) -> HttpResponse:
     name = _connection_name(connection)
     if not result.disconnected:
         messages.info(request, f"{name} was already disconnected.", fail_silently=True)
+    elif result.attempt.outcome == RevokeOutcome.NOT_POSSIBLE:
+        messages.warning(
+            request,
+            f"{name} is disconnected and this site no longer uses it. Brex could not be told "
+            "to revoke the access, because this site can no longer read its stored "
+            "credentials for it; the site's administrators can see this in its records.",
+            fail_silently=True,
+        )
     elif result.revoked_at_brex:
         messages.success(
             request,

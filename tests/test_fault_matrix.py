@@ -19,8 +19,11 @@ from django.db import connection as db_connection
 from django.urls import reverse
 from django.utils import timezone
 
-from django_brex_oauth import signals
+from django_brex_oauth import signals, tasks
+from django_brex_oauth.client import BrexClient
+from django_brex_oauth.exceptions import ConnectionNotUsable
 from django_brex_oauth.models import (
+    BrexConnection,
     BrexToken,
     ConnectionEvent,
     ConnectionStatus,
@@ -28,6 +31,7 @@ from django_brex_oauth.models import (
     RevocationStatus,
 )
 from django_brex_oauth.services import refresh
+from django_brex_oauth.services.revoke import pending_revocation_ids
 from django_brex_oauth.testing import FakeBrex
 from django_brex_oauth.testing.factories import make_connection
 from django_brex_oauth.testing.server import brex_oauth_settings_for
@@ -115,6 +119,104 @@ def test_disconnect_past_the_estimated_end_still_revokes_at_brex(
     assert "Brex confirmed the revocation" in _events(connection.pk)[-1][1]
     assert [r["revoked_at_brex"] for r in received["disconnected"]] == [True]
     assert any("Brex has revoked" in m for m in _page_messages(response))
+
+
+
+def _lose_the_encryption_key(settings) -> None:
+    """Configure a new key without the old one among the fallbacks."""
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY": "a-new-key-0123456789abcdef",
+                           "ENCRYPTION_KEY_FALLBACKS": []}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_token_no_key_decrypts_needs_reauth_once_and_leaves_the_sweep(
+    brex_settings, fake_brex, admin_client
+):
+    connection = create_connection(fake_brex, expires_in=30)
+    _lose_the_encryption_key(brex_settings)
+    with SignalRecorder(refresh_failed=signals.refresh_failed,
+                        token_refreshed=signals.token_refreshed) as received:
+        assert tasks.refresh_due_connections.delay().get() == 1
+        # Taken out of the sweep: the next ones queue nothing, the cron sweep finds nothing.
+        assert tasks.refresh_due_connections.delay().get() == 0
+        assert refresh.sweep().total == 0
+        assert refresh.sweep(all_active=True).total == 0
+        with pytest.raises(ConnectionNotUsable):
+            BrexClient(BrexConnection.objects.get(pk=connection.pk)).get_me()
+    connection.refresh_from_db()
+    assert connection.status == ConnectionStatus.NEEDS_REAUTH
+    assert "cannot be decrypted" in connection.last_error
+    assert "ENCRYPTION_KEY" in connection.last_error
+    assert [kind for kind, _ in _events(connection.pk)] == [EventKind.NEEDS_REAUTH]
+    assert [(r["connection"].pk, r["error"]) for r in received["refresh_failed"]] == [
+        (connection.pk, "undecryptable_token")
+    ]
+    assert received["token_refreshed"] == []
+    assert fake_brex.stats["token_refresh_token"] == 0
+    # Staff see it as needing re-authorization, with the reason.
+    page = admin_client.get(reverse("admin:brex_oauth_brexconnection_changelist")).content
+    assert b"Needs re-authorization" in page and b"cannot be decrypted" in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_api_client_raises_connection_not_usable_for_an_unreadable_token(
+    brex_settings, fake_brex, user
+):
+    connection = make_connection(user, fake=fake_brex)
+    _lose_the_encryption_key(brex_settings)
+    with SignalRecorder(refresh_failed=signals.refresh_failed) as received:
+        with pytest.raises(ConnectionNotUsable):
+            BrexClient(connection).get_me()
+        with pytest.raises(ConnectionNotUsable):
+            BrexClient(connection).get_me()
+    assert BrexConnection.objects.get(pk=connection.pk).status == ConnectionStatus.NEEDS_REAUTH
+    assert len(received["refresh_failed"]) == 1
+    assert not [r for r in fake_brex.requests if r["path"].endswith("/v2/users/me")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_disconnecting_an_unreadable_connection_wipes_it_and_records_brex_was_not_told(
+    brex_settings, fake_brex, user, user_client
+):
+    connection = make_connection(user, fake=fake_brex)
+    refresh_token = stored_token(connection).refresh_token
+    _lose_the_encryption_key(brex_settings)
+    with SignalRecorder(disconnected=signals.disconnected) as received:
+        response = user_client.post(
+            reverse("brex_oauth:disconnect", args=[connection.pk]), follow=True
+        )
+    assert response.status_code == 200
+    assert any("Brex could not be told" in m for m in _page_messages(response))
+    connection.refresh_from_db()
+    assert connection.status == ConnectionStatus.REVOKED
+    assert connection.revocation_status == RevocationStatus.NOT_POSSIBLE
+    assert "cannot be decrypted" in connection.last_error
+    row = BrexToken.objects.filter(pk=connection.pk).values(
+        "access_token", "refresh_token", "access_token_expires_at").get()
+    assert row == {"access_token": None, "refresh_token": None,
+                   "access_token_expires_at": None}
+    kinds = [kind for kind, _ in _events(connection.pk)]
+    assert kinds == [EventKind.DISCONNECTED, EventKind.REVOKE_FAILED]
+    assert "Brex was not told" in _events(connection.pk)[-1][1]
+    assert [r["revoked_at_brex"] for r in received["disconnected"]] == [False]
+    # Nothing is left to retry: the task and the revocation sweep have nothing to do.
+    assert tasks.revoke_connection.delay(connection.pk).get() == "not_pending"
+    assert list(pending_revocation_ids(timezone.now() + timedelta(days=1))) == []
+    # Brex was never asked (it could not be), so the grant is still live there.
+    assert [r for r in fake_brex.requests if r["path"].endswith("/v1/revoke")] == []
+    assert fake_brex.is_refresh_token_active(refresh_token)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reconnecting_replaces_an_unreadable_connection(brex_settings, fake_brex, user, flow):
+    connection = make_connection(user, fake=fake_brex)
+    _lose_the_encryption_key(brex_settings)
+    refresh.refresh_connection(connection, force=True)
+    assert flow.connect().status_code == 302
+    reconnected = stored_token(connection)
+    assert reconnected.connection.status == ConnectionStatus.ACTIVE
+    assert fake_brex.is_refresh_token_active(reconnected.refresh_token)
+    assert BrexClient(reconnected.connection).get_me()["id"]
 
 
 

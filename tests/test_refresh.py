@@ -525,14 +525,19 @@ def test_a_token_stored_under_another_key_does_not_stop_the_command(
     unreadable = create_connection(brex, expires_in=-5)  # the most urgent: read first
     settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY": key}
 
-    with pytest.raises(CommandError, match="1 refresh"):
-        call_command("brex_oauth_refresh", stdout=io.StringIO())
+    out = io.StringIO()
+    call_command("brex_oauth_refresh", stdout=out)
 
+    # The unreadable one needs its customer now (nothing to retry), and the rest go on.
+    assert "refreshed 1, skipped 0, failed 0, needs re-auth 1" in out.getvalue()
     assert event_kinds(readable) == [EventKind.REFRESHED]
-    assert event_kinds(unreadable) == []
-    assert f"Brex connection {unreadable.pk}: A stored Brex token cannot be decrypted" in (
-        caplog.text
-    )
+    assert event_kinds(unreadable) == [EventKind.NEEDS_REAUTH]
+    unreadable.refresh_from_db()
+    assert unreadable.status == ConnectionStatus.NEEDS_REAUTH
+    assert (
+        f"Brex connection {unreadable.pk} needs re-authorization: The stored Brex tokens "
+        "cannot be decrypted"
+    ) in caplog.text
 
 
 def test_command_counts_failures_and_shows_progress_on_a_terminal(brex):

@@ -28,6 +28,7 @@ from ..exceptions import (
     OfflineAccessNotGranted,
     StateError,
 )
+from ..fields import UndecryptableValue
 from ..models import (
     AuthorizationRequest,
     BrexConnection,
@@ -321,7 +322,10 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens):
         )
         replaced_refresh_token = None
         if not created:
-            old = BrexToken.objects.filter(connection=connection).first()
+            try:
+                old = BrexToken.objects.filter(connection=connection).first()
+            except UndecryptableValue:
+                old = None  # no key reads it: it can be replaced, not revoked
             if old is not None and old.refresh_token and old.refresh_token != tokens.refresh_token:
                 replaced_refresh_token = old.refresh_token
             connection.connected_at = now
@@ -334,20 +338,22 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens):
         connection.revocation_status = RevocationStatus.NOT_REQUESTED
         connection.last_error = ""
         connection.save()
-        BrexToken.objects.update_or_create(
-            connection=connection,
-            defaults={
-                "access_token": tokens.access_token,
-                "refresh_token": tokens.refresh_token,
-                "token_type": tokens.token_type,
-                "access_token_expires_at": now + timedelta(seconds=tokens.expires_in),
-                "refresh_token_issued_at": now,
-                "refresh_token_expires_at": now
-                + timedelta(seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME)),
-                "refresh_claimed_until": None,
-                "refresh_claimed_by": "",
-            },
-        )
+        token_fields = {
+            "access_token": tokens.access_token,
+            "refresh_token": tokens.refresh_token,
+            "token_type": tokens.token_type,
+            "access_token_expires_at": now + timedelta(seconds=tokens.expires_in),
+            "refresh_token_issued_at": now,
+            "refresh_token_expires_at": now
+            + timedelta(seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME)),
+            "refresh_claimed_until": None,
+            "refresh_claimed_by": "",
+        }
+        # An UPDATE, not update_or_create(): the stored row may be one no key decrypts.
+        if not BrexToken.objects.filter(connection=connection).update(
+            **token_fields, updated_at=now
+        ):
+            BrexToken.objects.create(connection=connection, **token_fields)
         ConnectionEvent.objects.create(
             connection=connection,
             kind=EventKind.CONNECTED if created else EventKind.RECONNECTED,

@@ -52,6 +52,7 @@ from ..models import (
     EventKind,
     connection_pk,
 )
+from . import unreadable
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -186,10 +187,17 @@ def refresh_connection(
     Raises :class:`BrexUnavailable` for a transient failure (timeout, connection error, 429,
     5xx, discovery unreachable): tokens untouched, connection still active, the failure
     recorded. Brex refusing the refresh token is not raised: the connection is marked
-    ``needs_reauth`` and ``NEEDS_REAUTH`` returned.
+    ``needs_reauth`` and ``NEEDS_REAUTH`` returned; so is a connection whose tokens no
+    configured key can decrypt (see :mod:`~django_brex_oauth.services.unreadable`).
     """
     connection_id = connection_pk(connection)
-    token = _load(connection_id)
+    try:
+        token = _load(connection_id)
+    except UndecryptableValue:
+        # No configured key decrypts its tokens: out of use until the customer reconnects.
+        marked = unreadable.mark_unreadable(connection_id)
+        return RefreshResult(Outcome.NEEDS_REAUTH if marked else Outcome.NOT_ACTIVE,
+                             connection_id)
     if token is None or token.connection.status != ConnectionStatus.ACTIVE:
         if token is not None and token.access_token_expires_at is not None:
             _forget_access_token(connection_id)

@@ -44,7 +44,7 @@ from ..models import (
     RevocationStatus,
     connection_pk,
 )
-from . import webhook_subscriptions
+from . import unreadable, webhook_subscriptions
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -63,6 +63,9 @@ class RevokeOutcome(str, enum.Enum):
     NOT_PENDING = "not_pending"
     #: Not tried here (``attempt_now=False``): handed to the ``revoke_connection`` task.
     QUEUED = "queued"
+    #: No configured key decrypts the stored token, so Brex cannot be asked: tokens wiped
+    #: here, revocation ``not_possible``. Not retried.
+    NOT_POSSIBLE = "not_possible"
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,9 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
     """Ask Brex once to revoke a disconnected connection's refresh token; record the outcome.
 
     Does nothing (``NOT_PENDING``) unless the connection is ``revoked`` with the revocation
-    ``pending``. Sends the refresh token form-encoded with ``token_type_hint=refresh_token``
+    ``pending``. A token no configured key decrypts cannot be sent: it is wiped, the
+    revocation becomes ``not_possible`` and a ``revoke_failed`` event says so
+    (``NOT_POSSIBLE``). Sends the refresh token form-encoded with ``token_type_hint=refresh_token``
     and the client authentication of the token endpoint (or the access token, when only that
     is left). On success the tokens are wiped, the revocation becomes ``done`` and a
     ``revoked`` event is written; on failure a ``revoke_failed`` event and ``last_error``
@@ -220,7 +225,15 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
         locked.save(update_fields=["revocation_attempts", "revocation_attempted_at",
                                    "updated_at"])
         attempt_number = locked.revocation_attempts
-        token = BrexToken.objects.filter(pk=connection_id).first()
+        try:
+            token = BrexToken.objects.filter(pk=connection_id).first()
+        except UndecryptableValue:
+            token = None
+            unreadable_token = True
+        else:
+            unreadable_token = False
+    if unreadable_token:
+        return _give_up_unreadable(connection_id, attempt_number, actor)
 
     for _ in range(_MAX_TOKEN_SWAPS + 1):
         value, hint = _token_to_revoke(token)
@@ -279,6 +292,32 @@ def _finish(
     logger.info("Revoked Brex connection %s at Brex (attempt %s).", connection_id,
                 attempt_number)
     return RevocationAttempt(RevokeOutcome.REVOKED, connection_id, attempt_number), token
+
+
+def _give_up_unreadable(connection_id: int, attempt_number: int, actor) -> RevocationAttempt:
+    """The token to revoke cannot be decrypted: wipe it here and record that Brex could not
+    be told (trying again cannot help)."""
+    reason = (
+        f"Revocation at Brex not possible (attempt {attempt_number}): {unreadable.REASON} "
+        "Brex was not told; the tokens were wiped here."
+    )
+    with write_transaction():
+        locked = _lock_pending(connection_id)
+        if locked is None:
+            return RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id, attempt_number)
+        BrexToken.objects.filter(pk=connection_id).update(
+            access_token=None, refresh_token=None, access_token_expires_at=None,
+            refresh_claimed_until=None, refresh_claimed_by="", updated_at=timezone.now(),
+        )
+        locked.revocation_status = RevocationStatus.NOT_POSSIBLE
+        locked.last_error = reason
+        locked.save(update_fields=["revocation_status", "last_error", "updated_at"])
+        ConnectionEvent.objects.create(
+            connection=locked, kind=EventKind.REVOKE_FAILED, actor=actor, detail=reason
+        )
+    logger.error("Brex connection %s: %s", connection_id, reason)
+    return RevocationAttempt(RevokeOutcome.NOT_POSSIBLE, connection_id, attempt_number,
+                             unreadable.REASON)
 
 
 def _record_failure(
