@@ -267,7 +267,7 @@ class _APIClient:
 class BrexClient(_APIClient):
     """The Brex API as one connection's customer granted it.
 
-    ``BrexClient(connection)`` uses ``brex_settings.api_base_url`` and the connection's
+    ``BrexClient(connection)`` uses the API server of the connection's environment and its
     tokens, refreshing them as needed (see :mod:`django_brex_oauth.services.refresh`).
     Raises :class:`ConnectionNotUsable` when the connection is revoked or needs the
     customer to reconnect, including when a refresh on the way finds that out.
@@ -277,6 +277,12 @@ class BrexClient(_APIClient):
         super().__init__(**kwargs)
         self.connection = connection
         self._token = None
+
+    @property
+    def base_url(self) -> str:
+        """The API server of the environment the connection was made in (``API_BASE_URL``
+        applies to the configured ``ENVIRONMENT`` only)."""
+        return brex_settings.api_base_url_for(self.connection.environment)
 
     def _not_usable(self, status: str | None = None) -> ConnectionNotUsable:
         status = status or self.connection.status

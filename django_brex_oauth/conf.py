@@ -181,16 +181,36 @@ class BrexOAuthSettings:
     @property
     def issuer(self) -> str:
         """The OpenID Connect issuer: ``ISSUER`` or the environment's documented URL."""
-        if self.ISSUER:
-            return str(self.ISSUER).rstrip("/")
-        return AUTH_BASE_URLS[self.environment]
+        return self.issuer_for(None)
 
     @property
     def api_base_url(self) -> str:
         """The API server: ``API_BASE_URL`` or the environment's documented URL."""
-        if self.API_BASE_URL:
-            return str(self.API_BASE_URL).rstrip("/")
-        return API_BASE_URLS[self.environment]
+        return self.api_base_url_for(None)
+
+    def issuer_for(self, environment: str | None) -> str:
+        """The issuer of a connection made in ``environment`` (None: the configured one).
+
+        ``ISSUER`` overrides the configured ``ENVIRONMENT``'s URL only: a connection made in
+        the other environment keeps talking to that environment's documented Brex.
+        """
+        return self._url_for(environment, self.ISSUER, AUTH_BASE_URLS)
+
+    def api_base_url_for(self, environment: str | None) -> str:
+        """The API server of a connection made in ``environment`` (None: the configured
+        one); ``API_BASE_URL`` overrides the configured ``ENVIRONMENT``'s URL only."""
+        return self._url_for(environment, self.API_BASE_URL, API_BASE_URLS)
+
+    def _url_for(self, environment: str | None, override: Any, documented: dict) -> str:
+        configured = self.environment
+        environment = environment or configured
+        if environment == configured and override:
+            return str(override).rstrip("/")
+        if environment not in documented:
+            raise BrexOAuthConfigurationError(
+                f"Unknown Brex environment {environment!r}: 'production' or 'staging'."
+            )
+        return documented[environment]
 
     @property
     def redirect_uri(self) -> str | None:

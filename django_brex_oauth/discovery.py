@@ -71,9 +71,12 @@ def fetch_provider_metadata(issuer: str) -> dict[str, Any]:
     return data
 
 
-def get_provider_metadata(*, force_refresh: bool = False) -> dict[str, Any]:
-    """The issuer's discovery document, from the cache when possible."""
-    issuer = brex_settings.issuer
+def get_provider_metadata(
+    *, force_refresh: bool = False, issuer: str | None = None
+) -> dict[str, Any]:
+    """The discovery document of ``issuer`` (the configured one by default), from the cache
+    when possible, or the last good copy while the discovery endpoint fails."""
+    issuer = issuer or brex_settings.issuer
     cache = _cache()
     key = _key("discovery", issuer)
     if not force_refresh:
@@ -93,51 +96,56 @@ def get_provider_metadata(*, force_refresh: bool = False) -> dict[str, Any]:
     return data
 
 
-def discovered_issuer() -> str:
+def discovered_issuer(issuer: str | None = None) -> str:
     """The ``issuer`` of the discovery document, exactly as it is written there.
 
     The document is accepted only when it names the configured issuer (a trailing slash
     aside); this is the value an id_token's ``iss`` and an authorization response's ``iss``
     must then equal character for character (OpenID Connect Core 3.1.3.7, RFC 9207).
+    ``issuer`` picks another environment's document (the configured one by default).
     """
-    return str(get_provider_metadata()["issuer"])
+    return str(get_provider_metadata(issuer=issuer)["issuer"])
 
 
-def get_endpoint(name: str) -> str:
-    """One endpoint URL from discovery, e.g. ``get_endpoint("token_endpoint")``."""
-    metadata = get_provider_metadata()
+def get_endpoint(name: str, *, issuer: str | None = None) -> str:
+    """One endpoint URL from discovery, e.g. ``get_endpoint("token_endpoint")``, of
+    ``issuer`` (the configured one by default)."""
+    metadata = get_provider_metadata(issuer=issuer)
     url = metadata.get(name)
     if not url:
         raise DiscoveryError(f"Brex's OpenID configuration has no {name}.")
     return str(url)
 
 
-def invalidate() -> None:
-    """Forget the cached discovery document and JWKS (after an endpoint failed)."""
-    issuer = brex_settings.issuer
+def invalidate(issuer: str | None = None) -> None:
+    """Forget the cached discovery document and JWKS of ``issuer`` (the configured one by
+    default) after an endpoint failed; the last good copy is kept."""
+    issuer = issuer or brex_settings.issuer
     _cache().delete_many([_key("discovery", issuer), _key("jwks", issuer)])
 
 
-def get_jwks(*, force_refresh: bool = False) -> dict[str, Any]:
-    """The issuer's JSON Web Key Set, from the cache when possible."""
-    issuer = brex_settings.issuer
+def get_jwks(*, force_refresh: bool = False, issuer: str | None = None) -> dict[str, Any]:
+    """The JSON Web Key Set of ``issuer`` (the configured one by default), from the cache
+    when possible."""
+    issuer = issuer or brex_settings.issuer
     cache = _cache()
     key = _key("jwks", issuer)
     if not force_refresh:
         cached = cache.get(key)
         if cached is not None:
             return cached
-    data = _fetch_json(get_endpoint("jwks_uri"), "JWKS")
+    data = _fetch_json(get_endpoint("jwks_uri", issuer=issuer), "JWKS")
     if not isinstance(data.get("keys"), list):
         raise DiscoveryError("Brex's JWKS has no list of keys.")
     cache.set(key, data, brex_settings.DISCOVERY_CACHE_TIMEOUT)
     return data
 
 
-def find_jwk(kid: str | None) -> dict[str, Any] | None:
-    """The JWK with key id ``kid``; fetches the JWKS again once if it is not cached."""
+def find_jwk(kid: str | None, *, issuer: str | None = None) -> dict[str, Any] | None:
+    """The JWK with key id ``kid`` of ``issuer`` (the configured one by default); fetches the
+    JWKS again once if it is not cached."""
     for force in (False, True):
-        keys = get_jwks(force_refresh=force)["keys"]
+        keys = get_jwks(force_refresh=force, issuer=issuer)["keys"]
         if kid is None and len(keys) == 1:
             return keys[0]
         for jwk in keys:

@@ -181,8 +181,8 @@ def _token_error(err: OAuth2Error) -> TokenError:
 
 
 @sensitive_variables()
-def _call_token_endpoint(call) -> dict[str, Any]:
-    token_url = discovery.get_endpoint("token_endpoint")
+def _call_token_endpoint(call, issuer: str | None = None) -> dict[str, Any]:
+    token_url = discovery.get_endpoint("token_endpoint", issuer=issuer)
     try:
         with allow_insecure_loopback(token_url):
             return dict(call(token_url))
@@ -191,7 +191,7 @@ def _call_token_endpoint(call) -> dict[str, Any]:
     except Warning as err:  # oauthlib's "scope has changed" and similar
         raise TokenError("invalid_response", str(err)) from None
     except requests.RequestException as err:
-        discovery.invalidate()
+        discovery.invalidate(issuer)
         raise unavailable(err) from err
 
 
@@ -219,9 +219,9 @@ def exchange_code(
 
 
 @sensitive_variables()
-def refresh(refresh_token: str) -> TokenResponse:
-    """Trade a refresh token for new tokens. ``refresh_token`` of the answer is None
-    when Brex did not rotate it (keep the old one)."""
+def refresh(refresh_token: str, *, issuer: str | None = None) -> TokenResponse:
+    """Trade a refresh token for new tokens at ``issuer`` (the configured one by default).
+    ``refresh_token`` of the answer is None when Brex did not rotate it (keep the old one)."""
     session = _BrexOAuth2Session()
     token = _call_token_endpoint(
         lambda url: session.refresh_token(
@@ -229,7 +229,8 @@ def refresh(refresh_token: str) -> TokenResponse:
             refresh_token=refresh_token,
             client_id=brex_settings.CLIENT_ID,
             client_secret=brex_settings.CLIENT_SECRET,
-        )
+        ),
+        issuer,
     )
     if token.get("refresh_token") == refresh_token:
         # requests-oauthlib copies the old token in when none came back.
@@ -273,13 +274,16 @@ def client_credentials(scopes: list[str]) -> TokenResponse:
 
 
 @sensitive_variables()
-def revoke(token: str, token_type_hint: str = "refresh_token") -> None:
-    """Revoke ``token`` at the discovery ``revocation_endpoint`` (RFC 7009, form-encoded).
+def revoke(
+    token: str, token_type_hint: str = "refresh_token", *, issuer: str | None = None
+) -> None:
+    """Revoke ``token`` at the discovery ``revocation_endpoint`` of ``issuer`` (the
+    configured one by default; RFC 7009, form-encoded).
 
     Raises :class:`BrexUnavailable` when Brex cannot be reached or answers 429/5xx,
     and :class:`TokenError` when it refuses the request (e.g. ``invalid_client``).
     """
-    url = discovery.get_endpoint("revocation_endpoint")
+    url = discovery.get_endpoint("revocation_endpoint", issuer=issuer)
     data = {
         "token": token,
         "token_type_hint": token_type_hint,
@@ -291,7 +295,7 @@ def revoke(token: str, token_type_hint: str = "refresh_token") -> None:
     try:
         response = new_session().post(url, data=data, headers={"Accept": "application/json"})
     except requests.RequestException as err:
-        discovery.invalidate()
+        discovery.invalidate(issuer)
         raise unavailable(err) from err
     if response.status_code == 200:
         return
@@ -405,10 +409,13 @@ def _check_access_token_hash(claims: dict[str, Any], alg: str, access_token: str
 
 
 @sensitive_variables()
-def _verified_claims(id_token: str, *, access_token: str | None) -> dict[str, Any]:
-    """The claims of an id_token that passes every check but the ``nonce`` and ``sub``
-    (OpenID Connect Core 3.1.3.7 and 12.2); raises :class:`IdTokenError`, or
-    :class:`DiscoveryError` when the issuer's document or keys cannot be read."""
+def _verified_claims(
+    id_token: str, *, access_token: str | None, issuer: str | None = None
+) -> dict[str, Any]:
+    """The claims of an id_token of ``issuer`` (the configured one by default) that passes
+    every check but the ``nonce`` and ``sub`` (OpenID Connect Core 3.1.3.7 and 12.2); raises
+    :class:`IdTokenError`, or :class:`DiscoveryError` when the issuer's document or keys
+    cannot be read."""
     algorithms = _allowed_algorithms()
     try:
         header = jwt.get_unverified_header(id_token)
@@ -417,7 +424,7 @@ def _verified_claims(id_token: str, *, access_token: str | None) -> dict[str, An
     alg = header.get("alg")
     if alg not in algorithms:
         raise IdTokenError(f"The id_token algorithm {alg!r} is not allowed.")
-    jwk = discovery.find_jwk(header.get("kid"))
+    jwk = discovery.find_jwk(header.get("kid"), issuer=issuer)
     if jwk is None:
         raise IdTokenError("The id_token was signed with a key the issuer does not publish.")
     try:
@@ -430,7 +437,7 @@ def _verified_claims(id_token: str, *, access_token: str | None) -> dict[str, An
             key=key,
             algorithms=[alg],
             audience=brex_settings.CLIENT_ID,
-            issuer=discovery.discovered_issuer(),
+            issuer=discovery.discovered_issuer(issuer),
             leeway=int(brex_settings.ID_TOKEN_LEEWAY),
             options={"require": ["iss", "sub", "aud", "exp", "iat"]},
         )
@@ -465,18 +472,22 @@ def validate_id_token(
 
 
 @sensitive_variables()
-def validate_refreshed_tokens(tokens: TokenResponse, *, subject: str) -> None:
+def validate_refreshed_tokens(
+    tokens: TokenResponse, *, subject: str, issuer: str | None = None
+) -> None:
     """Check the id_token of a refresh answer, if it has one (OpenID Connect Core 12.2).
 
-    The same checks as at sign-in, but no ``nonce``, and its ``sub`` must be ``subject``, the
-    Brex user the connection belongs to. Raises :class:`RefreshIdTokenError` (a
+    The same checks as at sign-in against ``issuer`` (the connection's; the configured one
+    by default), but no ``nonce``, and its ``sub`` must be ``subject``, the Brex user the
+    connection belongs to. Raises :class:`RefreshIdTokenError` (a
     :class:`TokenError`) so the refresh fails and stores none of ``tokens``; an issuer whose
     document or keys cannot be read raises :class:`DiscoveryError` (try again later).
     """
     if not tokens.id_token:
         return
     try:
-        claims = _verified_claims(tokens.id_token, access_token=tokens.access_token)
+        claims = _verified_claims(tokens.id_token, access_token=tokens.access_token,
+                                  issuer=issuer)
     except IdTokenError as err:
         raise RefreshIdTokenError(str(err)) from None
     if claims["sub"] != subject:

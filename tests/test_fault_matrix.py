@@ -19,7 +19,7 @@ from django.db import connection as db_connection
 from django.urls import reverse
 from django.utils import timezone
 
-from django_brex_oauth import signals, tasks
+from django_brex_oauth import conf, signals, tasks
 from django_brex_oauth.client import BrexClient
 from django_brex_oauth.exceptions import ConnectionNotUsable
 from django_brex_oauth.models import (
@@ -31,7 +31,7 @@ from django_brex_oauth.models import (
     RevocationStatus,
 )
 from django_brex_oauth.services import refresh
-from django_brex_oauth.services.revoke import pending_revocation_ids
+from django_brex_oauth.services.revoke import disconnect, pending_revocation_ids
 from django_brex_oauth.testing import FakeBrex
 from django_brex_oauth.testing.factories import make_connection
 from django_brex_oauth.testing.server import brex_oauth_settings_for
@@ -217,6 +217,50 @@ def test_reconnecting_replaces_an_unreadable_connection(brex_settings, fake_brex
     assert reconnected.connection.status == ConnectionStatus.ACTIVE
     assert fake_brex.is_refresh_token_active(reconnected.refresh_token)
     assert BrexClient(reconnected.connection).get_me()["id"]
+
+
+
+@pytest.fixture
+def brex_production():
+    """A second fake Brex standing in for Brex production's documented URLs."""
+    with FakeBrex(rotate_refresh_tokens=True, refresh_grace_period=0.0) as server:
+        yield server
+
+
+@pytest.mark.django_db(transaction=True)
+def test_switching_the_site_to_production_keeps_staging_connections_at_staging(
+    brex_settings, fake_brex, brex_production, monkeypatch, user
+):
+    """A connection made in staging is refreshed, called and revoked at Brex staging after
+    the site switched ENVIRONMENT to production (ISSUER and API_BASE_URL now override
+    production's URLs); production connections go to production."""
+    staging = make_connection(user, fake=fake_brex)
+    assert staging.environment == "staging"
+    # Brex staging's documented URLs lead to the fake the connection was made at.
+    monkeypatch.setitem(conf.AUTH_BASE_URLS, "staging", fake_brex.issuer)
+    monkeypatch.setitem(conf.API_BASE_URLS, "staging", fake_brex.api_base_url)
+    brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "ENVIRONMENT": "production",
+                                "ISSUER": brex_production.issuer,
+                                "API_BASE_URL": brex_production.api_base_url}
+    production = make_connection(create_user("grace"), fake=brex_production)
+    assert production.environment == "production"
+    BrexToken.objects.update(access_token_expires_at=timezone.now() + timedelta(seconds=30))
+
+    with SignalRecorder(refresh_failed=signals.refresh_failed) as received:
+        assert refresh.sweep().refreshed == 2
+    assert received["refresh_failed"] == []
+    for connection, fake in ((staging, fake_brex), (production, brex_production)):
+        token = stored_token(connection)
+        assert token.connection.status == ConnectionStatus.ACTIVE
+        assert fake.is_refresh_token_active(token.refresh_token)
+        assert fake.stats["token_refresh_token"] == 1
+        assert BrexClient(token.connection).get_me()["id"]
+        assert [r for r in fake.requests if r["path"].endswith("/v2/users/me")]
+    # Disconnecting revokes at the connection's own Brex.
+    refresh_token = stored_token(staging).refresh_token
+    assert disconnect(staging, actor=user).revoked_at_brex
+    assert not fake_brex.is_refresh_token_active(refresh_token)
+    assert [r for r in brex_production.requests if r["path"].endswith("/v1/revoke")] == []
 
 
 

@@ -287,10 +287,10 @@ def test_refused_token_replaced_meanwhile_by_another_worker_is_not_a_failure(
     real_refresh = oauth.refresh
     sent = []
 
-    def refresh_racing_another_worker(refresh_token):
+    def refresh_racing_another_worker(refresh_token, **kwargs):
         sent.append(refresh_token)
         if len(sent) == 1:
-            other = real_refresh(refresh_token)
+            other = real_refresh(refresh_token, **kwargs)
             update = {"access_token": other.access_token, "refresh_token": other.refresh_token}
             if other_worker_saved_expiry:
                 update["access_token_expires_at"] = timezone.now() + timedelta(hours=1)
@@ -301,7 +301,7 @@ def test_refused_token_replaced_meanwhile_by_another_worker_is_not_a_failure(
                 body={"error": "invalid_grant",
                       "error_description": "The refresh token is invalid or expired."},
             )
-        return real_refresh(refresh_token)
+        return real_refresh(refresh_token, **kwargs)
 
     monkeypatch.setattr(oauth, "refresh", refresh_racing_another_worker)
 
@@ -469,8 +469,8 @@ def test_disconnected_during_refresh_keeps_no_tokens(brex, received, monkeypatch
     real_refresh = oauth.refresh
     issued = []
 
-    def refresh_while_disconnecting(refresh_token):
-        answer = real_refresh(refresh_token)
+    def refresh_while_disconnecting(refresh_token, **kwargs):
+        answer = real_refresh(refresh_token, **kwargs)
         issued.append(answer.refresh_token)
         BrexConnection.objects.filter(pk=connection.pk).update(status=ConnectionStatus.REVOKED)
         return answer

@@ -365,8 +365,9 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens):
         if replaced_refresh_token:
             # A partial, not a lambda: a lambda's frame would hold the token outside any
             # function marked sensitive when the commit runs it.
+            issuer = brex_settings.issuer_for(environment)
             transaction.on_commit(
-                partial(_revoke_quietly, replaced_refresh_token, "refresh_token")
+                partial(_revoke_quietly, replaced_refresh_token, "refresh_token", issuer)
             )
         transaction.on_commit(lambda: webhook_subscriptions.subscribe(connection))
         if not identity.complete:
@@ -380,11 +381,12 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens):
 
 
 @sensitive_variables()
-def _revoke_quietly(token: str | None, hint: str) -> None:
-    """Best-effort revocation of a token this site will not keep."""
+def _revoke_quietly(token: str | None, hint: str, issuer: str | None = None) -> None:
+    """Best-effort revocation of a token this site will not keep (at ``issuer``, the
+    configured one by default)."""
     if not token:
         return
     try:
-        oauth.revoke(token, hint)
+        oauth.revoke(token, hint, issuer=issuer)
     except BrexOAuthError as err:
         logger.warning("Could not revoke an unused Brex token: %s", err)

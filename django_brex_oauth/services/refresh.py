@@ -259,16 +259,19 @@ def _refresh_claimed(
 ) -> RefreshResult:
     connection_id = token.connection_id
     sent = token.refresh_token or ""
+    # The Brex the connection was made at, whichever ENVIRONMENT is configured now.
+    issuer = brex_settings.issuer_for(token.connection.environment)
     for _ in range(_MAX_TOKEN_SWAPS + 1):
         try:
             # Resolve the endpoint first (it may need a request), then make sure a whole
             # lease is left for the token call.
-            discovery.get_endpoint("token_endpoint")
+            discovery.get_endpoint("token_endpoint", issuer=issuer)
             if time.monotonic() - claimed_at > 1.0:
                 renew_claim(connection_id, claimant)
-            answer = oauth.refresh(sent)
+            answer = oauth.refresh(sent, issuer=issuer)
             # Tokens for another Brex user, or from another issuer, are never stored.
-            oauth.validate_refreshed_tokens(answer, subject=token.connection.brex_user_id)
+            oauth.validate_refreshed_tokens(answer, subject=token.connection.brex_user_id,
+                                            issuer=issuer)
         except (InvalidGrant, InvalidClient) as err:
             result = _mark_needs_reauth(connection_id, err, sent)
             if result is not None:
@@ -307,7 +310,8 @@ def _save(
             # Disconnected while Brex was answering: keep nothing, and make Brex forget it.
             if answer.refresh_token:
                 new_refresh_token = answer.refresh_token
-                transaction.on_commit(lambda: _revoke_quietly(new_refresh_token))
+                issuer = brex_settings.issuer_for(connection.environment)
+                transaction.on_commit(lambda: _revoke_quietly(new_refresh_token, issuer))
             return RefreshResult(Outcome.NOT_ACTIVE, connection_id, token)
         rotated = answer.refresh_token is not None and answer.refresh_token != sent
         token.access_token = answer.access_token
@@ -416,9 +420,9 @@ def _record_transient_failure(connection_id: int, err: BrexOAuthError) -> None:
 
 
 @sensitive_variables()
-def _revoke_quietly(refresh_token: str) -> None:
+def _revoke_quietly(refresh_token: str, issuer: str) -> None:
     try:
-        oauth.revoke(refresh_token, "refresh_token")
+        oauth.revoke(refresh_token, "refresh_token", issuer=issuer)
     except BrexOAuthError as err:
         logger.warning("Could not revoke a refresh token issued after disconnecting: %s", err)
 

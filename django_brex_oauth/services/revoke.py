@@ -225,6 +225,8 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
         locked.save(update_fields=["revocation_attempts", "revocation_attempted_at",
                                    "updated_at"])
         attempt_number = locked.revocation_attempts
+        # The Brex the connection was made at, whichever ENVIRONMENT is configured now.
+        issuer = brex_settings.issuer_for(locked.environment)
         try:
             token = BrexToken.objects.filter(pk=connection_id).first()
         except UndecryptableValue:
@@ -241,7 +243,7 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
             reason = "Nothing was left to revoke at Brex."
         else:
             try:
-                oauth.revoke(value, hint)
+                oauth.revoke(value, hint, issuer=issuer)
             except BrexOAuthError as err:
                 return _record_failure(connection_id, attempt_number, err, actor)
             reason = f"Brex confirmed the revocation of the {hint.replace('_', ' ')}."
