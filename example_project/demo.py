@@ -64,10 +64,11 @@ FAKE_CLIENT_SECRET = "test-client-secret"
 WEBHOOK_EVENT_TYPES = ("USER_UPDATED", "EXPENSE_PAYMENT_UPDATED", "TRANSFER_PROCESSED",
                        "TRANSFER_FAILED")
 
-#: What the demo leaves in a data directory; a fresh start removes exactly these.
-DATA_FILES = ("db.sqlite3", "db.sqlite3-wal", "db.sqlite3-shm", "db.sqlite3-journal",
-              "celerybeat-schedule", "celerybeat-schedule.db", "celerybeat-schedule.dat",
-              "celerybeat-schedule.dir", "celerybeat-schedule.bak", "broker", "logs", "static")
+#: What a fresh start with the fake Brex removes from a data directory: the fake's own
+#: folder (its database, broker files and beat's schedule; see BREX_MODE in the site's
+#: settings), the logs and collected static files. The folders of Brex staging and
+#: production (``staging/``, ``production/``) are never touched.
+DATA_FILES = ("fake", "logs", "static")
 
 #: Site request lines not echoed to the terminal (still in the log file): the dashboard's
 #: token-status polling and static files.

@@ -36,10 +36,10 @@ def keep_logs(data_dir: Path, name: str) -> Path:
     return target
 
 
-def query(data_dir: Path, sql: str, *params: Any) -> list[tuple]:
-    """Rows from the example site's SQLite database (plain columns only; tokens are
-    encrypted)."""
-    with sqlite3.connect(data_dir / "db.sqlite3", timeout=20) as database:
+def query(data_dir: Path, sql: str, *params: Any, mode: str = "fake") -> list[tuple]:
+    """Rows from the example site's SQLite database of ``mode`` (``fake``, ``staging`` or
+    ``production``; plain columns only, tokens are encrypted)."""
+    with sqlite3.connect(data_dir / mode / "db.sqlite3", timeout=20) as database:
         return database.execute(sql, params).fetchall()
 
 

@@ -71,10 +71,11 @@ def test_defaults_use_the_fake_brex_sqlite_and_files_for_the_broker(tmp_path):
     assert brex["API_BASE_URL"] == "http://127.0.0.1:8765"
     assert (brex["CLIENT_ID"], brex["CLIENT_SECRET"]) == ("test-client-id", "test-client-secret")
     assert settings["DATABASE"]["ENGINE"] == "django.db.backends.sqlite3"
-    assert settings["DATABASE"]["NAME"] == str(tmp_path / "data" / "db.sqlite3")
+    # The fake's data lives apart from Brex staging's and production's.
+    assert settings["DATABASE"]["NAME"] == str(tmp_path / "data" / "fake" / "db.sqlite3")
     assert settings["BROKER"].startswith("filesystem://")
     for folder in ("queue", "processed", "control"):
-        assert (tmp_path / "data" / "broker" / folder).is_dir()
+        assert (tmp_path / "data" / "fake" / "broker" / folder).is_dir()
     (sweep,) = [e for e in settings["BEAT"].values() if e["task"] == SWEEP]
     assert sweep["schedule"] == 60.0  # the app's own schedule, untouched
 
@@ -89,3 +90,4 @@ def test_real_brex_credentials_turn_the_fake_off(tmp_path):
     assert (brex["CLIENT_ID"], brex["CLIENT_SECRET"]) == ("issued-id", "issued-secret")
     assert brex["ISSUER"] is None and brex["API_BASE_URL"] is None
     assert brex["ENVIRONMENT"] == "staging"
+    assert settings["DATABASE"]["NAME"] == str(tmp_path / "data" / "staging" / "db.sqlite3")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import sys
 import threading
 import time
+import urllib.error
 from datetime import timedelta
 
 import pytest
@@ -37,6 +39,7 @@ from django_brex_oauth.testing.factories import make_connection
 from django_brex_oauth.testing.server import brex_oauth_settings_for
 from tests import sqlite_refreshers
 from tests.conftest import require_postgres
+from tests.example_site import clean_environment, demo, keep_logs, query
 from tests.factories import (
     SignalRecorder,
     create_connection,
@@ -44,6 +47,7 @@ from tests.factories import (
     store_connections,
     stored_token,
 )
+from tests.test_demo import redirect_location, signed_in_browser
 
 # ---------------------------------------------------------------------------------------
 # Saving a refresh: reconnect races, malformed answers, narrower grants, a failed commit
@@ -261,6 +265,61 @@ def test_switching_the_site_to_production_keeps_staging_connections_at_staging(
     assert disconnect(staging, actor=user).revoked_at_brex
     assert not fake_brex.is_refresh_token_active(refresh_token)
     assert [r for r in brex_production.requests if r["path"].endswith("/v1/revoke")] == []
+
+
+
+def _demo_site(data_dir, extra_env: dict[str, str]) -> demo.Stack:
+    """The example site alone (no worker, no beat, no fake of its own) as the demo runs it."""
+    config = demo.StackConfig(
+        python=sys.executable, port=demo.free_port(), data_dir=data_dir, env_file="",
+        fake_port=None, worker=False, beat=False, echo=False, extra_env=extra_env,
+        base_env=clean_environment(),
+    )
+    return demo.Stack(config)
+
+
+def test_switching_the_demo_from_the_fake_to_brex_staging_keeps_their_data_apart(
+    tmp_path, fake_brex
+):
+    """Connected in fake mode, then switched to Brex staging as example_project/README.md
+    says: the dashboard works and shows no connection of the fake's (whose tokens, encrypted
+    with the fake mode's key, mean nothing to Brex staging); the fake's data is kept."""
+    data_dir = tmp_path / "var"
+    fake_mode = {"BREX_CLIENT_ID": fake_brex.client_id,
+                 "BREX_CLIENT_SECRET": fake_brex.client_secret,
+                 "BREX_ENVIRONMENT": "staging", "BREX_ISSUER": fake_brex.issuer,
+                 "BREX_API_BASE_URL": fake_brex.api_base_url}
+    staging_mode = {"BREX_CLIENT_ID": "issued-by-brex", "BREX_CLIENT_SECRET": "issued-secret",
+                    "BREX_ENVIRONMENT": "staging", "BREX_ISSUER": "", "BREX_API_BASE_URL": "",
+                    "BREX_ENCRYPTION_KEY": "a-key-of-the-partners-own-0123456789"}
+    try:
+        with _demo_site(data_dir, fake_mode) as site:
+            browser = signed_in_browser(site.url)
+            authorize = redirect_location(browser, site.url + "brex/connect/")
+            assert redirect_location(browser, fake_brex.consent(authorize)) == "/"
+            status, page = _open(browser, site.url)
+            assert status == 200 and 'data-status="active"' in page
+
+        with _demo_site(data_dir, staging_mode) as site:
+            browser = signed_in_browser(site.url)
+            status, page = _open(browser, site.url)
+            assert status == 200
+            assert "No Brex account connected yet" in page
+            assert "data-status=" not in page
+        assert query(data_dir, "SELECT COUNT(*) FROM brex_oauth_brexconnection",
+                     mode="staging") == [(0,)]
+        # The fake's connection is still there for the next run against the fake.
+        assert query(data_dir, "SELECT status FROM brex_oauth_brexconnection") == [("active",)]
+    finally:
+        keep_logs(data_dir, "demo-switch-logs")
+
+
+def _open(browser, url: str) -> tuple[int, str]:
+    try:
+        with browser.open(url, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as answer:
+        return answer.code, answer.read().decode(errors="replace")
 
 
 

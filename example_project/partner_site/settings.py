@@ -6,6 +6,7 @@ starts it). ``example_project/.env`` is read when it exists (``ENV_FILE`` names 
 file); variables already in the environment win. See ``.env.example``.
 """
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import environ
 
 from django_brex_oauth.beat import BEAT_SCHEDULE as BREX_OAUTH_BEAT_SCHEDULE
 from django_brex_oauth.conf import DEFAULTS as BREX_OAUTH_DEFAULTS
+from django_brex_oauth.http import is_loopback_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -22,8 +24,8 @@ ENV_FILE = env.str("ENV_FILE", default=str(BASE_DIR / ".env"))
 if ENV_FILE and Path(ENV_FILE).is_file():
     environ.Env.read_env(ENV_FILE)
 
-# Where the SQLite database, the file broker's messages and beat's schedule live
-# (a relative path is taken from example_project/).
+# Where the SQLite databases, the file broker's messages and beat's schedules live, one
+# folder per Brex (see BREX_MODE below; a relative path is taken from example_project/).
 DATA_DIR = BASE_DIR / env.str("DATA_DIR", default="var")
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
@@ -70,16 +72,6 @@ TEMPLATES = [
         },
     }
 ]
-
-DATABASES = {
-    "default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")
-}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # The site, the worker and beat share the file: take the write lock when a transaction
-    # starts (no deadlock when two processes upgrade a read lock) and wait for it.
-    DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"transaction_mode": "IMMEDIATE", "timeout": 20}
-    )
 
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
 
@@ -161,12 +153,35 @@ BREX_OAUTH.update(
     _brex_oauth_from_environment(name for name in BREX_OAUTH_DEFAULTS if name not in BREX_OAUTH)
 )
 
+# Each Brex the site talks to keeps its data apart, in DATA_DIR/<mode>/ (the database,
+# the broker's files and beat's schedule): "fake" for a fake Brex on this machine, else the
+# environment ("staging" or "production"). Connections made at one Brex mean nothing at
+# another, and their tokens are encrypted with that mode's key: switching the demo from the
+# fake to Brex staging must not show the fake's connections, nor fail to decrypt them.
+BREX_MODE = (
+    "fake"
+    if is_loopback_url(BREX_OAUTH["ISSUER"] or "")
+    else re.sub(r"[^a-z0-9_-]", "-", str(BREX_OAUTH["ENVIRONMENT"]).lower())
+)
+MODE_DIR = DATA_DIR / BREX_MODE
+MODE_DIR.mkdir(parents=True, exist_ok=True)
+
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{MODE_DIR / 'db.sqlite3'}")
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The site, the worker and beat share the file: take the write lock when a transaction
+    # starts (no deadlock when two processes upgrade a read lock) and wait for it.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"transaction_mode": "IMMEDIATE", "timeout": 20}
+    )
+
 # --- Celery -----------------------------------------------------------------------------
-# filesystem:// keeps messages in files under DATA_DIR: worker and beat run as separate
+# filesystem:// keeps messages in files under MODE_DIR: worker and beat run as separate
 # processes with no broker server. Use redis://... or amqp://... in production.
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://localhost/")
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _broker_dir = DATA_DIR / "broker"
+    _broker_dir = MODE_DIR / "broker"
     for _folder in ("queue", "processed", "control"):
         (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -178,7 +193,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_IGNORE_RESULT = True
-CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE_FILENAME = str(MODE_DIR / "celerybeat-schedule")
 
 # The app's beat entries; BREX_SWEEP_INTERVAL (seconds) runs the refresh sweep more often
 # than its one minute, as the demo does so that refreshes of 60-second tokens show.
