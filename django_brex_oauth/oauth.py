@@ -166,6 +166,18 @@ def _raise_for_outage(response: requests.Response) -> requests.Response:
             body = None
         if not isinstance(body, dict) or "error" not in body:
             raise TokenError("invalid_response", "", status=response.status_code)
+    elif response.status_code == 200:
+        try:
+            response.json()
+        except ValueError:
+            # A proxy's or a maintenance page, not Brex's answer: worth trying again later
+            # (oauthlib would report it as a missing token, as if Brex had answered 400).
+            content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            raise BrexUnavailable(
+                "Brex token endpoint answered HTTP 200 with a page that is not JSON"
+                + (f" ({content_type})" if content_type else ""),
+                status=200,
+            ) from None
     return response
 
 

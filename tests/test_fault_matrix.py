@@ -16,15 +16,17 @@ import urllib.error
 from datetime import timedelta
 
 import pytest
+from celery import signals as celery_signals
 from django.contrib.messages import get_messages
 from django.db import connection as db_connection
 from django.urls import reverse
 from django.utils import timezone
 
-from django_brex_oauth import conf, signals, tasks
+from django_brex_oauth import conf, discovery, signals, tasks
 from django_brex_oauth.client import BrexClient
-from django_brex_oauth.exceptions import ConnectionNotUsable
+from django_brex_oauth.exceptions import BrexUnavailable, ConnectionNotUsable
 from django_brex_oauth.models import (
+    AuthorizationRequest,
     BrexConnection,
     BrexToken,
     ConnectionEvent,
@@ -33,6 +35,7 @@ from django_brex_oauth.models import (
     RevocationStatus,
 )
 from django_brex_oauth.services import refresh
+from django_brex_oauth.services.refresh import Outcome
 from django_brex_oauth.services.revoke import disconnect, pending_revocation_ids
 from django_brex_oauth.testing import FakeBrex
 from django_brex_oauth.testing.factories import make_connection
@@ -403,3 +406,205 @@ def test_concurrent_cron_refreshers_never_reuse_a_refresh_token(database, tmp_pa
 # ---------------------------------------------------------------------------------------
 # Brex's infrastructure: token endpoint down, revocation down, discovery down, new keys
 # ---------------------------------------------------------------------------------------
+
+
+TOKEN_ENDPOINT_FAULTS = {
+    "500": "Brex token endpoint answered HTTP 500",
+    "503": "Brex token endpoint answered HTTP 503",
+    "timeout": "ReadTimeout talking to 127.0.0.1",
+    "refused": "ConnectionError talking to 127.0.0.1",
+    "html": "Brex token endpoint answered HTTP 200 with a page that is not JSON",
+}
+MAINTENANCE_PAGE = "<!doctype html><html><body><h1>Down for maintenance</h1></body></html>"
+
+
+@pytest.fixture
+def token_endpoint_fault(fake_brex, brex_settings):
+    """Makes Brex's token endpoint fail one way, and ``.clear()`` makes it work again."""
+
+    class Fault:
+        def apply(self, kind: str) -> None:
+            self.kind = kind
+            if kind in ("500", "503"):
+                fake_brex.fail_next("/v1/token", status=int(kind), times=100)
+            elif kind == "html":
+                fake_brex.fail_next("/v1/token", status=200, body=MAINTENANCE_PAGE, times=100)
+            elif kind == "timeout":
+                # Brex does the refresh (it rotates the refresh token) but answers too late.
+                brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "HTTP_TIMEOUT": 0.5}
+                fake_brex.set_latency(1.5, "/v1/token")
+            else:
+                discovery.get_provider_metadata()  # the endpoints are known...
+                fake_brex.stop()  # ...but nothing listens there any more
+
+        def clear(self) -> None:
+            fake_brex.clear_failures()
+            if not fake_brex.running:
+                fake_brex.start()  # the same port
+
+    return Fault()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("fault", list(TOKEN_ENDPOINT_FAULTS))
+def test_the_token_endpoint_failing_leaves_the_connection_active_to_retry(
+    fault, brex_settings, fake_brex, token_endpoint_fault
+):
+    """500, 503, a timeout, a refused connection or an HTML page from the token endpoint:
+    the refresh raises BrexUnavailable (so the task retries with backoff), the connection
+    stays active with its refresh token, a ``refresh_failed`` event and ``last_error`` say
+    what happened, no signal is sent; the API client's caller gets "Brex is not reachable
+    right now"; once Brex answers again the next try refreshes."""
+    brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "REFRESH_TASK_MAX_RETRIES": 1,
+                                "REFRESH_RETRY_BACKOFF": 15}
+    connection = create_connection(fake_brex, expires_in=30)
+    before = stored_token(connection)
+    token_endpoint_fault.apply(fault)
+
+    with SignalRecorder(refresh_failed=signals.refresh_failed,
+                        token_refreshed=signals.token_refreshed) as received:
+        with pytest.raises(BrexUnavailable) as raised:
+            refresh.refresh_connection(connection.pk)
+        with pytest.raises(BrexUnavailable) as seen_by_caller:
+            BrexClient(BrexConnection.objects.get(pk=connection.pk),
+                       max_retries=0).request("GET", "/v2/users/me")
+    assert TOKEN_ENDPOINT_FAULTS[fault] in str(raised.value)
+    assert seen_by_caller.value.title == "Brex is not reachable right now"
+    assert received["refresh_failed"] == [] and received["token_refreshed"] == []
+    after = stored_token(connection)
+    assert after.connection.status == ConnectionStatus.ACTIVE
+    assert after.refresh_token == before.refresh_token
+    assert after.access_token == before.access_token
+    assert after.refresh_claimed_until is None
+    assert after.connection.last_error == (
+        f"Refresh failed, will retry: {raised.value}"
+    )
+    # The refresh task retries it once (REFRESH_TASK_MAX_RETRIES), after a backoff.
+    retries: list[float] = []
+
+    def record_retry(sender=None, reason=None, **kwargs):
+        retries.append(reason.when)
+
+    celery_signals.task_retry.connect(record_retry, weak=False)
+    try:
+        with pytest.raises(BrexUnavailable):
+            tasks.refresh_connection.delay(connection.pk).get()
+    finally:
+        celery_signals.task_retry.disconnect(record_retry)
+    assert len(retries) == 1 and 7.5 <= retries[0] <= 30
+    events = _events(connection.pk)
+    assert [kind for kind, _ in events] == [EventKind.REFRESH_FAILED] * 4
+    assert all(before.refresh_token not in detail for _, detail in events)
+    assert stored_token(connection).refresh_token == before.refresh_token
+
+    token_endpoint_fault.clear()
+    fake_brex.set_latency(0, "/v1/token")
+    assert refresh.refresh_connection(connection.pk).outcome == Outcome.REFRESHED
+    renewed = stored_token(connection)
+    assert renewed.connection.last_error == ""
+    assert fake_brex.is_refresh_token_active(renewed.refresh_token)
+    # After a timeout Brex had rotated the token already; the retry came within its grace
+    # period, so the grant survived.
+    assert fake_brex.stats["refresh_token_reuse_rejected"] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_revocation_endpoint_down_keeps_the_revocation_pending_and_says_so(
+    brex_settings, fake_brex, user, user_client, admin_client
+):
+    brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "REVOKE_TASK_MAX_RETRIES": 1}
+    connection = make_connection(user, fake=fake_brex)
+    refresh_token = stored_token(connection).refresh_token
+    fake_brex.fail_next("/v1/revoke", status=503, times=100)
+
+    with SignalRecorder(disconnected=signals.disconnected) as received:
+        response = user_client.post(
+            reverse("brex_oauth:disconnect", args=[connection.pk]), follow=True
+        )
+    assert response.status_code == 200
+    assert any("Brex could not be reached" in m for m in _page_messages(response))
+    connection.refresh_from_db()
+    # Out of use here at once; Brex still honours the grant until it answers.
+    assert connection.status == ConnectionStatus.REVOKED
+    assert connection.revocation_status == RevocationStatus.PENDING
+    assert "Revocation at Brex failed" in connection.last_error
+    token = stored_token(connection)
+    assert token.access_token is None and token.refresh_token == refresh_token
+    assert fake_brex.is_refresh_token_active(refresh_token)
+    # The first try and the task's run and retry.
+    kinds = [kind for kind, _ in _events(connection.pk)]
+    assert kinds == [EventKind.DISCONNECTED] + [EventKind.REVOKE_FAILED] * 3
+    assert [r["revoked_at_brex"] for r in received["disconnected"]] == [False]
+    page = admin_client.get(reverse("admin:brex_oauth_brexconnection_changelist")).content
+    assert b"Revocation at Brex failed" in page
+
+    # Brex is back: the revocation sweep finishes it.
+    fake_brex.clear_failures()
+    BrexConnection.objects.filter(pk=connection.pk).update(
+        revocation_attempted_at=timezone.now() - timedelta(hours=1)
+    )
+    assert tasks.sweep_revocations.delay().get() == 1
+    connection.refresh_from_db()
+    assert connection.revocation_status == RevocationStatus.DONE
+    assert not fake_brex.is_refresh_token_active(refresh_token)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_discovery_down_uses_the_last_good_document(brex_settings, fake_brex, flow, caplog):
+    connection = create_connection(fake_brex, expires_in=30)
+    assert refresh.refresh_connection(connection.pk).outcome == Outcome.REFRESHED
+    # The cached copy expires (or a failed call dropped it) while discovery is down.
+    discovery.invalidate()
+    fake_brex.fail_next("/.well-known/openid-configuration", status=503, times=100)
+
+    outcome = refresh.refresh_connection(connection.pk, force=True).outcome
+    assert outcome == Outcome.REFRESHED
+    assert "using the last good configuration" in caplog.text
+    token = stored_token(connection)
+    assert token.connection.status == ConnectionStatus.ACTIVE
+    assert fake_brex.is_refresh_token_active(token.refresh_token)
+    # People can still connect: the authorization URL comes from the last good document.
+    assert flow.start().startswith(fake_brex.issuer + "/v1/authorize?")
+    assert fake_brex.stats["discovery"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_discovery_down_with_no_good_document_yet_changes_nothing(
+    brex_settings, fake_brex, user_client
+):
+    connection = create_connection(fake_brex, expires_in=30)
+    before = stored_token(connection)
+    fake_brex.fail_next("/.well-known/openid-configuration", status=503, times=100)
+
+    with pytest.raises(BrexUnavailable, match="answered HTTP 503"):
+        refresh.refresh_connection(connection.pk)
+    after = stored_token(connection)
+    assert after.connection.status == ConnectionStatus.ACTIVE
+    assert (after.access_token, after.refresh_token) == (before.access_token,
+                                                         before.refresh_token)
+    assert [kind for kind, _ in _events(connection.pk)] == [EventKind.REFRESH_FAILED]
+    # The person trying to connect gets a page that says Brex is unreachable; nothing stored.
+    response = user_client.get(reverse("brex_oauth:connect"))
+    assert response.status_code == 502
+    assert b"Brex is not reachable right now" in response.content
+    assert not AuthorizationRequest.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rotated_signing_key_is_fetched_again_and_the_connect_succeeds(
+    brex_settings, fake_brex, flow, user
+):
+    assert flow.connect().status_code == 302  # the JWKS is cached now
+    old_kid = fake_brex.signing_kid
+    fake_brex.rotate_signing_key()  # the old key leaves the JWKS at once
+    assert fake_brex.signing_kid != old_kid
+
+    with SignalRecorder(connected=signals.connected) as received:
+        assert flow.connect(force_login="1").status_code == 302
+    assert fake_brex.stats["jwks"] == 2  # the unknown kid made it fetch the keys again
+    connection = BrexConnection.objects.get(owner=user)
+    assert connection.status == ConnectionStatus.ACTIVE
+    assert fake_brex.is_refresh_token_active(stored_token(connection).refresh_token)
+    assert [kind for kind, _ in _events(connection.pk)] == [EventKind.CONNECTED,
+                                                            EventKind.RECONNECTED]
+    assert [r["created"] for r in received["connected"]] == [False]
