@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import traceback
 from collections import Counter
 from typing import Any
@@ -65,3 +67,31 @@ def race(
         errors.append(traceback.format_exc())
         barrier.abort()
     results.put((mode, dict(outcomes), errors))
+
+
+def run_rounds(processes, barrier, results, rounds: int, between_rounds=None) -> list:
+    """Start ``processes``, release them ``rounds`` times through ``barrier`` (each round
+    waits for all of them to finish it; ``between_rounds()`` runs before every round but the
+    first), and return what each put on ``results``. Fails the test if one of them broke
+    the barrier; kills any still running at the end."""
+    import pytest
+
+    for process in processes:
+        process.start()
+    try:
+        for round_number in range(rounds):
+            if round_number and between_rounds is not None:
+                between_rounds()
+            barrier.wait(timeout=120)  # go
+            barrier.wait(timeout=120)  # every process went through the round
+        return [results.get(timeout=60) for _ in processes]
+    except (threading.BrokenBarrierError, queue.Empty):
+        reports = []
+        while not results.empty():
+            reports.append(results.get())
+        pytest.fail(f"a racing process failed: {reports}")
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()

@@ -8,9 +8,7 @@ sent, and what the person or staff see. ``docs/faults.rst`` is this module as a 
 from __future__ import annotations
 
 import multiprocessing
-import queue
 import sys
-import threading
 import time
 import urllib.error
 from datetime import timedelta
@@ -50,6 +48,7 @@ from tests.factories import (
     store_connections,
     stored_token,
 )
+from tests.refresh_workers import run_rounds
 from tests.test_demo import redirect_location, signed_in_browser
 
 # ---------------------------------------------------------------------------------------
@@ -77,6 +76,17 @@ def _events(connection_id: int) -> list[tuple[str, str]]:
 
 def _page_messages(response) -> list[str]:
     return [str(message) for message in get_messages(response.wsgi_request)]
+
+
+def _disconnect_as_the_person(user_client, connection):
+    """POST the disconnect button; returns the page it leads to (checked to be a 200) and
+    the ``disconnected`` signals sent."""
+    with SignalRecorder(disconnected=signals.disconnected) as received:
+        response = user_client.post(
+            reverse("brex_oauth:disconnect", args=[connection.pk]), follow=True
+        )
+    assert response.status_code == 200
+    return response, received
 
 
 @pytest.mark.django_db(transaction=True)
@@ -109,11 +119,7 @@ def test_disconnect_past_the_estimated_end_still_revokes_at_brex(
     BrexToken.objects.filter(pk=connection.pk).update(
         refresh_token_expires_at=timezone.now() - timedelta(days=1)
     )
-    with SignalRecorder(disconnected=signals.disconnected) as received:
-        response = user_client.post(
-            reverse("brex_oauth:disconnect", args=[connection.pk]), follow=True
-        )
-    assert response.status_code == 200
+    response, received = _disconnect_as_the_person(user_client, connection)
     revocations = [r for r in fake_brex.requests if r["path"].endswith("/v1/revoke")]
     assert len(revocations) == 1
     assert not fake_brex.is_refresh_token_active(refresh_token)
@@ -188,11 +194,7 @@ def test_disconnecting_an_unreadable_connection_wipes_it_and_records_brex_was_no
     connection = make_connection(user, fake=fake_brex)
     refresh_token = stored_token(connection).refresh_token
     _lose_the_encryption_key(brex_settings)
-    with SignalRecorder(disconnected=signals.disconnected) as received:
-        response = user_client.post(
-            reverse("brex_oauth:disconnect", args=[connection.pk]), follow=True
-        )
-    assert response.status_code == 200
+    response, received = _disconnect_as_the_person(user_client, connection)
     assert any("Brex could not be told" in m for m in _page_messages(response))
     connection.refresh_from_db()
     assert connection.status == ConnectionStatus.REVOKED
@@ -367,23 +369,7 @@ def test_concurrent_cron_refreshers_never_reuse_a_refresh_token(database, tmp_pa
             for _ in range(SQLITE_REFRESHERS)
         ]
         started = time.monotonic()
-        for process in processes:
-            process.start()
-        try:
-            for _ in range(SQLITE_ROUNDS):
-                barrier.wait(timeout=120)  # go
-                barrier.wait(timeout=120)  # every process ran the command once
-            reports = [results.get(timeout=60) for _ in processes]
-        except (threading.BrokenBarrierError, queue.Empty):
-            reports = []
-            while not results.empty():
-                reports.append(results.get())
-            pytest.fail(f"a refresher failed: {reports}")
-        finally:
-            for process in processes:
-                process.join(timeout=30)
-                if process.is_alive():
-                    process.kill()
+        reports = run_rounds(processes, barrier, results, SQLITE_ROUNDS)
         assert time.monotonic() - started < 120
 
         # No run of the command failed ("database is locked" included)...
@@ -517,11 +503,7 @@ def test_the_revocation_endpoint_down_keeps_the_revocation_pending_and_says_so(
     refresh_token = stored_token(connection).refresh_token
     fake_brex.fail_next("/v1/revoke", status=503, times=100)
 
-    with SignalRecorder(disconnected=signals.disconnected) as received:
-        response = user_client.post(
-            reverse("brex_oauth:disconnect", args=[connection.pk]), follow=True
-        )
-    assert response.status_code == 200
+    response, received = _disconnect_as_the_person(user_client, connection)
     assert any("Brex could not be reached" in m for m in _page_messages(response))
     connection.refresh_from_db()
     # Out of use here at once; Brex still honours the grant until it answers.

@@ -5,7 +5,6 @@ reuse of a rotated-out refresh token would revoke the customer's whole grant).""
 from __future__ import annotations
 
 import multiprocessing
-import queue
 import threading
 from collections import Counter
 from datetime import timedelta
@@ -20,7 +19,7 @@ from django_brex_oauth.services.refresh import Outcome
 from django_brex_oauth.testing import FakeBrex
 from tests.conftest import require_postgres
 from tests.factories import create_connection, stored_token
-from tests.refresh_workers import race
+from tests.refresh_workers import race, run_rounds
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -57,25 +56,7 @@ def test_processes_racing_on_the_same_connections_refresh_each_once(brex_setting
         )
         for mode in MODES
     ]
-    for process in processes:
-        process.start()
-    try:
-        for round_number in range(ROUNDS):
-            if round_number:
-                make_all_due()
-            barrier.wait(timeout=120)  # go
-            barrier.wait(timeout=120)  # every process went through every connection
-        reports = [results.get(timeout=60) for _ in processes]
-    except (threading.BrokenBarrierError, queue.Empty):
-        reports = []
-        while not results.empty():
-            reports.append(results.get())
-        pytest.fail(f"a racing process failed: {reports}")
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
+    reports = run_rounds(processes, barrier, results, ROUNDS, between_rounds=make_all_due)
 
     errors = [error for _, _, errs in reports for error in errs]
     assert errors == []
