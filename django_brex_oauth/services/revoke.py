@@ -452,7 +452,7 @@ def revoke_detached(revocation: DetachedRevocation | int) -> RevocationAttempt:
     deleted connection had.
     """
     revocation_id = int(getattr(revocation, "pk", revocation))
-    with transaction.atomic():
+    with write_transaction():
         locked = (
             DetachedRevocation.objects.select_for_update().filter(pk=revocation_id).first()
         )
@@ -463,7 +463,8 @@ def revoke_detached(revocation: DetachedRevocation | int) -> RevocationAttempt:
         locked.save(update_fields=["attempts", "attempted_at"])
     former = int(locked.former_connection_id)
     try:
-        oauth.revoke(locked.token, locked.token_type_hint)
+        oauth.revoke(locked.token, locked.token_type_hint,
+                     issuer=brex_settings.issuer_for(locked.environment))
     except BrexOAuthError as err:
         retryable = _is_retryable(err)
         error = str(err)[:1000]
