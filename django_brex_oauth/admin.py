@@ -390,6 +390,14 @@ class BrexConnectionAdmin(admin.ModelAdmin):
                 self.message_user(
                     request, f"{label}: was revoked at Brex already.", messages.INFO
                 )
+            elif attempt.outcome == revoke_service.RevokeOutcome.NOT_POSSIBLE:
+                self.message_user(
+                    request,
+                    f"{label}: disconnected and its tokens wiped here, but Brex could not be "
+                    "told: no configured key decrypts its stored token "
+                    "(BREX_OAUTH['ENCRYPTION_KEY'] or ENCRYPTION_KEY_FALLBACKS).",
+                    messages.ERROR,
+                )
             elif attempt.outcome == revoke_service.RevokeOutcome.QUEUED:
                 self.message_user(
                     request,

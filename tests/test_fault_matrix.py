@@ -217,6 +217,26 @@ def test_disconnecting_an_unreadable_connection_wipes_it_and_records_brex_was_no
 
 
 @pytest.mark.django_db(transaction=True)
+def test_staff_revoking_an_unreadable_connection_are_told_brex_could_not_be(
+    brex_settings, fake_brex, user, admin_client
+):
+    connection = make_connection(user, fake=fake_brex)
+    _lose_the_encryption_key(brex_settings)
+    response = admin_client.post(
+        reverse("admin:brex_oauth_brexconnection_changelist"),
+        {"action": "revoke_at_brex", "_selected_action": [connection.pk]}, follow=True,
+    )
+    assert response.status_code == 200
+    assert any("Brex could not be told" in m for m in _page_messages(response))
+    connection.refresh_from_db()
+    assert connection.revocation_status == RevocationStatus.NOT_POSSIBLE
+    # Staff find such connections with the revocation status filter.
+    listed = admin_client.get(reverse("admin:brex_oauth_brexconnection_changelist"),
+                              {"revocation_status__exact": "not_possible"})
+    assert [c.pk for c in listed.context["cl"].result_list] == [connection.pk]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_reconnecting_replaces_an_unreadable_connection(brex_settings, fake_brex, user, flow):
     connection = make_connection(user, fake=fake_brex)
     _lose_the_encryption_key(brex_settings)
