@@ -369,13 +369,14 @@ def test_concurrent_cron_refreshers_never_reuse_a_refresh_token(database, tmp_pa
         if database == "postgresql":
             require_postgres()
             databases = {"default": {**db_connection.settings_dict}}
-            ids = store_connections(token_sets, create_user())
+            ids = store_connections(token_sets, fake.default_user["id"])
         else:
             # A file, as a site's SQLite database is (several processes share it).
             databases = {"default": {"ENGINE": "django.db.backends.sqlite3",
                                      "NAME": str(tmp_path / "db.sqlite3")}}
             setup = context.Process(target=sqlite_refreshers.run_prepare,
-                                    args=(databases, brex_oauth, token_sets, results))
+                                    args=(databases, brex_oauth, token_sets,
+                                          fake.default_user["id"], results))
             setup.start()
             kind, ids = results.get(timeout=120)
             setup.join(30)
