@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('brex_oauth', '0002_detached_revocation'),
+        ('brex_oauth', '0003_webhooks'),
     ]
 
     operations = [
