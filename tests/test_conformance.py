@@ -276,8 +276,8 @@ def test_oidc_refresh_id_token_needs_no_nonce(refreshable, fake_brex, monkeypatc
     answers = []
     real_refresh = oauth.refresh
 
-    def recording_refresh(refresh_token):
-        answers.append(real_refresh(refresh_token))
+    def recording_refresh(refresh_token, **kwargs):
+        answers.append(real_refresh(refresh_token, **kwargs))
         return answers[-1]
 
     monkeypatch.setattr(oauth, "refresh", recording_refresh)
