@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('brex_oauth', '0003_webhooks'),
+        ('brex_oauth', '0004_webhook_event_claim'),
     ]
 
     operations = [
