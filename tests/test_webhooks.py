@@ -268,6 +268,14 @@ def test_a_rotation_with_two_secrets_and_two_signatures(deliver, connection, rec
     assert len(received) == 3
 
 
+def test_a_pending_revoke_secret_still_counts(deliver, connection, received):
+    old = deliver.fake.webhooks.signing_secrets
+    deliver.fake.webhooks.rotate_secret()  # before this site has fetched anything
+    body = deliver.body()
+    assert deliver.post(body, delivery_headers(body, old)).status_code == 200
+    assert secrets_fetches(deliver.fake) == 1 and len(received) == 1
+
+
 def test_the_secrets_endpoint_lists_both_secrets_during_a_rotation(connection, fake_brex):
     old = fake_brex.webhooks.signing_secrets[0]
     new = fake_brex.webhooks.rotate_secret()

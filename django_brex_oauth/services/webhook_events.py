@@ -29,7 +29,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from .. import signals
@@ -133,13 +133,11 @@ def process(event: BrexWebhookEvent | int, *, again: bool = False) -> BrexWebhoo
         claimable = claimable.filter(Q(status=WebhookEventStatus.RECEIVED) | stale)
     with transaction.atomic():
         if not claimable.update(status=WebhookEventStatus.PROCESSING, processing_since=now,
-                                last_error=""):
+                                last_error="", attempts=F("attempts") + 1):
             return None
         stored = BrexWebhookEvent.objects.get(pk=event_id)
-        stored.attempts += 1
         connections = active_connections_for(stored.company_id)
         stored.connections.set(connections)
-        stored.save(update_fields=["attempts"])
 
     if stored.company_id and not connections:
         return _finish(stored, WebhookEventStatus.IGNORED, "", now)
