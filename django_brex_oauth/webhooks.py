@@ -14,7 +14,9 @@ and a stream of forged deliveries cannot make this site hammer Brex. How the sec
 fetched is the ``WEBHOOK_SECRETS_FETCHER`` setting; the default asks Brex with the access
 token of an active connection.
 
-No secret, signature or payload is ever logged or put in an exception message.
+No secret, signature or payload is ever logged or put in an exception message, and every
+function holding a secret is marked ``sensitive_variables`` so that Django's error reports
+show none.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 from django.core.cache import caches
 from django.utils.module_loading import import_string
+from django.views.decorators.debug import sensitive_variables
 
 from .client import BrexClient
 from .conf import brex_settings
@@ -102,9 +105,10 @@ class SignedDelivery:
     timestamp: int
 
 
-# Signatures (no Django) -------------------------------------------------------------------
+# Signatures -------------------------------------------------------------------------------
 
 
+@sensitive_variables()
 def decode_secret(secret: str) -> bytes:
     """The HMAC key of a secret: standard base64, an optional ``whsec_`` prefix allowed.
     Raises ``ValueError`` (without the value) when it is not base64."""
@@ -120,6 +124,7 @@ def decode_secret(secret: str) -> bytes:
     return key
 
 
+@sensitive_variables()
 def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
     """The ``v1,<base64>`` signature of ``body`` with ``secret`` (Standard Webhooks)."""
     signed = f"{webhook_id}.{timestamp}.".encode() + body
@@ -161,6 +166,7 @@ def read_headers(headers: Mapping[str, str], *, now: float | None = None,
     return SignedDelivery(webhook_id, timestamp), signatures
 
 
+@sensitive_variables()
 def signature_matches(
     delivery: SignedDelivery, signatures: Sequence[str], body: bytes, secrets: Sequence[str]
 ) -> bool:
@@ -187,6 +193,7 @@ def signature_matches(
 # Secrets ----------------------------------------------------------------------------------
 
 
+@sensitive_variables()
 def fetch_secrets_from_brex() -> list[str]:
     """The default ``WEBHOOK_SECRETS_FETCHER``: ``GET {API_BASE_URL}/v1/webhooks/secrets``
     with the access token of an active connection (refreshed first when it must be).
@@ -211,6 +218,7 @@ def fetch_secrets_from_brex() -> list[str]:
     )
 
 
+@sensitive_variables()
 def parse_secrets(answer: object) -> list[str]:
     """The secrets of a ``/v1/webhooks/secrets`` answer: a JSON array of
     ``{"secret", "status"}``; every one listed counts (``PENDING_REVOKE`` too)."""
@@ -243,6 +251,7 @@ def _cache():
     return caches[brex_settings.CACHE_ALIAS]
 
 
+@sensitive_variables()
 def _fetch_and_cache() -> list[str]:
     secrets = [s for s in _fetcher()() if isinstance(s, str) and s]
     if not secrets:
@@ -254,6 +263,7 @@ def _fetch_and_cache() -> list[str]:
     return secrets
 
 
+@sensitive_variables()
 def current_secrets() -> list[str]:
     """The cached signing secrets, fetched when the cache has none."""
     cached = _cache().get(_SECRETS_KEY.format(brex_settings.environment))
@@ -262,6 +272,7 @@ def current_secrets() -> list[str]:
     return _fetch_and_cache()
 
 
+@sensitive_variables()
 def refetch_secrets() -> list[str] | None:
     """Fetch the secrets again unless some process did in the last minute (then None)."""
     # cache.add is atomic: of all processes, one wins the minute.
@@ -277,6 +288,7 @@ def forget_secrets() -> None:
     _cache().delete_many([_SECRETS_KEY.format(environment), _REFETCH_KEY.format(environment)])
 
 
+@sensitive_variables()
 def verify(headers: Mapping[str, str], body: bytes, *, now: float | None = None
            ) -> SignedDelivery:
     """Verify a delivery: headers, timestamp, then a signature under a current secret

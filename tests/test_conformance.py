@@ -8,8 +8,10 @@ whatever Brex issued revoked. ``docs/security.rst`` maps each threat to these te
 
 from __future__ import annotations
 
+import base64
 import pickle
 import sys
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from urllib.parse import parse_qs, parse_qsl, urlsplit
@@ -26,7 +28,7 @@ from django.utils import timezone
 from django.views.debug import ExceptionReporter
 from requests.adapters import HTTPAdapter
 
-from django_brex_oauth import checks, discovery, oauth, signals, tasks
+from django_brex_oauth import checks, discovery, oauth, signals, tasks, webhooks
 from django_brex_oauth.checks import check_settings
 from django_brex_oauth.client import BrexClient, OnboardingClient
 from django_brex_oauth.conf import brex_settings as app_settings
@@ -727,6 +729,20 @@ def test_the_management_commands_report_no_secret(
     _fail_db_write(monkeypatch, BrexToken, "access_token")
     exc_info = _raised(lambda: call_command("brex_oauth_rotate_key"))
     assert_no_secret_in_error_reports(settings, exc_info, _stored_secrets(connection))
+
+
+def test_a_webhook_check_failing_reports_no_signing_secret(settings, monkeypatch):
+    secret = base64.b64encode(b"a webhook signing secret, 32 byte").decode("ascii")
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "WEBHOOK_SECRETS_FETCHER": lambda: [secret]}
+    body = b'{"event_type": "USER_UPDATED"}'
+    now = int(time.time())
+    headers = {webhooks.ID_HEADER: "msg_1", webhooks.TIMESTAMP_HEADER: str(now),
+               webhooks.SIGNATURE_HEADER: webhooks.sign(secret, "msg_1", now, body)}
+    monkeypatch.setattr(webhooks.hmac, "new", _planted_failure)
+
+    exc_info = _raised(lambda: webhooks.verify(headers, body))
+
+    assert_no_secret_in_error_reports(settings, exc_info, {"webhook signing secret": secret})
 
 
 def test_settings_errors_report_no_client_secret(settings, monkeypatch):
