@@ -23,8 +23,10 @@ from cryptography.hazmat.primitives import serialization
 
 from django_brex_oauth.testing import FakeBrex
 from django_brex_oauth.testing.fake_brex import (
+    DROP,
     FOREIGN_ISSUER,
     ID_TOKEN_FAULTS,
+    MALFORMED_TOKEN_ANSWERS,
     REFERRALS_SCOPE,
     UNTRUSTED_AUDIENCE,
 )
@@ -782,6 +784,80 @@ def test_fail_next_delay_and_latency(brex: FakeBrex, http: requests.Session) -> 
     started = time.monotonic()
     http.get(f"{brex.issuer}/.well-known/openid-configuration", timeout=5)
     assert time.monotonic() - started >= 0.2
+
+
+def test_tamper_next_spoils_the_answer_after_rotating(
+    brex: FakeBrex, http: requests.Session
+) -> None:
+    tokens = brex.issue_tokens()
+    brex.tamper_next("/v1/token", access_token=None, token_type=DROP, expires_in=10**12)
+    spoilt = refresh(http, brex, tokens["refresh_token"])
+    assert spoilt.status_code == 200
+    body = spoilt.json()
+    assert body["access_token"] is None
+    assert "token_type" not in body
+    assert body["expires_in"] == 10**12
+    # The request had its effect: the refresh token in the spoilt answer is the rotated one.
+    assert brex.stats["token_refresh_token"] == 1
+    assert brex.is_refresh_token_active(body["refresh_token"])
+    assert body["refresh_token"] != tokens["refresh_token"]
+    # One answer only; the next one is whole again.
+    assert isinstance(refresh(http, brex, body["refresh_token"]).json()["access_token"], str)
+
+    brex.tamper_next("/v1/token", body=[])
+    assert refresh(http, brex, body["refresh_token"]).json() == []
+    assert brex.stats["token_refresh_token"] == 3
+
+
+def test_every_named_malformed_token_answer_is_sent(
+    brex: FakeBrex, http: requests.Session
+) -> None:
+    refresh_token = brex.issue_tokens()["refresh_token"]
+    for name, spoil in MALFORMED_TOKEN_ANSWERS.items():
+        brex.tamper_next("/v1/token", **spoil)
+        body = refresh(http, brex, refresh_token).json()
+        if "body" in spoil:
+            assert body == spoil["body"], name
+        else:
+            for key, value in spoil.items():
+                assert (key not in body) if value is DROP else body[key] == value, name
+        refresh_token = brex.issue_tokens()["refresh_token"]
+
+
+def test_hold_next_keeps_the_answer_until_released(
+    brex: FakeBrex, http: requests.Session
+) -> None:
+    tokens = brex.issue_tokens()
+    answers: list[requests.Response] = []
+    with brex.hold_next("/v1/token") as held:
+        caller = threading.Thread(
+            target=lambda: answers.append(refresh(http, brex, tokens["refresh_token"]))
+        )
+        caller.start()
+        assert held.wait(timeout=5)
+        # Processed already (the refresh token rotated), but not answered yet.
+        assert brex.stats["token_refresh_token"] == 1
+        caller.join(timeout=0.3)
+        assert caller.is_alive() and answers == []
+        # Other requests, the token endpoint included, are not held.
+        assert refresh(http, brex, held.answers[0]["refresh_token"]).status_code == 200
+    caller.join(timeout=5)
+    assert answers[0].status_code == 200
+    assert answers[0].json() == held.answers[0]
+    assert not held.wait(timeout=0.1)
+
+
+def test_narrow_grant_answers_later_refreshes_with_fewer_scopes(
+    brex: FakeBrex, http: requests.Session
+) -> None:
+    tokens = brex.issue_tokens()
+    brex.narrow_grant(tokens["refresh_token"], ["users.readonly", "cards.readonly"])
+    body = refresh(http, brex, tokens["refresh_token"]).json()
+    assert body["scope"].split() == ["openid", "offline_access", "users.readonly"]
+    assert api(http, brex, "/v2/company", body["access_token"]).status_code == 403
+    assert api(http, brex, "/v2/users/me", body["access_token"]).status_code == 200
+    with pytest.raises(KeyError):
+        brex.narrow_grant("never-issued", [])
 
 
 def test_request_log(brex: FakeBrex, http: requests.Session) -> None:

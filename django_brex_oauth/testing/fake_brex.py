@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -64,14 +64,17 @@ from .fake_webhooks import FakeWebhooks
 __all__ = [
     "AUTHORIZATION_RESPONSE_FAULTS",
     "DEFAULT_SCOPES",
+    "DROP",
     "FOREIGN_ISSUER",
     "ID_TOKEN_FAULTS",
     "IDENTITY_FAULTS",
     "ISSUER_PATH",
+    "MALFORMED_TOKEN_ANSWERS",
     "REFERRALS_SCOPE",
     "SUPPORTED_SCOPES",
     "UNTRUSTED_AUDIENCE",
     "FakeBrex",
+    "HeldAnswers",
     "main",
 ]
 
@@ -162,6 +165,42 @@ IDENTITY_FAULTS: tuple[str, ...] = (
     "wrong_types",
 )
 """Values accepted by :attr:`FakeBrex.identity_fault`."""
+
+
+class _Drop:
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+DROP: Any = _Drop()
+"""A value for :meth:`FakeBrex.tamper_next` that removes a field from the answer."""
+
+_UNSET: Any = object()
+
+MALFORMED_TOKEN_ANSWERS: dict[str, dict[str, Any]] = {
+    "empty_list": {"body": []},
+    "json_null": {"body": None},
+    "null_access_token": {"access_token": None},
+    "missing_access_token": {"access_token": DROP},
+    "numeric_access_token": {"access_token": 12345},
+    "empty_access_token": {"access_token": ""},
+    "huge_expires_in": {"expires_in": 10**12},
+    "non_integer_expires_in": {"expires_in": "soon"},
+    "fractional_expires_in": {"expires_in": 3599.5},
+    "negative_expires_in": {"expires_in": -60},
+    "zero_expires_in": {"expires_in": 0},
+    "missing_token_type": {"token_type": DROP},
+    "mac_token_type": {"token_type": "mac"},
+    "numeric_refresh_token": {"refresh_token": 12345},
+    "object_refresh_token": {"refresh_token": {"value": "x"}},
+    "numeric_scope": {"scope": 7},
+}
+"""Named ways to spoil a token answer, as keyword arguments of :meth:`FakeBrex.tamper_next`.
+
+The token request is still processed (a refresh token still rotates); only the answer that
+comes back is spoilt. For example
+``fake.tamper_next("/v1/token", **MALFORMED_TOKEN_ANSWERS["null_access_token"])``.
+"""
 
 _OIDC_SCOPES = ("openid", "offline_access")
 _STAT_KEYS = (
@@ -464,6 +503,80 @@ class _Failure:
     delay: float
 
 
+@dataclass
+class _Tamper:
+    path: str
+    times: int
+    body: Any
+    fields: dict[str, Any]
+
+    def apply(self, response: _Response) -> _Response:
+        if self.body is not _UNSET:
+            data = self.body
+        else:
+            try:
+                data = json.loads(response.body.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                return response
+            if not isinstance(data, dict):
+                return response
+            for key, value in self.fields.items():
+                if value is DROP:
+                    data.pop(key, None)
+                else:
+                    data[key] = value
+        return _json(response.status, data, {**response.headers})
+
+
+_Rule = TypeVar("_Rule", _Failure, _Tamper)
+
+
+class HeldAnswers:
+    """Answers :meth:`FakeBrex.hold_next` keeps back until :meth:`release`.
+
+    The requests are processed when they arrive; only their answers wait. Leaving a
+    ``with`` block releases them.
+    """
+
+    def __init__(self, path: str, times: int, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        #: The JSON answers held so far (decoded; None for a body that is not JSON).
+        self.answers: list[Any] = []
+        self._left = times
+        self._arrived = threading.Semaphore(0)
+        self._released = threading.Event()
+
+    def _take(self, path: str) -> bool:
+        if self._left <= 0 or not path.endswith(self.path):
+            return False
+        self._left -= 1
+        return True
+
+    def _hold(self, response: _Response) -> None:
+        try:
+            self.answers.append(json.loads(response.body.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError):
+            self.answers.append(None)
+        self._arrived.release()
+        # Never hang the server for good when a test forgets to release.
+        self._released.wait(self.timeout)
+
+    def wait(self, timeout: float = 10.0) -> bool:
+        """Wait until one more answer is held; False when none came within ``timeout``."""
+        return self._arrived.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        """Send every held answer, and those of later matching requests at once."""
+        self._released.set()
+
+    def __enter__(self) -> HeldAnswers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 # --------------------------------------------------------------------------------------------
 # HTTP plumbing
 
@@ -689,6 +802,8 @@ class FakeBrex:
         self._access_tokens: dict[str, _AccessToken] = {}
         self._refresh_tokens: dict[str, _RefreshToken] = {}
         self._failures: list[_Failure] = []
+        self._tampers: list[_Tamper] = []
+        self._holds: list[HeldAnswers] = []
         self._latency: float = 0.0
         self._path_latency: dict[str, float] = {}
         self._server: _Server | None = None
@@ -941,12 +1056,50 @@ class FakeBrex:
         with self._lock:
             self._failures.append(_Failure(path, status, times, body, delay))
 
+    def tamper_next(
+        self, path: str, *, times: int = 1, body: Any = _UNSET, **fields: Any
+    ) -> None:
+        """Process the next ``times`` requests whose path ends with ``path`` as usual, then
+        spoil their JSON answer before it is sent.
+
+        Each of ``fields`` is set in the answer (:data:`DROP` removes it); ``body`` replaces
+        the whole answer with any JSON value (``[]``, ``None``, ...). Unlike
+        :meth:`fail_next`, the request has its effect: a refresh token sent to the token
+        endpoint is rotated, and the client gets a spoilt answer instead of the new one.
+        :data:`MALFORMED_TOKEN_ANSWERS` names the usual ways.
+        """
+        if times < 1:
+            raise ValueError("times must be at least 1")
+        with self._lock:
+            self._tampers.append(_Tamper(path, times, body, dict(fields)))
+
+    def hold_next(self, path: str, *, times: int = 1, timeout: float = 60.0) -> HeldAnswers:
+        """Process the next ``times`` requests whose path ends with ``path`` at once, but hold
+        their answers back until the returned :class:`HeldAnswers` is released.
+
+        For races: ``held.wait()`` returns once Brex has done the work (a refresh token was
+        rotated, say); the test then does something else meanwhile and calls
+        ``held.release()`` (or uses it as a context manager). An answer is sent after
+        ``timeout`` seconds anyway.
+        """
+        if times < 1:
+            raise ValueError("times must be at least 1")
+        held = HeldAnswers(path, times, timeout)
+        with self._lock:
+            self._holds.append(held)
+        return held
+
     def clear_failures(self) -> None:
-        """Forget every pending :meth:`fail_next` rule and every latency."""
+        """Forget every pending :meth:`fail_next` and :meth:`tamper_next` rule and every
+        latency, and release every held answer."""
         with self._lock:
             self._failures.clear()
+            self._tampers.clear()
             self._latency = 0.0
             self._path_latency.clear()
+            holds, self._holds = self._holds, []
+        for held in holds:
+            held.release()
 
     def set_latency(self, seconds: float, path: str | None = None) -> None:
         """Hold back every response (or those for paths ending with ``path``) by ``seconds``.
@@ -982,6 +1135,19 @@ class FakeBrex:
             if record is None:
                 raise KeyError("unknown refresh token")
             record.expires_at = min(record.expires_at, self._now() - 1)
+
+    def narrow_grant(self, refresh_token: str, scopes: Iterable[str]) -> None:
+        """The customer takes scopes back at Brex: the grant of ``refresh_token`` keeps only
+        those of ``scopes`` it had (``openid`` and ``offline_access`` always stay). Its next
+        refreshes issue tokens for, and answer with, the narrower scopes. ``KeyError`` if
+        the fake never issued the token."""
+        with self._lock:
+            record = self._refresh_tokens.get(refresh_token)
+            if record is None:
+                raise KeyError("unknown refresh token")
+            grant = self._grants[record.grant_id]
+            keep = set(scopes) | set(_OIDC_SCOPES)
+            grant.scopes = [scope for scope in grant.scopes if scope in keep]
 
     def revoke_all(self) -> None:
         """Revoke every user grant, as if each customer disconnected the app at Brex.
@@ -1366,9 +1532,10 @@ class FakeBrex:
         }
         with self._lock:
             self.requests.append(entry)
-            failure = self._take_failure(request.path)
+            failure = self._take_rule(self._failures, request.path)
             latency = self._latency_for(request.path)
 
+        held = None
         if failure is not None:
             time.sleep(failure.delay)
             response = self._failure_response(request.path, failure)
@@ -1376,11 +1543,17 @@ class FakeBrex:
             try:
                 with self._lock:
                     response = self._dispatch(request)
+                    tamper = self._take_rule(self._tampers, request.path)
+                    held = next((h for h in self._holds if h._take(request.path)), None)
+                if tamper is not None:
+                    response = tamper.apply(response)
             except Exception:
                 self.errors.append(traceback.format_exc())
                 response = _api_error(500, "Internal error in FakeBrex")
         if latency > 0:
             time.sleep(latency)
+        if held is not None:
+            held._hold(response)
         entry["status"] = response.status
         try:
             handler.send_response(response.status)
@@ -1393,13 +1566,15 @@ class FakeBrex:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _take_failure(self, path: str) -> _Failure | None:
-        for failure in self._failures:
-            if path.endswith(failure.path):
-                failure.times -= 1
-                if failure.times <= 0:
-                    self._failures.remove(failure)
-                return failure
+    @staticmethod
+    def _take_rule(rules: list[_Rule], path: str) -> _Rule | None:
+        """The first of ``rules`` (fail_next or tamper_next) for ``path``, used up once."""
+        for rule in rules:
+            if path.endswith(rule.path):
+                rule.times -= 1
+                if rule.times <= 0:
+                    rules.remove(rule)
+                return rule
         return None
 
     def _latency_for(self, path: str) -> float:
