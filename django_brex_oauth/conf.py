@@ -43,6 +43,10 @@ DEFAULTS: dict[str, Any] = {
     "ENVIRONMENT": PRODUCTION,
     # API scopes to request; openid and offline_access are always added.
     "SCOPES": ["users.readonly", "companies.readonly"],
+    # API scopes every connection must keep holding: a refresh after which Brex no longer
+    # grants one of them marks the connection needs_reauth. "users" also counts for
+    # "users.readonly".
+    "REQUIRED_API_SCOPES": [],
     # Override the auth base URL (discovery is read at ISSUER/.well-known/openid-configuration).
     "ISSUER": None,
     # Override the API server.
@@ -93,6 +97,11 @@ DEFAULTS: dict[str, Any] = {
     # (Okta's default: 30 s) so a worker taking over from a killed one can still use the
     # refresh token the killed worker had sent.
     "REFRESH_LEASE_SECONDS": 25,
+    # Seconds to keep retrying the save of refreshed tokens while the database fails (a
+    # dropped connection, say), counted from Brex's answer. Keep it under Brex's grace
+    # period for a rotated-out refresh token (Okta's default: 30 s): past it, the old
+    # refresh token is dead too and an unsaved new one is lost.
+    "REFRESH_SAVE_RETRY_SECONDS": 20,
     # The API client refreshes before a call when the access token expires within this
     # many seconds.
     "CLIENT_REFRESH_MARGIN": 60,

@@ -103,7 +103,8 @@ class IssuerMismatch(AuthorizationError, SuspiciousOperation):
 
 
 class NoScopesGranted(AuthorizationError):
-    """The person consented to none of the requested API scopes."""
+    """The person consented to none of the requested API scopes, or not to one that
+    ``REQUIRED_API_SCOPES`` names."""
 
     title = "No Brex permissions were granted"
     user_message = (
@@ -213,6 +214,28 @@ class BrexUnavailable(BrexOAuthError):
     def __init__(self, message: str, status: int | None = None) -> None:
         self.status = status
         super().__init__(message)
+
+
+class MalformedTokenResponse(BrexUnavailable):
+    """The token endpoint answered success with something that is not a usable token answer
+    (not a JSON object, a missing or non-string token, a nonsensical ``expires_in``, ...).
+
+    A fault on Brex's side, handled like a 5xx: nothing from the answer is used (except a
+    rotated refresh token, which the refresh service keeps) and the request is worth trying
+    again. ``problems`` lists what was wrong, never quoting a value.
+    """
+
+    title = "Brex sent an answer this site cannot use"
+    user_message = (
+        "Brex answered with something this site could not use, so nothing was connected. "
+        "Please try again in a few minutes."
+    )
+
+    def __init__(self, problems, status: int | None = 200) -> None:
+        self.problems = tuple(problems)
+        self.error = "invalid_response"
+        self.description = "; ".join(self.problems)
+        super().__init__(f"Brex sent a malformed token answer: {self.description}", status)
 
 
 # Connections and API calls -----------------------------------------------------------------

@@ -187,6 +187,15 @@ class BrexToken(models.Model):
     # worker may take over once it has passed (a killed worker leaves nothing stuck).
     refresh_claimed_until = models.DateTimeField(null=True, blank=True)
     refresh_claimed_by = models.CharField(max_length=64, blank=True)
+    generation = models.PositiveBigIntegerField(
+        # In the database too, so rows inserted by raw SQL (bulk loads, benchmarks) get it.
+        default=0,
+        db_default=0,
+        help_text=(
+            "Goes up each time the tokens are replaced (a refresh saved, a reconnect). A "
+            "refresh saves its tokens only over the generation it started from."
+        ),
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     objects = BrexTokenQuerySet.as_manager()
@@ -317,6 +326,8 @@ class EventKind(models.TextChoices):
     RECONNECTED = "reconnected", "Reconnected"
     REFRESHED = "refreshed", "Tokens refreshed"
     REFRESH_FAILED = "refresh_failed", "Refresh failed"
+    REFRESH_DISCARDED = "refresh_discarded", "Refreshed tokens discarded"
+    SCOPES_CHANGED = "scopes_changed", "Granted scopes changed"
     NEEDS_REAUTH = "needs_reauth", "Needs re-authorization"
     DISCONNECTED = "disconnected", "Disconnected"
     REVOKED = "revoked", "Revoked at Brex"

@@ -13,10 +13,15 @@ requests and oauthlib hold the same values under names of their own (``data``, `
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
+import math
+import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -29,12 +34,14 @@ from requests_oauthlib import OAuth2Session
 from . import discovery
 from .conf import REQUIRED_SCOPES, brex_settings
 from .exceptions import (
+    BrexOAuthConfigurationError,
     BrexUnavailable,
     DiscoveryError,
     IdTokenError,
     InvalidClient,
     InvalidGrant,
     IssuerMismatch,
+    MalformedTokenResponse,
     RefreshIdTokenError,
     TokenError,
 )
@@ -99,40 +106,190 @@ def build_authorization_url(
 # Token endpoint ----------------------------------------------------------------------------
 
 
+#: The longest access-token lifetime believed from a token answer: one day. Brex's access
+#: tokens last an hour; a larger ``expires_in`` (``10**12``, say) is cut down to this, so a
+#: wrong answer delays a refresh by a day at most instead of overflowing a date or never
+#: refreshing again (the API client still refreshes on a 401).
+MAX_ACCESS_TOKEN_LIFETIME = 24 * 3600
+
+#: Longest token accepted, in characters (Okta's JWT access tokens are about 1,000).
+MAX_TOKEN_LENGTH = 16384
+
+# RFC 6750 b64token: what can follow "Bearer " in a header.
+_ACCESS_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# RFC 6749 appendix A: a refresh token is visible ASCII (no spaces, so it survives a form).
+_REFRESH_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+_SCOPE_TOKEN_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
+@sensitive_variables()
+def _check_token(
+    value: Any, name: str, pattern: re.Pattern[str], problems: list[str]
+) -> str | None:
+    """``value`` when it is a token by ``pattern``, else None with the reason in
+    ``problems`` (which names the field and the JSON type, never the value)."""
+    if not isinstance(value, str):
+        problems.append(f"{name} is {_json_type(value)}, not a string")
+    elif not value:
+        problems.append(f"{name} is empty")
+    elif len(value) > MAX_TOKEN_LENGTH:
+        problems.append(f"{name} is longer than {MAX_TOKEN_LENGTH} characters")
+    elif not pattern.fullmatch(value):
+        problems.append(f"{name} holds characters a token cannot have")
+    else:
+        return value
+    return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "not JSON"
+
+
+def _expires_in(value: Any, problems: list[str]) -> int:
+    """Seconds the access token lasts: ``DEFAULT_ACCESS_TOKEN_LIFETIME`` when Brex leaves it
+    out, at most :data:`MAX_ACCESS_TOKEN_LIFETIME`."""
+    if value is None:
+        return int(brex_settings.DEFAULT_ACCESS_TOKEN_LIFETIME)
+    seconds: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        seconds = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        seconds = int(value.strip())
+    if seconds is None:
+        problems.append(f"expires_in is {_json_type(value)}, not a whole number of seconds")
+        return 0
+    if seconds <= 0:
+        problems.append("expires_in is not a positive number of seconds")
+        return 0
+    return min(seconds, MAX_ACCESS_TOKEN_LIFETIME)
+
+
+def _scopes(value: Any, requested: Sequence[str] | None, problems: list[str]) -> list[str]:
+    if value is None:
+        # RFC 6749 3.3 and 6: no scope in the answer means what was asked for (on a
+        # refresh: what was granted before) was granted.
+        return list(requested or [])
+    items = value.split() if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(
+        isinstance(item, str) and _SCOPE_TOKEN_RE.fullmatch(item) for item in items
+    ):
+        problems.append("scope is not a list of scopes")
+        return list(requested or [])
+    return list(dict.fromkeys(items))
+
+
+def _received_now() -> datetime:
+    return datetime.now(UTC)
+
+
 @dataclass(frozen=True)
 class TokenResponse:
-    """What the token endpoint answered. ``repr`` never shows a token."""
+    """What the token endpoint answered, checked. ``repr`` never shows a token.
 
-    access_token: str = field(repr=False)
+    Every field holds a checked value or nothing: ``access_token`` and ``refresh_token`` are
+    tokens by RFC 6749/6750's grammar (or None), ``token_type`` is ``Bearer``, ``expires_in``
+    a positive whole number of seconds, at most :data:`MAX_ACCESS_TOKEN_LIFETIME`.
+    ``problems`` says, in words that never quote a value, what was wrong with the answer;
+    when it is not empty the answer as a whole must not be used, but a ``refresh_token``
+    in it is still a token Brex issued (see :func:`refresh`).
+
+    ``received_at`` is when the answer arrived: expiries count from then, not from when
+    whatever came after (identity calls, a retried database write) was done.
+    """
+
+    access_token: str | None = field(repr=False)
     token_type: str
     expires_in: int
     scopes: list[str]
     refresh_token: str | None = field(default=None, repr=False)
     id_token: str | None = field(default=None, repr=False)
+    received_at: datetime = field(default_factory=_received_now)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def expires_at(self) -> datetime:
+        """When the access token expires, counted from when the answer arrived."""
+        return self.received_at + timedelta(seconds=self.expires_in)
+
+    def raise_for_problems(self) -> None:
+        """Raise :class:`MalformedTokenResponse` when the answer must not be used."""
+        if self.problems:
+            raise MalformedTokenResponse(self.problems)
 
     @classmethod
     @sensitive_variables()
-    def from_dict(cls, token: dict[str, Any], *, requested_scopes: list[str] | None = None):
-        scope = token.get("scope")
-        if isinstance(scope, str):
-            scopes = scope.split()
-        elif isinstance(scope, list | tuple):
-            scopes = [str(s) for s in scope]
-        else:
-            # RFC 6749 3.3: no scope in the answer means what was asked for was granted.
-            scopes = list(requested_scopes or [])
-        try:
-            expires_in = int(token.get("expires_in") or 0)
-        except (TypeError, ValueError):
-            expires_in = 0
-        return cls(
-            access_token=str(token["access_token"]),
-            token_type=str(token.get("token_type") or "Bearer"),
-            expires_in=expires_in or int(brex_settings.DEFAULT_ACCESS_TOKEN_LIFETIME),
-            scopes=scopes,
-            refresh_token=token.get("refresh_token") or None,
-            id_token=token.get("id_token") or None,
+    def from_dict(
+        cls,
+        token: Any,
+        *,
+        requested_scopes: Sequence[str] | None = None,
+        received_at: datetime | None = None,
+    ) -> TokenResponse:
+        """Check a decoded token answer (any JSON value) and keep only what is sound."""
+        received_at = received_at or _received_now()
+        problems: list[str] = []
+        if not isinstance(token, dict):
+            problems.append(f"the answer is {_json_type(token)}, not a JSON object")
+            return cls(None, "Bearer", 0, list(requested_scopes or []),
+                       received_at=received_at, problems=tuple(problems))
+        access_token = _check_token(
+            token.get("access_token"), "access_token", _ACCESS_TOKEN_RE, problems
         )
+        token_type = token.get("token_type")
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            # RFC 6749 5.1: required; this app can only send Bearer tokens.
+            problems.append(
+                "token_type is missing" if token_type is None else "token_type is not Bearer"
+            )
+        expires_in = _expires_in(token.get("expires_in"), problems)
+        scopes = _scopes(token.get("scope"), requested_scopes, problems)
+        refresh_token = None
+        if token.get("refresh_token") is not None:
+            refresh_token = _check_token(
+                token["refresh_token"], "refresh_token", _REFRESH_TOKEN_RE, problems
+            )
+        id_token = token.get("id_token")
+        if id_token is not None and not isinstance(id_token, str):
+            problems.append(f"id_token is {_json_type(id_token)}, not a string")
+            id_token = None
+        return cls(
+            access_token=None if problems else access_token,
+            token_type="Bearer",
+            expires_in=expires_in,
+            scopes=scopes,
+            refresh_token=refresh_token,
+            id_token=id_token or None,
+            received_at=received_at,
+            problems=tuple(problems),
+        )
+
+
+class _TokenAnswer(Exception):  # noqa: N818 (not an error: carries the answer out of the hook)
+    """The decoded body of a successful token answer, raised out of requests-oauthlib's
+    response hook so that oauthlib never parses it (it loses a rotated refresh token when
+    anything else in the answer is wrong, and stores ``null`` as the string "None")."""
+
+    def __init__(self, body: Any, received_at: datetime) -> None:
+        super().__init__("token answer")
+        self.body = body
+        self.received_at = received_at
+
+
+_NOT_JSON = object()
 
 
 class _BrexOAuth2Session(OAuth2Session):
@@ -142,8 +299,9 @@ class _BrexOAuth2Session(OAuth2Session):
         silence_secret_logging()
         super().__init__(client_id=brex_settings.CLIENT_ID, **kwargs)
         self.headers["User-Agent"] = USER_AGENT
-        self.register_compliance_hook("access_token_response", _raise_for_outage)
-        self.register_compliance_hook("refresh_token_response", _raise_for_outage)
+        # One hook: requests-oauthlib keeps hooks in a set, so two would run in any order.
+        for hook in ("access_token_response", "refresh_token_response"):
+            self.register_compliance_hook(hook, _take_answer)
 
     @sensitive_variables()
     def request(self, method, url, *args, **kwargs):  # type: ignore[override]
@@ -181,6 +339,22 @@ def _raise_for_outage(response: requests.Response) -> requests.Response:
     return response
 
 
+@sensitive_variables()
+def _take_answer(response: requests.Response) -> requests.Response:
+    # Outages first; then a 2xx answer is read here, the moment it arrived, and an OAuth
+    # error is left to oauthlib.
+    _raise_for_outage(response)
+    if 200 <= response.status_code < 300:
+        received_at = _received_now()
+        try:
+            body = response.json()
+        except ValueError:
+            body = _NOT_JSON
+        if not (isinstance(body, dict) and "error" in body):
+            raise _TokenAnswer(body, received_at)
+    return response
+
+
 def _token_error(err: OAuth2Error) -> TokenError:
     error = getattr(err, "error", "") or "invalid_request"
     description = getattr(err, "description", "") or ""
@@ -193,11 +367,14 @@ def _token_error(err: OAuth2Error) -> TokenError:
 
 
 @sensitive_variables()
-def _call_token_endpoint(call, issuer: str | None = None) -> dict[str, Any]:
+def _call_token_endpoint(call, issuer: str | None = None) -> tuple[Any, datetime]:
+    """Send a token request; the decoded answer (any JSON value) and when it arrived."""
     token_url = discovery.get_endpoint("token_endpoint", issuer=issuer)
     try:
         with allow_insecure_loopback(token_url):
-            return dict(call(token_url))
+            call(token_url)
+    except _TokenAnswer as answer:
+        return answer.body, answer.received_at
     except OAuth2Error as err:
         raise _token_error(err) from None
     except Warning as err:  # oauthlib's "scope has changed" and similar
@@ -205,6 +382,8 @@ def _call_token_endpoint(call, issuer: str | None = None) -> dict[str, Any]:
     except requests.RequestException as err:
         discovery.invalidate(issuer)
         raise unavailable(err) from err
+    # oauthlib accepted an answer the hook did not see as one: nothing usable arrived.
+    raise TokenError("invalid_response", "the token endpoint sent no answer to read")
 
 
 @sensitive_variables()
@@ -216,9 +395,12 @@ def exchange_code(
     ``granted_scopes`` is what the answer's scopes are taken to be when it names none (Brex's
     documented token response has no ``scope``): the callback's ``scope``, or else the
     scopes that were requested.
+
+    A malformed answer is returned with its ``problems``, not raised, so that the caller
+    can revoke what Brex issued before raising it (``raise_for_problems()``).
     """
     session = _BrexOAuth2Session(redirect_uri=redirect_uri)
-    token = _call_token_endpoint(
+    body, received_at = _call_token_endpoint(
         lambda url: session.fetch_token(
             url,
             code=code,
@@ -227,15 +409,23 @@ def exchange_code(
             include_client_id=True,
         )
     )
-    return TokenResponse.from_dict(token, requested_scopes=granted_scopes)
+    return TokenResponse.from_dict(
+        body, requested_scopes=granted_scopes, received_at=received_at
+    )
 
 
 @sensitive_variables()
 def refresh(refresh_token: str, *, issuer: str | None = None) -> TokenResponse:
     """Trade a refresh token for new tokens at ``issuer`` (the configured one by default).
-    ``refresh_token`` of the answer is None when Brex did not rotate it (keep the old one)."""
+
+    ``refresh_token`` of the answer is None when Brex did not rotate it (keep the old one);
+    ``scopes`` is empty when the answer names none (the grant is unchanged). A malformed
+    answer is returned with its ``problems``, not raised:
+    Brex may have rotated the refresh token anyway, and the new one (``refresh_token``, when
+    it is a token) is then the only one that will keep working.
+    """
     session = _BrexOAuth2Session()
-    token = _call_token_endpoint(
+    body, received_at = _call_token_endpoint(
         lambda url: session.refresh_token(
             url,
             refresh_token=refresh_token,
@@ -244,10 +434,11 @@ def refresh(refresh_token: str, *, issuer: str | None = None) -> TokenResponse:
         ),
         issuer,
     )
-    if token.get("refresh_token") == refresh_token:
-        # requests-oauthlib copies the old token in when none came back.
-        token["refresh_token"] = None
-    return TokenResponse.from_dict(token)
+    answer = TokenResponse.from_dict(body, received_at=received_at)
+    if answer.refresh_token == refresh_token:
+        # The same token sent back: not rotated.
+        answer = dataclasses.replace(answer, refresh_token=None)
+    return answer
 
 
 @sensitive_variables()
@@ -274,7 +465,7 @@ def client_credentials(scopes: list[str]) -> TokenResponse:
     from oauthlib.oauth2 import BackendApplicationClient
 
     session = _BrexOAuth2Session(client=BackendApplicationClient(brex_settings.CLIENT_ID))
-    token = _call_token_endpoint(
+    body, received_at = _call_token_endpoint(
         lambda url: session.fetch_token(
             url,
             scope=scopes,
@@ -282,7 +473,9 @@ def client_credentials(scopes: list[str]) -> TokenResponse:
             include_client_id=True,
         )
     )
-    return TokenResponse.from_dict(token, requested_scopes=scopes)
+    answer = TokenResponse.from_dict(body, requested_scopes=scopes, received_at=received_at)
+    answer.raise_for_problems()
+    return answer
 
 
 @sensitive_variables()
@@ -509,3 +702,27 @@ def validate_refreshed_tokens(
 def required_scopes_only(scopes: list[str]) -> bool:
     """True when ``scopes`` holds nothing beyond ``openid`` and ``offline_access``."""
     return not [s for s in scopes if s not in REQUIRED_SCOPES]
+
+
+def required_api_scopes() -> list[str]:
+    """``REQUIRED_API_SCOPES``, checked: a string would require each of its letters and so
+    mark every connection ``needs_reauth``, so it raises
+    :class:`BrexOAuthConfigurationError` instead."""
+    required = brex_settings.REQUIRED_API_SCOPES or ()
+    if not isinstance(required, list | tuple) or not all(isinstance(s, str) for s in required):
+        raise BrexOAuthConfigurationError(
+            "BREX_OAUTH['REQUIRED_API_SCOPES'] must be a list of scope names."
+        )
+    return list(required)
+
+
+def missing_required_scopes(scopes: Sequence[str]) -> list[str]:
+    """The scopes of ``REQUIRED_API_SCOPES`` that ``scopes`` does not hold (a scope holds its
+    ``.readonly`` variant too: ``users`` holds ``users.readonly``)."""
+    granted = set(scopes)
+    return [
+        scope
+        for scope in required_api_scopes()
+        if scope not in granted
+        and not (scope.endswith(".readonly") and scope.removesuffix(".readonly") in granted)
+    ]

@@ -21,14 +21,18 @@ disconnected = Signal()
 
 #: A connection's tokens were refreshed.
 #:
-#: kwargs: ``connection``, ``rotated`` (True when Brex issued a new refresh token).
+#: kwargs: ``connection``, ``rotated`` (True when Brex issued a new refresh token),
+#: ``old_scopes`` and ``new_scopes`` (the granted scopes before and after, as lists; they
+#: differ when the customer narrowed the grant at Brex).
 token_refreshed = Signal()
 
 #: A refresh failed for good: the connection now needs the customer to reconnect.
 #:
 #: kwargs: ``connection``, ``error`` (the OAuth error code, e.g. "invalid_grant"; or
-#: "undecryptable_token" when no configured key decrypts the stored tokens),
-#: ``description`` (Brex's description, or what went wrong here; never a token).
+#: "undecryptable_token" when no configured key decrypts the stored tokens; or
+#: "insufficient_scope" when the grant no longer holds a scope of ``REQUIRED_API_SCOPES``),
+#: ``description`` (Brex's description, what went wrong here, or which scopes are missing;
+#: never a token).
 refresh_failed = Signal()
 
 #: A verified Brex webhook was stored. Sent once per ``Webhook-Id``, after the commit, with

@@ -9,7 +9,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from django_brex_oauth.models import BrexConnection, BrexToken, ConnectionStatus
+from django_brex_oauth.models import BrexConnection, BrexToken, ConnectionEvent, ConnectionStatus
 from django_brex_oauth.testing import FakeBrex
 from django_brex_oauth.testing.factories import make_connection
 
@@ -108,6 +108,15 @@ def store_connections(
         for connection, tokens in zip(connections, token_sets, strict=True)
     )
     return [connection.pk for connection in connections]
+
+
+def event_kinds(connection: BrexConnection | int) -> list[str]:
+    """The kinds of a connection's events, oldest first."""
+    return list(
+        ConnectionEvent.objects.filter(connection=connection)
+        .order_by("created_at", "pk")
+        .values_list("kind", flat=True)
+    )
 
 
 def stored_token(connection: BrexConnection | int) -> BrexToken:

@@ -306,6 +306,36 @@ def test_workers_sweep_hundreds_of_due_connections_each_refreshed_once(
     assert stored_token(fresh).connection.last_refreshed_at is None
 
 
+def test_workers_sweep_past_a_malformed_answer_and_the_retry_heals_it(
+    brex_settings, fake_brex, broker, workers
+):
+    # One connection's refresh gets a malformed answer (the refresh token rotated, the
+    # access token null) from a Brex that allows no reuse at all. The others are refreshed
+    # as usual; that one keeps the rotated refresh token, and its task's retry uses it.
+    sender, queue = broker
+    count = 6
+    ids = create_connections(fake_brex, count, expires_in=120)
+    fake_brex.tamper_next("/v1/token", access_token=None)
+    worker = workers(queue, worker_settings(
+        brex_settings.BREX_OAUTH, REFRESH_RETRY_BACKOFF=1, REFRESH_RETRY_BACKOFF_MAX=2
+    ))
+
+    sender.send_task(SWEEP, queue=queue)
+
+    assert wait_for(lambda: sweep_results(worker), 30, "the sweep") == [count]
+    wait_for(lambda: refreshed_events() == count, 60, "every connection refreshed")
+    assert refresh_results(worker).count("refreshed") == count
+    [failed] = ConnectionEvent.objects.filter(kind=EventKind.REFRESH_FAILED)
+    assert "access_token is null" in failed.detail
+    assert fake_brex.stats["token_refresh_token"] == count + 1
+    assert fake_brex.stats["refresh_token_reuse"] == 0
+    for token in BrexToken.objects.select_related("connection").filter(pk__in=ids):
+        assert token.connection.status == ConnectionStatus.ACTIVE
+        assert token.connection.last_error == ""
+        assert fake_brex.is_refresh_token_active(token.refresh_token)
+        assert fake_brex.is_access_token_active(token.access_token)
+
+
 @pytest.fixture
 def slow_brex():
     """A fake Brex with Okta's default 30 s grace for a rotated-out refresh token."""

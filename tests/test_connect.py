@@ -293,6 +293,34 @@ def test_token_endpoint_outage(flow, fake_brex):
     assert nothing_stored()
 
 
+def test_a_consent_without_a_required_scope_stores_nothing(flow, fake_brex, brex_settings):
+    brex_settings.BREX_OAUTH = {
+        **brex_settings.BREX_OAUTH, "REQUIRED_API_SCOPES": ["companies.readonly"]
+    }
+    response = flow.connect(scopes=["users.readonly"])
+    assert response.status_code == 400
+    assert b"You did not grant a permission this site needs (companies.readonly)" in (
+        response.content
+    )
+    assert nothing_stored()
+    [revocation] = [r for r in fake_brex.requests if r["path"].endswith("/v1/revoke")]
+    assert not fake_brex.is_refresh_token_active(revocation["form"]["token"])
+
+
+@pytest.mark.parametrize("spoil", [{"access_token": None}, {"expires_in": "soon"}, {"body": []}])
+def test_a_malformed_token_answer_stores_nothing_and_revokes_what_came(flow, fake_brex, spoil):
+    location = fake_brex.consent(flow.start())
+    fake_brex.tamper_next("/v1/token", **spoil)
+    response = flow.callback(location)
+    assert response.status_code == 502
+    assert b"Brex sent an answer this site cannot use" in response.content
+    assert nothing_stored()
+    if "body" not in spoil:
+        # The refresh token that did arrive is revoked, so no grant is left behind.
+        [revocation] = [r for r in fake_brex.requests if r["path"].endswith("/v1/revoke")]
+        assert not fake_brex.is_refresh_token_active(revocation["form"]["token"])
+
+
 def test_replayed_code_is_refused_by_brex(flow, fake_brex, user):
     """A code used once cannot connect again even through a fresh state."""
     location = fake_brex.consent(flow.start())

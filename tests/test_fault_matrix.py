@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import threading
 import time
 import urllib.error
 from datetime import timedelta
@@ -16,13 +17,18 @@ from datetime import timedelta
 import pytest
 from celery import signals as celery_signals
 from django.contrib.messages import get_messages
+from django.db import OperationalError
 from django.db import connection as db_connection
 from django.urls import reverse
 from django.utils import timezone
 
-from django_brex_oauth import conf, discovery, signals, tasks
+from django_brex_oauth import conf, discovery, oauth, signals, tasks
 from django_brex_oauth.client import BrexClient
-from django_brex_oauth.exceptions import BrexUnavailable, ConnectionNotUsable
+from django_brex_oauth.exceptions import (
+    BrexUnavailable,
+    ConnectionNotUsable,
+    MalformedTokenResponse,
+)
 from django_brex_oauth.models import (
     AuthorizationRequest,
     BrexConnection,
@@ -37,6 +43,7 @@ from django_brex_oauth.services.refresh import Outcome
 from django_brex_oauth.services.revoke import disconnect, pending_revocation_ids
 from django_brex_oauth.testing import FakeBrex
 from django_brex_oauth.testing.factories import make_connection
+from django_brex_oauth.testing.fake_brex import MALFORMED_TOKEN_ANSWERS
 from django_brex_oauth.testing.server import brex_oauth_settings_for
 from tests import sqlite_refreshers
 from tests.conftest import require_postgres
@@ -45,6 +52,7 @@ from tests.factories import (
     SignalRecorder,
     create_connection,
     create_user,
+    event_kinds,
     store_connections,
     stored_token,
 )
@@ -54,6 +62,383 @@ from tests.test_demo import redirect_location, signed_in_browser
 # ---------------------------------------------------------------------------------------
 # Saving a refresh: reconnect races, malformed answers, narrower grants, a failed commit
 # ---------------------------------------------------------------------------------------
+
+
+# The shared fixtures (``flow``, ``fake_brex`` with a 30 s grace period, ``brex_settings``)
+# come from conftest.py. Every test here saves over real HTTP to the fake Brex.
+
+
+@pytest.fixture
+def saving_signals():
+    with SignalRecorder(
+        refreshed=signals.token_refreshed,
+        failed=signals.refresh_failed,
+        connected=signals.connected,
+    ) as recorder:
+        yield recorder
+
+
+def revoked_at_fake(fake, token: str) -> bool:
+    """Whether the fake received a revocation request for ``token``."""
+    return any(
+        r["path"].endswith("/v1/revoke") and r["form"].get("token") == token
+        for r in fake.requests
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reconnect_during_a_refresh_keeps_the_reconnects_tokens(
+    flow, fake_brex, saving_signals
+):
+    """A refresh waits on Brex while the customer reconnects: the reconnect's tokens stay,
+    the refresh's answer is discarded and revoked at Brex (PostgreSQL, real threads)."""
+    require_postgres()
+    flow.connect()
+    connection = BrexConnection.objects.get()
+    BrexToken.objects.filter(pk=connection.pk).update(
+        access_token_expires_at=timezone.now() + timedelta(seconds=30)
+    )
+    results, errors = [], []
+
+    def refresh_in_flight():
+        try:
+            results.append(refresh.refresh_connection(connection.pk, min_validity=60))
+        except Exception as err:  # reported below
+            errors.append(err)
+        finally:
+            db_connection.close()
+
+    with fake_brex.hold_next("/v1/token") as held:
+        worker = threading.Thread(target=refresh_in_flight)
+        worker.start()
+        assert held.wait(timeout=10), "the refresh never reached Brex"
+        # Brex has rotated the refresh token and is about to answer; meanwhile:
+        response = flow.connect()
+        assert response.status_code == 302
+        reconnected = stored_token(connection)
+    worker.join(timeout=30)
+
+    assert errors == []
+    [result] = results
+    refresh_answer = held.answers[0]
+    stored = stored_token(connection)
+    # The reconnect's tokens stay, and work.
+    assert stored.refresh_token == reconnected.refresh_token != refresh_answer["refresh_token"]
+    assert stored.access_token == reconnected.access_token != refresh_answer["access_token"]
+    assert stored.connection.status == ConnectionStatus.ACTIVE
+    assert fake_brex.is_refresh_token_active(stored.refresh_token)
+    assert BrexClient(BrexConnection.objects.get(pk=connection.pk)).get_me()["id"]
+    assert result.outcome == Outcome.NOT_DUE and result.usable
+    # The refresh's grant is revoked at Brex, by name.
+    assert revoked_at_fake(fake_brex, refresh_answer["refresh_token"])
+    assert not fake_brex.is_refresh_token_active(refresh_answer["refresh_token"])
+    kinds = event_kinds(connection)
+    assert kinds[-2:] == [EventKind.RECONNECTED, EventKind.REFRESH_DISCARDED]
+    assert EventKind.REFRESHED not in kinds
+    assert saving_signals["refreshed"] == [] and saving_signals["failed"] == []
+    assert len(saving_signals["connected"]) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refresh_overtaken_by_another_worker_drops_its_answer_without_revoking(
+    brex_settings, fake_brex, saving_signals
+):
+    """A refresh's claim runs out while Brex answers it slowly; another worker takes over,
+    refreshes with the same refresh token (inside Brex's grace period) and saves first. The
+    slow one's save must not overwrite those tokens, and must not revoke its own answer
+    either: that would revoke the grant the stored tokens belong to."""
+    require_postgres()
+    connection = create_connection(fake_brex, expires_in=30)
+    before = stored_token(connection)
+    results, errors = [], []
+
+    def slow_refresh():
+        try:
+            results.append(refresh.refresh_connection(connection.pk, min_validity=60))
+        except Exception as err:  # reported below
+            errors.append(err)
+        finally:
+            db_connection.close()
+
+    with fake_brex.hold_next("/v1/token") as held:
+        slow = threading.Thread(target=slow_refresh)
+        slow.start()
+        assert held.wait(timeout=10), "the refresh never reached Brex"
+        # Its claim runs out (as after a long stall); another worker takes over.
+        BrexToken.objects.filter(pk=connection.pk).update(
+            refresh_claimed_until=timezone.now() - timedelta(seconds=1)
+        )
+        overtaking = refresh.refresh_connection(connection.pk, min_validity=60)
+        assert overtaking.outcome == Outcome.REFRESHED
+        saved = stored_token(connection)
+    slow.join(timeout=30)
+
+    assert errors == []
+    [result] = results
+    slow_answer = held.answers[0]
+    stored = stored_token(connection)
+    assert stored.refresh_token == saved.refresh_token != slow_answer["refresh_token"]
+    assert stored.access_token == saved.access_token
+    assert stored.refresh_token != before.refresh_token
+    assert fake_brex.is_refresh_token_active(stored.refresh_token)
+    assert fake_brex.is_access_token_active(stored.access_token)
+    assert not revoked_at_fake(fake_brex, slow_answer["refresh_token"])
+    assert result.outcome == Outcome.NOT_DUE and result.usable
+    assert stored.connection.status == ConnectionStatus.ACTIVE
+    assert event_kinds(connection) == [EventKind.REFRESHED, EventKind.REFRESH_DISCARDED]
+    assert [s["rotated"] for s in saving_signals["refreshed"]] == [True]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "spoil",
+    [v for k, v in MALFORMED_TOKEN_ANSWERS.items() if k != "huge_expires_in"],
+    ids=[k for k in MALFORMED_TOKEN_ANSWERS if k != "huge_expires_in"],
+)
+def test_malformed_refresh_answer_stores_no_non_token_and_keeps_the_rotated_one(
+    brex_settings, fake_brex, saving_signals, spoil
+):
+    connection = create_connection(fake_brex, expires_in=30)
+    before = stored_token(connection)
+    fake_brex.tamper_next("/v1/token", **spoil)
+
+    with pytest.raises(MalformedTokenResponse) as raised:
+        refresh.refresh_connection(connection, min_validity=60)
+
+    after = stored_token(connection)
+    # Nothing from the answer but a rotated refresh token is stored; the old access token
+    # (still good for 30 s) stays.
+    assert after.access_token == before.access_token
+    assert after.access_token_expires_at == before.access_token_expires_at
+    assert after.token_type == "Bearer"
+    rotated_arrived = "body" not in spoil and "refresh_token" not in spoil
+    if rotated_arrived:
+        assert after.refresh_token != before.refresh_token
+        assert fake_brex.is_refresh_token_active(after.refresh_token)
+    else:
+        assert after.refresh_token == before.refresh_token
+    assert after.connection.status == ConnectionStatus.ACTIVE
+    assert after.connection.last_error.startswith("Refresh failed, will retry: Brex sent a ")
+    assert raised.value.problems and raised.value.status == 200
+    assert event_kinds(connection) == [EventKind.REFRESH_FAILED]
+    assert saving_signals["refreshed"] == [] and saving_signals["failed"] == []
+    # The next try (within Brex's grace period for the old refresh token) gets a whole
+    # answer, and the connection carries on.
+    assert refresh.refresh_connection(connection, min_validity=60).outcome == Outcome.REFRESHED
+    healed = stored_token(connection)
+    assert fake_brex.is_access_token_active(healed.access_token)
+    assert fake_brex.is_refresh_token_active(healed.refresh_token)
+    assert healed.connection.last_error == ""
+    assert BrexClient(healed.connection).get_me()["id"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_huge_expires_in_is_clamped_and_the_rotated_token_kept(
+    brex_settings, fake_brex, saving_signals
+):
+    connection = create_connection(fake_brex, expires_in=30)
+    before = stored_token(connection)
+    fake_brex.tamper_next("/v1/token", expires_in=10**12)
+
+    result = refresh.refresh_connection(connection, min_validity=60)
+
+    after = stored_token(connection)
+    assert result.outcome == Outcome.REFRESHED
+    assert after.refresh_token != before.refresh_token
+    assert fake_brex.is_refresh_token_active(after.refresh_token)
+    assert fake_brex.is_access_token_active(after.access_token)
+    lifetime = after.access_token_expires_at - after.connection.last_refreshed_at
+    assert lifetime == timedelta(seconds=oauth.MAX_ACCESS_TOKEN_LIFETIME)
+    assert after.connection.status == ConnectionStatus.ACTIVE
+    assert event_kinds(connection) == [EventKind.REFRESHED]
+    assert [s["rotated"] for s in saving_signals["refreshed"]] == [True]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_malformed_answer_does_not_stop_the_sweep(brex_settings, fake_brex):
+    due = [create_connection(fake_brex, expires_in=30 + i) for i in range(3)]
+    before = {c.pk: stored_token(c) for c in due}
+    fake_brex.tamper_next("/v1/token", body=[])  # the most urgent one, first
+
+    report = refresh.sweep()
+
+    assert (report.refreshed, report.failed) == (2, 1)
+    first, *others = due
+    assert stored_token(first).refresh_token == before[first.pk].refresh_token
+    assert event_kinds(first) == [EventKind.REFRESH_FAILED]
+    for connection in others:
+        after = stored_token(connection)
+        assert after.refresh_token != before[connection.pk].refresh_token
+        assert fake_brex.is_access_token_active(after.access_token)
+        assert event_kinds(connection) == [EventKind.REFRESHED]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_narrower_grant_on_refresh_is_recorded_and_signalled(
+    brex_settings, fake_brex, saving_signals
+):
+    connection = create_connection(fake_brex, expires_in=30)
+    old_scopes = connection.scopes
+    fake_brex.narrow_grant(stored_token(connection).refresh_token, ["users.readonly"])
+
+    result = refresh.refresh_connection(connection, min_validity=60)
+
+    after = stored_token(connection)
+    new_scopes = ["openid", "offline_access", "users.readonly"]
+    assert result.outcome == Outcome.REFRESHED
+    assert after.connection.status == ConnectionStatus.ACTIVE
+    assert after.connection.scopes == new_scopes
+    assert fake_brex.is_access_token_active(after.access_token)
+    assert event_kinds(connection) == [EventKind.SCOPES_CHANGED, EventKind.REFRESHED]
+    change = ConnectionEvent.objects.get(connection=connection, kind=EventKind.SCOPES_CHANGED)
+    assert "no longer granted: companies.readonly" in change.detail
+    [sent] = saving_signals["refreshed"]
+    assert (sent["old_scopes"], sent["new_scopes"]) == (old_scopes, new_scopes)
+    assert saving_signals["failed"] == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_losing_a_required_scope_on_refresh_needs_reauth(
+    brex_settings, fake_brex, saving_signals
+):
+    brex_settings.BREX_OAUTH = {
+        **brex_settings.BREX_OAUTH, "REQUIRED_API_SCOPES": ["companies.readonly"]
+    }
+    connection = create_connection(fake_brex, expires_in=30)
+    fake_brex.narrow_grant(stored_token(connection).refresh_token, ["users.readonly"])
+
+    result = refresh.refresh_connection(connection, min_validity=60)
+
+    after = stored_token(connection)
+    assert result.outcome == Outcome.NEEDS_REAUTH
+    assert after.connection.status == ConnectionStatus.NEEDS_REAUTH
+    assert "companies.readonly" in after.connection.last_error
+    # No usable access token, out of the sweep; the rotated refresh token is kept so that a
+    # disconnect can revoke it.
+    assert after.access_token is None and after.access_token_expires_at is None
+    assert fake_brex.is_refresh_token_active(after.refresh_token)
+    assert refresh.due_connection_ids() == []
+    assert event_kinds(connection) == [EventKind.SCOPES_CHANGED, EventKind.NEEDS_REAUTH]
+    assert saving_signals["refreshed"] == []
+    [failed] = saving_signals["failed"]
+    assert failed["error"] == "insufficient_scope"
+    assert failed["connection"].status == ConnectionStatus.NEEDS_REAUTH
+    with pytest.raises(ConnectionNotUsable):
+        BrexClient(BrexConnection.objects.get(pk=connection.pk)).get_me()
+
+
+@pytest.fixture
+def database_drops(monkeypatch):
+    """``database_drops(times, pause=0)``: the next ``times`` saves of refreshed tokens meet
+    a dropped database connection (on PostgreSQL the server really terminates the session;
+    on SQLite the driver's error is raised), each after ``pause`` seconds, as a failover
+    would. Other statements (recording the failure) go through."""
+
+    def arrange(times: int, pause: float = 0.0) -> list[str]:
+        dropped: list[str] = []
+
+        def drop(execute, sql, params, many, context):
+            saving = sql.startswith('UPDATE "brex_oauth_brexconnection"') and (
+                '"last_refreshed_at"' in sql
+            )
+            if len(dropped) < times and saving:
+                time.sleep(pause)
+                dropped.append(sql)
+                if db_connection.vendor == "postgresql":
+                    terminate_backend(db_connection)
+                else:
+                    raise OperationalError("disk I/O error")
+            return execute(sql, params, many, context)
+
+        db_connection.execute_wrappers.append(drop)
+        return dropped
+
+    yield arrange
+    db_connection.execute_wrappers.clear()
+
+
+def terminate_backend(django_connection) -> None:
+    """Have PostgreSQL end ``django_connection``'s session from another session."""
+    import psycopg
+
+    pid = django_connection.connection.info.backend_pid
+    settings = django_connection.settings_dict
+    with psycopg.connect(
+        host=settings["HOST"], port=settings["PORT"] or 5432, user=settings["USER"],
+        password=settings["PASSWORD"] or None, dbname=settings["NAME"], autocommit=True,
+    ) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_save_that_meets_a_dropped_database_is_retried_within_the_grace(
+    brex_settings, fake_brex, saving_signals, database_drops
+):
+    connection = create_connection(fake_brex, expires_in=30)
+    before = stored_token(connection)
+    dropped = database_drops(times=2, pause=1.0)
+
+    started = timezone.now()
+    result = refresh.refresh_connection(connection, min_validity=60)
+
+    assert len(dropped) == 2
+    after = stored_token(connection)
+    assert result.outcome == Outcome.REFRESHED
+    assert after.refresh_token != before.refresh_token
+    assert fake_brex.is_refresh_token_active(after.refresh_token)
+    assert fake_brex.is_access_token_active(after.access_token)
+    assert after.connection.status == ConnectionStatus.ACTIVE
+    assert after.connection.last_error == ""
+    # The access token's expiry counts from Brex's answer, not from the save 2 s later.
+    assert after.access_token_expires_at < started + timedelta(seconds=3600, milliseconds=900)
+    assert event_kinds(connection) == [EventKind.REFRESHED]
+    detail = ConnectionEvent.objects.get(connection=connection).detail
+    assert "Saved at try 3, after the database failed (OperationalError)" in detail
+    assert [s["rotated"] for s in saving_signals["refreshed"]] == [True]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_save_that_fails_past_the_window_is_recorded(
+    brex_settings, fake_brex, saving_signals, database_drops, caplog
+):
+    brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "REFRESH_SAVE_RETRY_SECONDS": 1}
+    connection = create_connection(fake_brex, expires_in=30)
+    before = stored_token(connection)
+    database_drops(times=100, pause=0.2)
+
+    with pytest.raises(OperationalError):
+        refresh.refresh_connection(connection, min_validity=60)
+
+    db_connection.execute_wrappers.clear()
+    after = stored_token(connection)
+    # The rotated-out token is still the stored one: Brex takes it for its grace period.
+    assert after.refresh_token == before.refresh_token
+    assert after.connection.status == ConnectionStatus.ACTIVE
+    assert "could not be saved" in after.connection.last_error
+    assert event_kinds(connection) == [EventKind.REFRESH_FAILED]
+    assert saving_signals["refreshed"] == [] and saving_signals["failed"] == []
+    logged = [r for r in caplog.records if "could not be saved" in r.getMessage()]
+    assert logged and logged[0].levelname == "ERROR"
+    for record in caplog.records:
+        assert before.refresh_token not in record.getMessage()
+    # Within that grace period the next refresh carries on.
+    assert refresh.refresh_connection(connection, min_validity=60).outcome == Outcome.REFRESHED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_expiry_counts_from_brexs_answer_at_connect(flow, fake_brex):
+    fake_brex.set_latency(1.5, "/v2/users/me")
+    fake_brex.set_latency(1.5, "/v2/company")
+
+    started = timezone.now()
+    assert flow.connect().status_code == 302
+    finished = timezone.now()
+
+    token = BrexToken.objects.get()
+    # Brex answered before the identity calls' 3 s.
+    answered_by = finished - timedelta(seconds=3)
+    assert started + timedelta(seconds=3600) <= token.access_token_expires_at
+    assert token.access_token_expires_at <= answered_by + timedelta(seconds=3600)
 
 
 # ---------------------------------------------------------------------------------------

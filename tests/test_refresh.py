@@ -17,7 +17,7 @@ from django.db import connection as db_connection
 from django.utils import timezone
 
 from django_brex_oauth import oauth, signals, tasks
-from django_brex_oauth.exceptions import BrexUnavailable
+from django_brex_oauth.exceptions import BrexOAuthConfigurationError, BrexUnavailable
 from django_brex_oauth.models import (
     BrexConnection,
     BrexToken,
@@ -31,6 +31,7 @@ from tests.conftest import require_postgres
 from tests.factories import (
     SignalRecorder,
     create_connection,
+    event_kinds,
     stored_token,
     strict_rotation_fake_brex,
 )
@@ -53,14 +54,6 @@ def received():
         refreshed=signals.token_refreshed, failed=signals.refresh_failed
     ) as recorder:
         yield recorder
-
-
-def event_kinds(connection) -> list[str]:
-    return list(
-        ConnectionEvent.objects.filter(connection=connection)
-        .order_by("created_at", "pk")
-        .values_list("kind", flat=True)
-    )
 
 
 def assert_no_secrets(texts, *secrets):
@@ -106,8 +99,10 @@ def test_on_demand_refresh_saves_the_rotated_tokens(brex, received):
     detail = ConnectionEvent.objects.get(connection=connection).detail
     assert "rotated" in detail
     assert_no_secrets([detail], after.access_token, after.refresh_token, before.refresh_token)
+    # token_refreshed also passes the scopes before and after (unchanged here).
     assert received["refreshed"] == [
         {"sender": BrexConnection, "connection": connection, "rotated": True,
+         "old_scopes": connection.scopes, "new_scopes": connection.scopes,
          "signal": signals.token_refreshed}
     ]
     assert received["failed"] == []
@@ -483,7 +478,8 @@ def test_disconnected_during_refresh_keeps_no_tokens(brex, received, monkeypatch
     assert stored_token(connection).refresh_token == before.refresh_token
     assert not brex.is_refresh_token_active(issued[0])  # revoked at Brex after commit
     assert received["refreshed"] == []
-    assert event_kinds(connection) == []
+    # The discarded answer is on the record, for staff.
+    assert event_kinds(connection) == [EventKind.REFRESH_DISCARDED]
 
 
 # The management command --------------------------------------------------------------------
@@ -604,3 +600,21 @@ def test_sweep_query_is_answered_by_the_partial_indexes(user):
     assert "Bitmap Index Scan on brex_oauth_token_due" in plan
     assert "Bitmap Index Scan on brex_oauth_token_idle" in plan
     assert "Seq Scan" not in plan
+
+
+def test_required_scopes_given_as_a_string_fail_loudly_and_mark_nothing(
+    brex, settings, received
+):
+    # "users.readonly" as a string would require each of its letters, and mark every
+    # connection needs_reauth: the refresh refuses the setting instead.
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "REQUIRED_API_SCOPES": "users.readonly"}
+    connection = create_connection(brex, expires_in=30)
+
+    with pytest.raises(BrexOAuthConfigurationError, match="REQUIRED_API_SCOPES"):
+        refresh.refresh_connection(connection, min_validity=60)
+
+    # Before anything was sent to Brex: the stored refresh token is still the live one.
+    assert brex.stats["token_refresh_token"] == 0
+    connection.refresh_from_db()
+    assert connection.status == ConnectionStatus.ACTIVE
+    assert received["failed"] == []

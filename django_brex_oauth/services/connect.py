@@ -12,6 +12,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
@@ -162,8 +163,19 @@ def complete_authorization(
         ),
     )
     try:
+        tokens.raise_for_problems()
         if oauth.required_scopes_only(tokens.scopes):
             raise NoScopesGranted("no API scope granted")
+        missing = oauth.missing_required_scopes(tokens.scopes)
+        if missing:
+            raise NoScopesGranted(
+                "a required scope was not granted",
+                user_message=(
+                    "You did not grant a permission this site needs ("
+                    + ", ".join(missing)
+                    + "), so nothing was connected. Connect again and leave it ticked."
+                ),
+            )
         if not tokens.id_token:
             raise IdTokenError("Brex returned no id_token")
         claims = oauth.validate_id_token(
@@ -342,16 +354,19 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens):
             "access_token": tokens.access_token,
             "refresh_token": tokens.refresh_token,
             "token_type": tokens.token_type,
-            "access_token_expires_at": now + timedelta(seconds=tokens.expires_in),
+            # From when Brex answered, not from now: the identity calls took a while.
+            "access_token_expires_at": tokens.expires_at,
             "refresh_token_issued_at": now,
             "refresh_token_expires_at": now
             + timedelta(seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME)),
             "refresh_claimed_until": None,
             "refresh_claimed_by": "",
         }
-        # An UPDATE, not update_or_create(): the stored row may be one no key decrypts.
+        # An UPDATE, not update_or_create(): the stored row may be one no key decrypts. It
+        # moves the generation on, so a refresh still in flight for the replaced tokens
+        # cannot save over these (its save only applies to the generation it started from).
         if not BrexToken.objects.filter(connection=connection).update(
-            **token_fields, updated_at=now
+            **token_fields, generation=F("generation") + 1, updated_at=now
         ):
             BrexToken.objects.create(connection=connection, **token_fields)
         ConnectionEvent.objects.create(

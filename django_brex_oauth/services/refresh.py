@@ -14,6 +14,8 @@ and lose the only refresh token Brex still accepts).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import enum
 import logging
 import os
@@ -24,10 +26,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
-from django.db import transaction
-from django.db.models import F, Q
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    router,
+    transaction,
+)
+from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Now
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
@@ -41,6 +51,7 @@ from ..exceptions import (
     DiscoveryError,
     InvalidClient,
     InvalidGrant,
+    MalformedTokenResponse,
     TokenError,
 )
 from ..fields import UndecryptableValue
@@ -261,6 +272,8 @@ def _refresh_claimed(
     sent = token.refresh_token or ""
     # The Brex the connection was made at, whichever ENVIRONMENT is configured now.
     issuer = brex_settings.issuer_for(token.connection.environment)
+    # A setting that cannot work must fail before Brex rotates anything, not after.
+    oauth.required_api_scopes()
     for _ in range(_MAX_TOKEN_SWAPS + 1):
         try:
             # Resolve the endpoint first (it may need a request), then make sure a whole
@@ -269,9 +282,13 @@ def _refresh_claimed(
             if time.monotonic() - claimed_at > 1.0:
                 renew_claim(connection_id, claimant)
             answer = oauth.refresh(sent, issuer=issuer)
-            # Tokens for another Brex user, or from another issuer, are never stored.
-            oauth.validate_refreshed_tokens(answer, subject=token.connection.brex_user_id,
-                                            issuer=issuer)
+            if not answer.problems:
+                # Tokens for another Brex user, or from another issuer, are never stored. (Of
+                # a malformed answer only the refresh token is kept, which is only ever sent
+                # back to the token endpoint, and its next answer is checked.)
+                oauth.validate_refreshed_tokens(
+                    answer, subject=token.connection.brex_user_id, issuer=issuer
+                )
         except (InvalidGrant, InvalidClient) as err:
             result = _mark_needs_reauth(connection_id, err, sent)
             if result is not None:
@@ -282,7 +299,7 @@ def _refresh_claimed(
                 return RefreshResult(Outcome.NOT_ACTIVE, connection_id, current)
             if not needs_refresh(current):
                 return RefreshResult(Outcome.NOT_DUE, connection_id, current)
-            sent = current.refresh_token or ""
+            token, sent = current, current.refresh_token or ""
             claimed_at = 0.0  # renew before the next call
             continue
         except DiscoveryError as err:
@@ -294,64 +311,347 @@ def _refresh_claimed(
         except TokenError as err:
             _record_transient_failure(connection_id, err)
             raise
-        return _save(connection_id, claimant, sent, answer)
+        return _save(token, claimant, sent, answer)
     raise BrexUnavailable("The stored refresh token kept changing while refreshing.")
+
+
+@dataclass
+class _Save:
+    """What saving one token answer writes: two conditional ``UPDATE`` statements (the
+    connection, only while it is active; the token row, only at the generation the refresh
+    started from) and one ``INSERT`` of its events, in one transaction."""
+
+    claimant: str
+    connection_fields: dict[str, Any]
+    token_fields: dict[str, Any]
+    #: (kind, detail) of each event to write.
+    events: list[tuple[str, str]]
+    outcome: Outcome
+    #: Sends the signal, after the commit, with the connection as saved.
+    on_commit: Callable[[BrexConnection], None] | None = None
 
 
 @sensitive_variables()
 def _save(
-    connection_id: int, claimant: str, sent: str, answer: oauth.TokenResponse
+    started: BrexToken, claimant: str, sent: str, answer: oauth.TokenResponse
 ) -> RefreshResult:
-    now = timezone.now()
-    with write_transaction():
-        connection = BrexConnection.objects.select_for_update().get(pk=connection_id)
-        token = BrexToken.objects.select_for_update().get(pk=connection_id)
-        if connection.status != ConnectionStatus.ACTIVE:
-            # Disconnected while Brex was answering: keep nothing, and make Brex forget it.
-            if answer.refresh_token:
-                new_refresh_token = answer.refresh_token
-                issuer = brex_settings.issuer_for(connection.environment)
-                transaction.on_commit(lambda: _revoke_quietly(new_refresh_token, issuer))
-            return RefreshResult(Outcome.NOT_ACTIVE, connection_id, token)
-        rotated = answer.refresh_token is not None and answer.refresh_token != sent
-        token.access_token = answer.access_token
-        token.token_type = answer.token_type
-        token.access_token_expires_at = now + timedelta(seconds=answer.expires_in)
-        if answer.refresh_token:
-            token.refresh_token = answer.refresh_token
-        token.refresh_token_used_at = now
-        # Brex's refresh tokens last 90 days from the last exchange and every refresh
-        # returns one (the same value when not rotated), so the estimated end moves with
-        # each refresh. It stays an estimate: Brex may also cap a chain's total lifetime.
-        token.refresh_token_expires_at = now + timedelta(
-            seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME)
+    """Save Brex's answer over the tokens the refresh started from, and nothing else.
+
+    The tokens are replaced only if they are still the generation ``started`` read and the
+    connection is still active; otherwise (a reconnect, a disconnect, another worker that
+    saved first) this answer is discarded by :func:`_discard`. A malformed answer saves only
+    the rotated refresh token it carries, if any, and raises
+    :class:`MalformedTokenResponse`.
+    """
+    connection_id = started.connection_id
+    rotated = answer.refresh_token is not None and answer.refresh_token != sent
+    error: MalformedTokenResponse | None = None
+    if answer.problems:
+        error = MalformedTokenResponse(answer.problems)
+        if not rotated:
+            _record_transient_failure(connection_id, error)
+            raise error
+        plan = _plan_malformed(started, claimant, answer, error)
+    else:
+        plan = _plan_refreshed(started, claimant, answer, rotated)
+    token = _write_within_grace(started, plan, answer)
+    if token is None:
+        return _discard(started, answer, rotated)
+    if error is not None:
+        logger.warning(
+            "Brex connection %s: %s The new refresh token was saved.", connection_id, error
         )
-        if token.refresh_claimed_by == claimant:
-            token.refresh_claimed_until = None
-            token.refresh_claimed_by = ""
-        token.save()
-        connection.last_refreshed_at = now
-        connection.last_error = ""
-        if answer.scopes:
-            connection.granted_scopes = " ".join(answer.scopes)
-        connection.save(update_fields=["last_refreshed_at", "last_error", "granted_scopes",
-                                       "updated_at"])
-        ConnectionEvent.objects.create(
-            connection=connection,
-            kind=EventKind.REFRESHED,
-            detail=(
-                f"Access token valid until {token.access_token_expires_at:%Y-%m-%d %H:%M:%S} "
-                f"UTC; refresh token {'rotated' if rotated else 'kept'}."
-            ),
+        raise error
+    if plan.outcome == Outcome.NEEDS_REAUTH:
+        logger.warning("Brex connection %s needs re-authorization: %s", connection_id,
+                       plan.connection_fields["last_error"])
+    else:
+        logger.info("Refreshed Brex connection %s (refresh token %s).", connection_id,
+                    "rotated" if rotated else "kept")
+    return RefreshResult(plan.outcome, connection_id, token, rotated=rotated)
+
+
+@sensitive_variables()
+def _applied(started: BrexToken, plan: _Save, now: datetime) -> BrexToken:
+    """A copy of ``started`` (token and connection) as :func:`_write` left the rows, so
+    that nothing is read again."""
+    token, connection = copy.copy(started), copy.copy(started.connection)
+    for name, value in plan.token_fields.items():
+        if not isinstance(value, Case):
+            setattr(token, name, value)
+    if token.refresh_claimed_by == plan.claimant:
+        token.refresh_claimed_until, token.refresh_claimed_by = None, ""
+    token.generation += 1
+    token.updated_at = connection.updated_at = now
+    for name, value in plan.connection_fields.items():
+        setattr(connection, name, value)
+    token.connection = connection
+    return token
+
+
+def _release_claim_fields(claimant: str) -> dict[str, Any]:
+    # Release the claim only if this worker still holds it: one that took over after the
+    # lease ran out keeps its own.
+    mine = Q(refresh_claimed_by=claimant)
+    return {
+        "refresh_claimed_until": Case(When(mine, then=Value(None)),
+                                      default=F("refresh_claimed_until")),
+        "refresh_claimed_by": Case(When(mine, then=Value("")), default=F("refresh_claimed_by")),
+    }
+
+
+def _refresh_token_end(exchanged_at: datetime) -> datetime:
+    # Brex's refresh tokens last 90 days from the last exchange and every refresh returns
+    # one (the same value when not rotated), so the estimated end moves with each refresh.
+    # It stays an estimate: Brex may also cap a chain's total lifetime.
+    return exchanged_at + timedelta(seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME))
+
+
+def _scope_change(old: list[str], new: list[str]) -> str:
+    lost = [s for s in old if s not in new]
+    gained = [s for s in new if s not in old]
+    parts = []
+    if lost:
+        parts.append("no longer granted: " + " ".join(lost))
+    if gained:
+        parts.append("newly granted: " + " ".join(gained))
+    return "; ".join(parts)
+
+
+@sensitive_variables()
+def _plan_refreshed(
+    started: BrexToken, claimant: str, answer: oauth.TokenResponse, rotated: bool
+) -> _Save:
+    connection = started.connection
+    old_scopes = connection.scopes
+    # No scope in the answer: what was granted before (RFC 6749 section 6).
+    new_scopes = list(answer.scopes) or old_scopes
+    received_at = answer.received_at
+    token_fields: dict[str, Any] = {
+        "refresh_token_used_at": received_at,
+        **_release_claim_fields(claimant),
+    }
+    if rotated:
+        token_fields["refresh_token"] = answer.refresh_token
+    token_fields["refresh_token_expires_at"] = _refresh_token_end(received_at)
+    connection_fields: dict[str, Any] = {
+        "last_refreshed_at": received_at,
+        "granted_scopes": " ".join(new_scopes),
+    }
+    events = []
+    scopes_changed = set(old_scopes) != set(new_scopes)
+    if scopes_changed:
+        change = _scope_change(old_scopes, new_scopes)
+        events.append(
+            (EventKind.SCOPES_CHANGED, f"On refresh, Brex changed the granted scopes ({change}).")
         )
-        transaction.on_commit(
-            lambda: signals.token_refreshed.send(
-                sender=BrexConnection, connection=connection, rotated=rotated
+    missing = oauth.missing_required_scopes(new_scopes)
+    if missing:
+        reason = (
+            "Brex no longer grants a scope this site requires: " + " ".join(missing) + "."
+        )
+        # Like a refused refresh token: no access token, the refresh token kept (encrypted)
+        # so that a disconnect can still revoke it, out of the sweep.
+        token_fields.update(access_token=None, access_token_expires_at=None)
+        connection_fields.update(status=ConnectionStatus.NEEDS_REAUTH, last_error=reason)
+        events.append((EventKind.NEEDS_REAUTH, reason + " The customer must connect again."))
+
+        def send(connection: BrexConnection) -> None:
+            signals.refresh_failed.send(
+                sender=BrexConnection, connection=connection, error="insufficient_scope",
+                description=reason,
             )
+
+        return _Save(
+            claimant, connection_fields, token_fields, events, Outcome.NEEDS_REAUTH, send
         )
-    logger.info("Refreshed Brex connection %s (refresh token %s).", connection_id,
-                "rotated" if rotated else "kept")
-    return RefreshResult(Outcome.REFRESHED, connection_id, token, rotated=rotated)
+
+    token_fields.update(
+        access_token=answer.access_token,
+        token_type=answer.token_type,
+        access_token_expires_at=answer.expires_at,
+    )
+    connection_fields["last_error"] = ""
+    events.append((
+        EventKind.REFRESHED,
+        f"Access token valid until {answer.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
+        f"refresh token {'rotated' if rotated else 'kept'}.",
+    ))
+
+    def send(connection: BrexConnection) -> None:
+        signals.token_refreshed.send(
+            sender=BrexConnection, connection=connection, rotated=rotated,
+            old_scopes=old_scopes, new_scopes=new_scopes,
+        )
+
+    return _Save(claimant, connection_fields, token_fields, events, Outcome.REFRESHED, send)
+
+
+@sensitive_variables()
+def _plan_malformed(
+    started: BrexToken, claimant: str, answer: oauth.TokenResponse,
+    error: MalformedTokenResponse,
+) -> _Save:
+    # Brex rotated the refresh token although the rest of its answer is unusable: the new
+    # one is the only one that will keep working, so it is saved; the access token is not
+    # (the old one stays, good until it expires) and the next try gets a whole answer.
+    reason = f"Refresh failed, will retry: {error} The new refresh token was saved."[:2000]
+    return _Save(
+        claimant=claimant,
+        connection_fields={"last_error": reason},
+        token_fields={
+            "refresh_token": answer.refresh_token,
+            "refresh_token_used_at": answer.received_at,
+            "refresh_token_expires_at": _refresh_token_end(answer.received_at),
+            **_release_claim_fields(claimant),
+        },
+        events=[(EventKind.REFRESH_FAILED, reason)],
+        outcome=Outcome.REFRESHED,
+    )
+
+
+@sensitive_variables()
+def _write(started: BrexToken, plan: _Save, note: str = "") -> BrexToken | None:
+    """One try at writing ``plan``: the token as saved, or None when the tokens are no
+    longer the ones the refresh started from (or the connection is no longer active)."""
+    connection_id = started.connection_id
+    now = timezone.now()
+    # A plain atomic block, not write_transaction(): the first statement is a write, so
+    # SQLite takes its write lock at once, with no read lock to upgrade.
+    with transaction.atomic():
+        # The connection first (every writer locks it before the token row): its status
+        # is re-checked after any concurrent writer commits.
+        if not BrexConnection.objects.filter(
+            pk=connection_id, status=ConnectionStatus.ACTIVE
+        ).update(**plan.connection_fields, updated_at=now):
+            return None
+        if not BrexToken.objects.filter(
+            pk=connection_id, generation=started.generation
+        ).update(**plan.token_fields, generation=F("generation") + 1, updated_at=now):
+            transaction.set_rollback(True)
+            return None
+        ConnectionEvent.objects.bulk_create(
+            ConnectionEvent(
+                connection_id=connection_id, kind=kind, detail=f"{detail} {note}".strip()[:2000]
+            )
+            for kind, detail in plan.events
+        )
+        saved = _applied(started, plan, now)
+        if plan.on_commit is not None:
+            send = plan.on_commit
+            transaction.on_commit(lambda: send(saved.connection))
+    return saved
+
+
+@sensitive_variables()
+def _write_within_grace(
+    started: BrexToken, plan: _Save, answer: oauth.TokenResponse
+) -> BrexToken | None:
+    """:func:`_write`, tried again while the database fails, for up to
+    ``REFRESH_SAVE_RETRY_SECONDS`` after Brex answered.
+
+    Brex has rotated the refresh token by now: the new one exists only in this process's
+    memory, and the stored one dies when Brex's grace period (about 30 s) ends. So a
+    dropped database connection or a failover is worth waiting out: each try reconnects
+    and backs off (0.1 s doubling to 2 s). Inside an outer transaction nothing can be tried
+    again. The outcome is recorded: in the events' detail when a later try saved, as
+    ``last_error`` and an event (as far as the database allows) when none did.
+    """
+    connection_id = started.connection_id
+    db = connections[router.db_for_write(BrexToken)]
+    window = float(brex_settings.REFRESH_SAVE_RETRY_SECONDS)
+    waited = (timezone.now() - answer.received_at).total_seconds()
+    deadline = time.monotonic() + window - max(0.0, waited)
+    pause = 0.1
+    failures: list[str] = []
+    while True:
+        note = ""
+        if failures:
+            note = (
+                f"Saved at try {len(failures) + 1}, after the database failed "
+                f"({', '.join(dict.fromkeys(failures))})."
+            )
+        try:
+            return _write(started, plan, note)
+        except (OperationalError, InterfaceError) as err:
+            failures.append(type(err).__name__)
+            left = deadline - time.monotonic()
+            if db.in_atomic_block or left <= 0:
+                _record_unsaved(connection_id, failures, window)
+                raise
+            logger.warning(
+                "Brex connection %s: saving the refreshed tokens failed (%s, try %d); "
+                "trying again.", connection_id, type(err).__name__, len(failures),
+            )
+            with contextlib.suppress(DatabaseError):
+                db.close()
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 2.0)
+
+
+def _record_unsaved(connection_id: int, failures: list[str], window: float) -> None:
+    reason = (
+        f"The refreshed tokens could not be saved: the database failed "
+        f"({', '.join(dict.fromkeys(failures))}) {len(failures)} times in {window:g} s. "
+        "The refresh token Brex rotated out is still the stored one; Brex accepts it only "
+        "for its grace period, after which the customer must connect again."
+    )
+    logger.error("Brex connection %s: %s", connection_id, reason)
+    db = connections[router.db_for_write(BrexToken)]
+    if db.in_atomic_block:
+        return
+    try:
+        with contextlib.suppress(DatabaseError):
+            db.close()
+        with transaction.atomic():
+            BrexConnection.objects.filter(pk=connection_id).update(
+                last_error=reason, updated_at=timezone.now()
+            )
+            ConnectionEvent.objects.create(
+                connection_id=connection_id, kind=EventKind.REFRESH_FAILED, detail=reason
+            )
+    except DatabaseError:
+        logger.error("Brex connection %s: the failure could not be recorded either.",
+                     connection_id)
+
+
+@sensitive_variables()
+def _discard(started: BrexToken, answer: oauth.TokenResponse, rotated: bool) -> RefreshResult:
+    """The tokens changed while Brex was answering: keep the stored ones, and make Brex
+    forget the answer's unless they belong to the same grant as the stored ones."""
+    connection_id = started.connection_id
+    current = _load(connection_id)
+    same_grant = (
+        current is not None
+        and current.connection.status == ConnectionStatus.ACTIVE
+        and current.connection.connected_at == started.connection.connected_at
+    )
+    if same_grant:
+        # Another worker (one that took over an expired claim) saved tokens of this same
+        # grant first. Revoking this answer's refresh token would revoke those too.
+        detail = (
+            "Another refresh saved newer tokens first; the tokens Brex gave this one were "
+            "not stored."
+        )
+    else:
+        detail = (
+            "The connection was reconnected or disconnected while Brex was answering a "
+            "refresh; the tokens Brex gave that refresh were not stored, and were revoked "
+            "at Brex."
+        )
+        issuer = brex_settings.issuer_for(started.connection.environment)
+        if rotated:
+            _revoke_quietly(answer.refresh_token, "refresh_token", issuer)
+        elif answer.access_token:
+            _revoke_quietly(answer.access_token, "access_token", issuer)
+    if current is not None:
+        ConnectionEvent.objects.create(
+            connection_id=connection_id, kind=EventKind.REFRESH_DISCARDED, detail=detail
+        )
+    logger.info("Brex connection %s: %s", connection_id, detail)
+    if current is None or current.connection.status != ConnectionStatus.ACTIVE:
+        return RefreshResult(Outcome.NOT_ACTIVE, connection_id, current)
+    return RefreshResult(Outcome.NOT_DUE, connection_id, current)
 
 
 @sensitive_variables()
@@ -420,11 +720,14 @@ def _record_transient_failure(connection_id: int, err: BrexOAuthError) -> None:
 
 
 @sensitive_variables()
-def _revoke_quietly(refresh_token: str, issuer: str) -> None:
+def _revoke_quietly(token: str | None, hint: str, issuer: str) -> None:
+    """Best-effort revocation, at ``issuer``, of a token this site will not keep."""
+    if not token:
+        return
     try:
-        oauth.revoke(refresh_token, "refresh_token", issuer=issuer)
+        oauth.revoke(token, hint, issuer=issuer)
     except BrexOAuthError as err:
-        logger.warning("Could not revoke a refresh token issued after disconnecting: %s", err)
+        logger.warning("Could not revoke a Brex token this site did not keep: %s", err)
 
 
 # The sweep ---------------------------------------------------------------------------------
@@ -509,6 +812,11 @@ def sweep(
         except UndecryptableValue as err:
             # One row written under another key must not stop the rest of the sweep.
             logger.error("Brex connection %s: %s", connection_id, err)
+            report.add(None)
+        except Exception:
+            # Nor may anything else that goes wrong with one connection (a bug, a database
+            # error that outlasted the save's retries): log it and go on with the others.
+            logger.exception("Refreshing Brex connection %s failed unexpectedly.", connection_id)
             report.add(None)
         else:
             report.add(result.outcome)
