@@ -9,6 +9,7 @@ whatever Brex issued revoked. ``docs/security.rst`` maps each threat to these te
 from __future__ import annotations
 
 import base64
+import logging
 import pickle
 import sys
 import time
@@ -19,7 +20,7 @@ from urllib.parse import parse_qs, parse_qsl, urlsplit
 import jwt
 import pytest
 from django.core.checks import ERROR, WARNING
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.core.signals import got_request_exception
 from django.db.models.sql.compiler import SQLInsertCompiler, SQLUpdateCompiler
 from django.db.models.sql.subqueries import InsertQuery
@@ -582,10 +583,31 @@ def test_starting_a_connection_that_fails_reports_no_verifier(
     assert_no_secret_in_error_reports(settings, exc_info, {"verifier": verifiers[0]})
 
 
+def _refresh_command_failure(connection) -> None:
+    """``brex_oauth_refresh`` goes on past a connection whose refresh fails, logs the error
+    and says so at the end; the error report to check is the one it logged."""
+    logged: list = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.exc_info:
+                logged.append(record.exc_info)
+
+    handler = Keep()
+    logging.getLogger("django_brex_oauth").addHandler(handler)
+    try:
+        with pytest.raises(CommandError):
+            call_command("brex_oauth_refresh", "--all")
+    finally:
+        logging.getLogger("django_brex_oauth").removeHandler(handler)
+    _, error, traceback = logged[0]
+    raise error.with_traceback(traceback)
+
+
 REFRESH_ENTRY_POINTS = {
     "service": lambda connection: refresh_connection(connection.pk, force=True),
     "task": lambda connection: tasks.refresh_connection(connection.pk, force=True),
-    "command": lambda connection: call_command("brex_oauth_refresh", "--all"),
+    "command": _refresh_command_failure,
     "API client": lambda connection: BrexClient(connection).get_me(),
 }
 
