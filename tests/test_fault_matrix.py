@@ -86,6 +86,32 @@ def revoked_at_fake(fake, token: str) -> bool:
     )
 
 
+class RefreshInFlight:
+    """A refresh of one connection on a thread (and database connection) of its own, which
+    reaches Brex and waits there while the test holds Brex's answer back."""
+
+    def __init__(self, connection_id: int) -> None:
+        self.results: list = []
+        self.errors: list = []
+        self.thread = threading.Thread(target=self._run, args=(connection_id,))
+        self.thread.start()
+
+    def _run(self, connection_id: int) -> None:
+        try:
+            self.results.append(refresh.refresh_connection(connection_id, min_validity=60))
+        except Exception as err:  # reported by result()
+            self.errors.append(err)
+        finally:
+            db_connection.close()
+
+    def result(self, timeout: float = 30):
+        """The refresh's result, once it has finished."""
+        self.thread.join(timeout)
+        assert self.errors == []
+        [result] = self.results
+        return result
+
+
 @pytest.mark.django_db(transaction=True)
 def test_reconnect_during_a_refresh_keeps_the_reconnects_tokens(
     flow, fake_brex, saving_signals
@@ -98,28 +124,16 @@ def test_reconnect_during_a_refresh_keeps_the_reconnects_tokens(
     BrexToken.objects.filter(pk=connection.pk).update(
         access_token_expires_at=timezone.now() + timedelta(seconds=30)
     )
-    results, errors = [], []
-
-    def refresh_in_flight():
-        try:
-            results.append(refresh.refresh_connection(connection.pk, min_validity=60))
-        except Exception as err:  # reported below
-            errors.append(err)
-        finally:
-            db_connection.close()
 
     with fake_brex.hold_next("/v1/token") as held:
-        worker = threading.Thread(target=refresh_in_flight)
-        worker.start()
+        in_flight = RefreshInFlight(connection.pk)
         assert held.wait(timeout=10), "the refresh never reached Brex"
         # Brex has rotated the refresh token and is about to answer; meanwhile:
         response = flow.connect()
         assert response.status_code == 302
         reconnected = stored_token(connection)
-    worker.join(timeout=30)
 
-    assert errors == []
-    [result] = results
+    result = in_flight.result()
     refresh_answer = held.answers[0]
     stored = stored_token(connection)
     # The reconnect's tokens stay, and work.
@@ -150,19 +164,9 @@ def test_a_refresh_overtaken_by_another_worker_drops_its_answer_without_revoking
     require_postgres()
     connection = create_connection(fake_brex, expires_in=30)
     before = stored_token(connection)
-    results, errors = [], []
-
-    def slow_refresh():
-        try:
-            results.append(refresh.refresh_connection(connection.pk, min_validity=60))
-        except Exception as err:  # reported below
-            errors.append(err)
-        finally:
-            db_connection.close()
 
     with fake_brex.hold_next("/v1/token") as held:
-        slow = threading.Thread(target=slow_refresh)
-        slow.start()
+        slow = RefreshInFlight(connection.pk)
         assert held.wait(timeout=10), "the refresh never reached Brex"
         # Its claim runs out (as after a long stall); another worker takes over.
         BrexToken.objects.filter(pk=connection.pk).update(
@@ -171,10 +175,8 @@ def test_a_refresh_overtaken_by_another_worker_drops_its_answer_without_revoking
         overtaking = refresh.refresh_connection(connection.pk, min_validity=60)
         assert overtaking.outcome == Outcome.REFRESHED
         saved = stored_token(connection)
-    slow.join(timeout=30)
 
-    assert errors == []
-    [result] = results
+    result = slow.result()
     slow_answer = held.answers[0]
     stored = stored_token(connection)
     assert stored.refresh_token == saved.refresh_token != slow_answer["refresh_token"]
