@@ -91,3 +91,78 @@ def test_real_brex_credentials_turn_the_fake_off(tmp_path):
     assert brex["ISSUER"] is None and brex["API_BASE_URL"] is None
     assert brex["ENVIRONMENT"] == "staging"
     assert settings["DATABASE"]["NAME"] == str(tmp_path / "data" / "staging" / "db.sqlite3")
+
+
+def _put_while_a_worker_polls(channel_module: str, tmp_path) -> list[str]:
+    """Put one message through ``channel_module``'s Channel while another thread polls the
+    queue in the middle of the write; return what the poller saw."""
+    import importlib
+    import threading
+    from queue import Empty
+    from unittest import mock
+
+    from kombu import Connection
+
+    module = importlib.import_module(channel_module)
+    folder = tmp_path / "queue"
+    folder.mkdir()
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
+               "store_processed": False}
+    writing, polled = threading.Event(), threading.Event()
+    real_dumps = module.dumps
+
+    def slow_dumps(payload):
+        writing.set()  # the message file exists (under some name) but holds nothing yet
+        polled.wait(5)
+        return real_dumps(payload)
+
+    seen: list[str] = []
+    with Connection("filesystem://", transport=module.Transport,
+                    transport_options=options) as connection:
+        channel = connection.default_channel
+        with mock.patch.object(module, "dumps", slow_dumps):
+            writer = threading.Thread(target=channel._put, args=("jobs", {"n": 1}))
+            writer.start()
+            writing.wait(5)
+            try:
+                seen.append(f"polled: {channel._get('jobs')}")
+            except Empty:
+                seen.append("polled: empty")
+            except ValueError as err:  # JSONDecodeError: the worker would crash
+                seen.append(f"polled: {type(err).__name__}")
+            finally:
+                polled.set()
+                writer.join(5)
+        try:
+            seen.append(f"then: {channel._get('jobs')}")
+        except Empty:
+            seen.append("then: empty")
+    return seen
+
+
+def test_the_example_file_broker_never_hands_out_a_half_written_message(tmp_path):
+    sys.path.insert(0, str(REPO_DIR / "example_project"))
+    try:
+        seen = _put_while_a_worker_polls("partner_site.broker", tmp_path)
+    finally:
+        sys.path.remove(str(REPO_DIR / "example_project"))
+    assert seen == ["polled: empty", "then: {'n': 1}"]
+
+
+def test_kombus_own_file_broker_can_hand_out_a_half_written_message(tmp_path):
+    # Why the example site carries its own transport: with kombu's, the poller takes the
+    # empty file and cannot decode it, and the message is lost.
+    seen = _put_while_a_worker_polls("kombu.transport.filesystem", tmp_path)
+    assert seen[0] == "polled: JSONDecodeError"
+
+
+def test_the_example_site_uses_the_atomic_file_broker(tmp_path):
+    env = clean_environment()
+    env.update({"ENV_FILE": "", "DATA_DIR": str(tmp_path / "data")})
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "from partner_site.celery import app; print(type(app.connection_for_write().transport))"],
+        cwd=REPO_DIR / "example_project", env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "partner_site.broker.Transport" in result.stdout

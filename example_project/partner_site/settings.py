@@ -191,6 +191,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
+    # kombu's own file transport can hand a worker a message it is still writing.
+    CELERY_BROKER_TRANSPORT = "partner_site.broker:Transport"
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(MODE_DIR / "celerybeat-schedule")
