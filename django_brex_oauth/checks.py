@@ -260,3 +260,71 @@ def check_webhook_settings(app_configs=None, **kwargs):
                 id="brex_oauth.E022",
             ))
     return errors
+
+
+#: The methods a team policy must have (see django_brex_oauth.teams.TeamPolicy).
+TEAM_POLICY_METHODS = (
+    "connectable_teams", "can_connect", "visible_teams", "can_view", "can_reconnect",
+    "can_disconnect",
+)
+
+
+@register(Tags.security, "brex_oauth")
+def check_team_settings(app_configs=None, **kwargs):
+    """With ``BREX_OAUTH_TEAM_MODEL`` set: the model exists and the team policy is usable
+    (importable, constructible, with every method the app asks; the default policy also
+    needs the members relation)."""
+    from django.apps import apps
+
+    from .models import team_model_setting
+
+    name = team_model_setting()
+    if name is None:
+        return []
+    try:
+        brex_settings._user_settings()
+    except ImproperlyConfigured:
+        return []  # reported by check_settings
+    try:
+        model = apps.get_model(name)
+    except (ValueError, LookupError):
+        return [Error(
+            f"settings.BREX_OAUTH_TEAM_MODEL = {name!r} is not an installed model.",
+            hint="Name the team model as 'app_label.ModelName', like AUTH_USER_MODEL.",
+            id="brex_oauth.E030",
+        )]
+    path = brex_settings.TEAM_POLICY
+    try:
+        policy = import_string(str(path))()
+    except Exception as err:  # noqa: BLE001 - any failure makes the policy unusable
+        return [Error(
+            f"BREX_OAUTH['TEAM_POLICY'] = {path!r} cannot be used: {type(err).__name__}.",
+            hint="Name a class by its dotted path (a subclass of "
+            "django_brex_oauth.teams.TeamPolicy), or leave the default.",
+            id="brex_oauth.E031",
+        )]
+    missing = [m for m in TEAM_POLICY_METHODS if not callable(getattr(policy, m, None))]
+    if missing:
+        return [Error(
+            f"BREX_OAUTH['TEAM_POLICY'] = {path!r} lacks {', '.join(missing)}.",
+            hint="Subclass django_brex_oauth.teams.TeamPolicy.",
+            id="brex_oauth.E031",
+        )]
+    from .teams import TeamPolicy
+
+    if type(policy).member_teams is TeamPolicy.member_teams:
+        attr = brex_settings.TEAM_MEMBERS_ATTR
+        try:
+            field = model._meta.get_field(attr)
+        except Exception:  # noqa: BLE001 - FieldDoesNotExist, or a bad name
+            field = None
+        user_model = apps.get_model(settings.AUTH_USER_MODEL)
+        if field is None or not field.many_to_many or field.related_model is not user_model:
+            return [Error(
+                f"The team policy reads members from {model.__name__}.{attr}, which is not a "
+                "many-to-many relation to the user model.",
+                hint="Set BREX_OAUTH['TEAM_MEMBERS_ATTR'] to the team model's members "
+                "relation, or name your own policy in BREX_OAUTH['TEAM_POLICY'].",
+                id="brex_oauth.E032",
+            )]
+    return []

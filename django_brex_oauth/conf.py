@@ -154,6 +154,11 @@ DEFAULTS: dict[str, Any] = {
     "WEBHOOK_RETRY_BACKOFF_MAX": 900,
     # Days webhook events are kept before the cleanup task prunes them (None keeps them).
     "WEBHOOK_EVENT_RETENTION_DAYS": 90,
+    # With settings.BREX_OAUTH_TEAM_MODEL: dotted path of the class that says who may
+    # connect for a team, see its connections, reconnect and disconnect them.
+    "TEAM_POLICY": "django_brex_oauth.teams.TeamPolicy",
+    # The default policy's many-to-many relation from the team model to its members.
+    "TEAM_MEMBERS_ATTR": "members",
 }
 
 

@@ -31,21 +31,90 @@ class RevocationStatus(models.TextChoices):
     NOT_POSSIBLE = "not_possible", "Brex could not be told"
 
 
+def team_model_setting() -> str | None:
+    """The ``BREX_OAUTH_TEAM_MODEL`` setting (``"app_label.ModelName"``), or None."""
+    return getattr(settings, "BREX_OAUTH_TEAM_MODEL", None) or None
+
+
+def owner_deleted(collector, field, sub_objs, using):
+    """``on_delete`` of ``BrexConnection.owner`` when a team model is configured.
+
+    A team's connection outlives the user who connected it: its ``owner`` becomes null and
+    it stays active for the team. A personal connection (no team) goes with its owner, as
+    without teams, and is revoked at Brex by the ``pre_delete`` receiver.
+    """
+    objs = list(sub_objs)
+    team_owned = [obj for obj in objs if obj.team_id is not None]
+    personal = [obj for obj in objs if obj.team_id is None]
+    if team_owned:
+        collector.add_field_update(field, None, team_owned)
+    if personal:
+        models.CASCADE(collector, field, personal, using)
+
+
+class BrexConnectionQuerySet(models.QuerySet):
+    def for_user(self, user) -> BrexConnectionQuerySet:
+        """Every connection ``user`` may see on the site: their own personal connections
+        and, with a team model, the connections of the teams the team policy lets them see.
+
+        Staff's wider view is the admin's (the model permissions), not this.
+        """
+        if not getattr(user, "is_authenticated", False):
+            return self.none()
+        if team_model_setting() is None:
+            return self.filter(owner=user)
+        from .teams import get_team_policy
+
+        return self.filter(
+            models.Q(owner=user, team__isnull=True)
+            | models.Q(team__in=get_team_policy().visible_teams(user))
+        )
+
+    def for_team(self, team) -> BrexConnectionQuerySet:
+        """The connections of ``team`` (an instance of the team model, or its key)."""
+        if team_model_setting() is None:
+            from django.core.exceptions import ImproperlyConfigured
+
+            raise ImproperlyConfigured("for_team() needs settings.BREX_OAUTH_TEAM_MODEL.")
+        return self.filter(team=team)
+
+
 class BrexConnection(models.Model):
-    """A site user's link to one Brex user in one Brex environment.
+    """A link to one Brex user in one Brex environment, made by a site user (``owner``)
+    for themselves or, with ``BREX_OAUTH_TEAM_MODEL`` set, for a team (``team``).
 
     The same Brex user connected again by the same owner updates this row rather than
-    adding another. Tokens live in :class:`BrexToken` (``connection.token``) so that
-    listing connections never loads a secret.
+    adding another; a team holds one connection per Brex company and environment.
+    Tokens live in :class:`BrexToken` (``connection.token``) so that listing connections
+    never loads a secret.
     """
 
     Status = ConnectionStatus
 
-    owner = models.ForeignKey(
-        settings.AUTH_USER_MODEL,
-        on_delete=models.CASCADE,
-        related_name="brex_connections",
-    )
+    if team_model_setting() is None:
+        owner = models.ForeignKey(
+            settings.AUTH_USER_MODEL,
+            on_delete=models.CASCADE,
+            related_name="brex_connections",
+        )
+    else:
+        # Kept (as null) when the user who connected a team's connection is deleted.
+        owner = models.ForeignKey(
+            settings.AUTH_USER_MODEL,
+            on_delete=owner_deleted,
+            null=True,
+            blank=True,
+            related_name="brex_connections",
+        )
+        # A team deleted: its connections are deleted with it, and the pre_delete
+        # receiver revokes each at Brex before the rows go.
+        team = models.ForeignKey(
+            team_model_setting(),
+            on_delete=models.CASCADE,
+            null=True,
+            blank=True,
+            related_name="brex_connections",
+        )
     environment = models.CharField(max_length=16, choices=Environment.choices)
     brex_user_id = models.CharField(
         "Brex user id", max_length=255, help_text="The id_token subject (sub)."
@@ -74,6 +143,8 @@ class BrexConnection(models.Model):
     )
     last_error = models.TextField(blank=True)
 
+    objects = BrexConnectionQuerySet.as_manager()
+
     class Meta:
         verbose_name = "Brex connection"
         ordering = ["-connected_at"]
@@ -81,7 +152,20 @@ class BrexConnection(models.Model):
             models.UniqueConstraint(
                 fields=["owner", "environment", "brex_user_id"],
                 name="brex_oauth_unique_owner_brex_user",
-            )
+                # A team's connection is unique per team and company (below), not per
+                # person: a member may also hold the same Brex user personally.
+                **({} if team_model_setting() is None else {"condition": models.Q(
+                    team__isnull=True
+                )}),
+            ),
+            *([] if team_model_setting() is None else [
+                models.UniqueConstraint(
+                    fields=["team", "environment", "brex_company_id"],
+                    name="brex_oauth_unique_team_company",
+                    condition=models.Q(team__isnull=False, status="active")
+                    & ~models.Q(brex_company_id=""),
+                ),
+            ]),
         ]
         permissions = [("revoke_brexconnection", "Can revoke Brex connections at Brex")]
         indexes = [
@@ -306,6 +390,9 @@ class AuthorizationRequest(models.Model):
     requested_scopes = models.TextField()
     next_url = models.CharField(max_length=2000, blank=True)
     prompt_login = models.BooleanField(default=False)
+    # The team the connection is made for (its primary key as text, so that this table
+    # does not change with BREX_OAUTH_TEAM_MODEL); empty for a personal connection.
+    team_key = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField(db_index=True)
     consumed_at = models.DateTimeField(null=True, blank=True)

@@ -19,6 +19,13 @@ pytest_plugins = ["django_brex_oauth.testing.pytest_plugin"]
 
 REQUIRE_SERVICES = os.environ.get("BREX_OAUTH_REQUIRE_SERVICES") == "1"
 
+#: The settings of the team-mode run. BREX_OAUTH_TEAM_MODEL shapes the tables, so the
+#: team-mode tests (tests/team_mode/) run in their own process with these settings,
+#: started by tests/test_teams.py; the main run leaves them out.
+TEAM_SETTINGS = "tests.settings_teams"
+if os.environ.get("DJANGO_SETTINGS_MODULE") != TEAM_SETTINGS:
+    collect_ignore = ["team_mode"]
+
 
 def require_service(name: str, available: bool, how: str) -> None:
     """Skip (or, in CI, fail) when ``name`` is not available."""

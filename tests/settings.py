@@ -19,6 +19,8 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django_brex_oauth",
+    # A partner's team model; BREX_OAUTH_TEAM_MODEL names it in tests/settings_teams.py.
+    "tests.teams_app",
 ]
 
 MIDDLEWARE = [

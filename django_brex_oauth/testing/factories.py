@@ -73,6 +73,7 @@ def make_connection(
     scopes: Iterable[str] | None = None,
     status: str = ConnectionStatus.ACTIVE,
     brex_user: str | None = None,
+    team: Any = None,
 ) -> BrexConnection:
     """Create a connection of ``owner`` to a Brex account, with its tokens.
 
@@ -88,6 +89,8 @@ def make_connection(
       the fake no longer accepts); or ``"revoked"`` (revoked at Brex, tokens wiped).
     * ``brex_user``: id or email of the fake's user who connected (default: its first
       user; one owner can connect several Brex users).
+    * ``team``: with ``BREX_OAUTH_TEAM_MODEL``, the team the connection belongs to
+      (default: none, a personal connection).
     """
     status = ConnectionStatus(status)
     granted = _granted_scopes(scopes)
@@ -108,6 +111,7 @@ def make_connection(
 
     with_company = "companies.readonly" in granted
     connection = BrexConnection.objects.create(
+        **({} if team is None else {"team": team}),
         owner=owner,
         environment=brex_settings.environment,
         brex_user_id=who["user_id"],
