@@ -37,6 +37,7 @@ from .models import (
 )
 from .services import revoke as revoke_service
 from .services import webhook_events
+from .teams import can_manage, teams_enabled
 
 #: Events shown inline on a connection's page; the rest are one click away.
 INLINE_EVENTS = 50
@@ -213,7 +214,7 @@ class BrexConnectionAdmin(admin.ModelAdmin):
         return (
             super()
             .get_queryset(request)
-            .select_related("owner")
+            .select_related("owner", *(("team",) if teams_enabled() else ()))
             .annotate(
                 access_token_expires=F("token__access_token_expires_at"),
                 refresh_token_issued_at=F("token__refresh_token_issued_at"),
@@ -222,6 +223,26 @@ class BrexConnectionAdmin(admin.ModelAdmin):
                 refresh_claimed_until=F("token__refresh_claimed_until"),
             )
         )
+
+    # With BREX_OAUTH_TEAM_MODEL, the team is shown beside the owner, and filtered by.
+
+    def get_list_display(self, request: HttpRequest):
+        columns = super().get_list_display(request)
+        if not teams_enabled():
+            return columns
+        at = list(columns).index("owner") + 1
+        return (*columns[:at], "team", *columns[at:])
+
+    def get_list_filter(self, request: HttpRequest):
+        filters = super().get_list_filter(request)
+        return (*filters, "team") if teams_enabled() else filters
+
+    def get_fieldsets(self, request: HttpRequest, obj=None):
+        fieldsets = super().get_fieldsets(request, obj)
+        if not teams_enabled():
+            return fieldsets
+        (name, options), *rest = fieldsets
+        return ((name, {**options, "fields": ("team", *options["fields"])}), *rest)
 
     def get_search_fields(self, request: HttpRequest):
         return (
@@ -375,6 +396,13 @@ class BrexConnectionAdmin(admin.ModelAdmin):
         brex_down = False
         for connection in queryset:
             label = _connection_label(connection)
+            if not can_manage(request.user, connection):
+                # The team policy has the last word, in the admin as on the site.
+                self.message_user(
+                    request, f"{label}: not revoked; you may not disconnect it.",
+                    messages.ERROR,
+                )
+                continue
             result = revoke_service.disconnect(
                 connection, actor=request.user, attempt_now=not brex_down
             )

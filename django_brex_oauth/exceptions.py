@@ -90,6 +90,29 @@ class AccessDenied(AuthorizationError):
             super().__init__(f"Brex returned error {error!r}")
 
 
+class TeamNotFound(AuthorizationError):
+    """``connect?team=`` names no team (a malformed or forged id, or a deleted team)."""
+
+    title = "That team does not exist"
+    user_message = (
+        "The team to connect Brex for could not be found, so nothing was started. "
+        "Please go back to your team and use its Connect button."
+    )
+    http_status = 404
+
+
+class TeamNotAllowed(AuthorizationError):
+    """The user may not connect a Brex account for this team (or no longer may: they left
+    it, or it was deleted, between connect and the callback)."""
+
+    title = "You cannot connect Brex for this team"
+    user_message = (
+        "You are not allowed to connect a Brex account for this team, so nothing was "
+        "connected. Ask one of the team's members to connect it."
+    )
+    http_status = 403
+
+
 class IssuerMismatch(AuthorizationError, SuspiciousOperation):
     """The redirect back names another issuer in ``iss`` than the one the request went to, or
     names none although the issuer says it always does (RFC 9207, the mix-up defence)."""

@@ -9,7 +9,10 @@ from django.dispatch import Signal
 
 #: A customer connected (or reconnected) a Brex account.
 #:
-#: kwargs: ``connection``, ``user`` (the site user), ``created`` (False on reconnect).
+#: kwargs: ``connection``, ``user`` (the site user), ``created`` (False on reconnect),
+#: ``team`` (with ``BREX_OAUTH_TEAM_MODEL``, the team it was connected for; None for a
+#: personal connection, and always None without a team model). The other signals'
+#: receivers read the team as ``connection.team``.
 connected = Signal()
 
 #: A connection was disconnected by its owner or revoked by staff. Sent once per disconnect,

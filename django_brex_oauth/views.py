@@ -22,10 +22,11 @@ from django.views.decorators.http import require_GET, require_POST
 
 from . import services
 from .conf import brex_settings
-from .exceptions import BrexOAuthError, RedirectURINotConfigured
+from .exceptions import BrexOAuthError, RedirectURINotConfigured, TeamNotAllowed, TeamNotFound
 from .models import BrexConnection, ConnectionStatus
 from .services.revoke import RevokeOutcome
 from .services.revoke import disconnect as disconnect_connection
+from .teams import can_manage, find_team, get_team_policy, teams_enabled
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -114,8 +115,11 @@ def connect(request: HttpRequest) -> HttpResponse:
     """Start connecting a Brex account: send the person to Brex to sign in and consent.
 
     ``?next=`` (a path on this site) is where to land afterwards; ``?force_login=1``
-    makes Brex ask the person to sign in again. The callback URL given to Brex comes from
-    the settings alone (``REDIRECT_URI`` or ``SITE_URL``); without either, nothing starts.
+    makes Brex ask the person to sign in again; ``?team=<pk>`` (with
+    ``BREX_OAUTH_TEAM_MODEL``) connects for that team, when the team policy allows it (403
+    otherwise, 404 for a team that does not exist, before anything is stored or sent to
+    Brex). The callback URL given to Brex comes from the settings alone (``REDIRECT_URI``
+    or ``SITE_URL``); without either, nothing starts.
     """
     redirect_uri = brex_settings.redirect_uri
     if not redirect_uri:
@@ -128,12 +132,27 @@ def connect(request: HttpRequest) -> HttpResponse:
     if next_url is None:
         logger.warning("Refused an unsafe next URL on Brex connect for user %s", request.user.pk)
         return render_error(request, UnsafeNext())
+    team = None
+    if "team" in request.GET:
+        if not teams_enabled():
+            return render_error(request, TeamNotFound("no team model is configured"))
+        try:
+            team = find_team(request.user, request.GET["team"])
+        except LookupError:
+            logger.warning("Refused Brex connect for an unknown team (user %s)", request.user.pk)
+            return render_error(request, TeamNotFound("unknown team"))
+        except PermissionError:
+            logger.warning(
+                "Refused Brex connect for a team user %s may not act for", request.user.pk
+            )
+            return render_error(request, TeamNotAllowed("team not allowed"))
     try:
         auth_request, url = services.start_authorization(
             user=request.user,
             redirect_uri=redirect_uri,
             next_url=next_url,
             force_login=request.GET.get("force_login") in ("1", "true", "yes"),
+            team=team,
         )
     except BrexOAuthError as err:
         logger.warning("Could not start a Brex connection for user %s: %s", request.user.pk, err)
@@ -182,14 +201,6 @@ def callback(request: HttpRequest) -> HttpResponse:
     )
 
 
-def can_manage(user, connection: BrexConnection) -> bool:
-    """Owners manage their own connections; staff need ``brex_oauth.revoke_brexconnection``
-    (the permission the admin's "Revoke at Brex" action asks for)."""
-    return connection.owner_id == user.pk or (
-        user.is_staff and user.has_perm("brex_oauth.revoke_brexconnection")
-    )
-
-
 def _managed_connection(request: HttpRequest, pk: int) -> BrexConnection:
     connection = get_object_or_404(BrexConnection.objects.select_related("owner"), pk=pk)
     if not can_manage(request.user, connection):
@@ -199,6 +210,36 @@ def _managed_connection(request: HttpRequest, pk: int) -> BrexConnection:
 
 def _connect_url(**params: str) -> str:
     return reverse("brex_oauth:connect") + "?" + urlencode(params)
+
+
+def _team_groups(user, connections: list[BrexConnection], here: str) -> list[dict]:
+    """The connections page's groups: personal connections first, then one group per team
+    the user may see (a team with no connection yet too, when the user may connect for it)."""
+    policy = get_team_policy()
+    personal = [c for c in connections if c.team_id is None]
+    groups = [{
+        "team": None,
+        "connections": personal,
+        "connect_url": _connect_url(next=here),
+        "reconnect_url": _connect_url(force_login="1", next=here),
+    }]
+    connectable = {team.pk for team in policy.connectable_teams(user)}
+    teams = {team.pk: team for team in policy.visible_teams(user)}
+    for connection in connections:
+        if connection.team_id is not None:
+            teams.setdefault(connection.team_id, connection.team)
+    for team_pk, team in sorted(teams.items(), key=lambda item: (str(item[1]), str(item[0]))):
+        may_connect = team_pk in connectable
+        groups.append({
+            "team": team,
+            "connections": [c for c in connections if c.team_id == team_pk],
+            "connect_url": _connect_url(team=str(team_pk), next=here) if may_connect else "",
+            "reconnect_url": (
+                _connect_url(team=str(team_pk), force_login="1", next=here)
+                if may_connect else ""
+            ),
+        })
+    return groups
 
 
 def _connection_name(connection: BrexConnection) -> str:
@@ -212,17 +253,29 @@ def _connection_name(connection: BrexConnection) -> str:
 @require_GET
 @login_required
 def connections(request: HttpRequest) -> HttpResponse:
-    """The signed-in user's Brex connections, with connect, reconnect and disconnect."""
+    """The signed-in user's Brex connections, with connect, reconnect and disconnect; with
+    a team model, grouped by team (what ``BrexConnection.objects.for_user`` returns)."""
     here = reverse("brex_oauth:connections")
+    rows = BrexConnection.objects.for_user(request.user).order_by("-connected_at", "-pk")
+    if teams_enabled():
+        rows = list(rows.select_related("team"))
+        groups = _team_groups(request.user, rows, here)
+    else:
+        groups = [{
+            "team": None,
+            "connections": list(rows),
+            "connect_url": _connect_url(next=here),
+            "reconnect_url": _connect_url(force_login="1", next=here),
+        }]
     return render(
         request,
         CONNECTIONS_TEMPLATE,
         {
-            "connections": BrexConnection.objects.filter(owner=request.user).order_by(
-                "-connected_at", "-pk"
-            ),
-            "connect_url": _connect_url(next=here),
-            "reconnect_url": _connect_url(force_login="1", next=here),
+            "connections": [c for group in groups for c in group["connections"]],
+            "groups": groups,
+            "teams_enabled": teams_enabled(),
+            "connect_url": groups[0]["connect_url"],
+            "reconnect_url": groups[0]["reconnect_url"],
             "here": here,
         },
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
-from django.db import transaction
+from django.db import models, transaction
 from django.db.models import F
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
@@ -28,6 +28,8 @@ from ..exceptions import (
     NoScopesGranted,
     OfflineAccessNotGranted,
     StateError,
+    TeamNotAllowed,
+    TeamNotFound,
 )
 from ..fields import UndecryptableValue
 from ..models import (
@@ -48,10 +50,15 @@ logger = logging.getLogger("django_brex_oauth")
 
 @sensitive_variables()
 def start_authorization(
-    *, user, redirect_uri: str, next_url: str = "", force_login: bool = False
+    *, user, redirect_uri: str, next_url: str = "", force_login: bool = False, team=None
 ) -> tuple[AuthorizationRequest, str]:
     """Create a single-use pending authorization for ``user`` and return it with the
-    Brex authorization URL to send the person to."""
+    Brex authorization URL to send the person to.
+
+    ``team`` (with ``BREX_OAUTH_TEAM_MODEL``) is the team the connection is for; the caller
+    has asked the team policy already. It travels with the pending authorization, never in
+    the URL: the ``redirect_uri`` is the same with or without a team.
+    """
     now = timezone.now()
     scopes = brex_settings.scopes
     state, nonce, code_verifier = oauth.new_state(), oauth.new_nonce(), oauth.new_code_verifier()
@@ -75,6 +82,7 @@ def start_authorization(
         requested_scopes=" ".join(scopes),
         next_url=next_url,
         prompt_login=prompt_login,
+        team_key="" if team is None else str(team.pk),
         created_at=now,
         expires_at=now + timedelta(seconds=int(brex_settings.AUTHORIZATION_REQUEST_TTL)),
     )
@@ -140,6 +148,9 @@ def complete_authorization(
     auth_request = consume_authorization_request(
         user=user, state=params.get("state"), state_in_session=state_in_session
     )
+    # Asked again before the code is exchanged: a member who left the team (or a team
+    # deleted) since connect gets no grant issued at all.
+    team = _team_of(auth_request, user)
     # Before anything else is believed, an error included: an answer from another
     # authorization server must not reach Brex's token endpoint with our credentials.
     oauth.check_authorization_response_issuer(params.get("iss"))
@@ -198,6 +209,7 @@ def complete_authorization(
         identity.email = claims["email"]
     connection, created = _store_connection(
         user=user,
+        team=team,
         environment=auth_request.environment,
         brex_user_id=str(claims["sub"]),
         identity=identity,
@@ -322,16 +334,68 @@ def _queue_identity_read(connection_id: int) -> None:
         )
 
 
+def _team_of(auth_request: AuthorizationRequest, user):
+    """The team a pending authorization is for (None: personal), checked with the policy."""
+    if not auth_request.team_key:
+        return None
+    from ..teams import find_team, teams_enabled
+
+    if not teams_enabled():
+        raise TeamNotFound("a team was asked for but no team model is configured")
+    try:
+        return find_team(user, auth_request.team_key)
+    except LookupError as err:
+        raise TeamNotAllowed("the team is gone") from err
+    except PermissionError as err:
+        raise TeamNotAllowed("no longer allowed to connect for the team") from err
+
+
+def _team_connection(*, team, environment, brex_user_id, identity):
+    """The team's row this connect replaces, locked, or None.
+
+    The team holds one live connection per Brex company (the same environment and company
+    id), whoever connected it; when the company could not be read, the team's row for this
+    Brex user.
+    """
+    rows = BrexConnection.objects.select_for_update().filter(
+        environment=environment, team=team
+    )
+    if identity.company_id:
+        same_company = rows.filter(brex_company_id=identity.company_id).order_by(
+            # The live one first, then the newest.
+            models.Case(models.When(status=ConnectionStatus.ACTIVE, then=0), default=1),
+            "-connected_at", "-pk",
+        ).first()
+        if same_company is not None:
+            return same_company
+    return rows.filter(brex_user_id=brex_user_id).order_by("-connected_at", "-pk").first()
+
+
 @sensitive_variables()
-def _store_connection(*, user, environment, brex_user_id, identity, tokens):
+def _store_connection(*, user, environment, brex_user_id, identity, tokens, team=None):
     now = timezone.now()
     with write_transaction():
-        connection, created = BrexConnection.objects.select_for_update().get_or_create(
-            owner=user,
-            environment=environment,
-            brex_user_id=brex_user_id,
-            defaults={"connected_at": now},
-        )
+        if team is None:
+            # With a team model, a personal connection is one without a team.
+            personal = {"team": None} if hasattr(BrexConnection, "team") else {}
+            connection, created = BrexConnection.objects.select_for_update().get_or_create(
+                owner=user,
+                environment=environment,
+                brex_user_id=brex_user_id,
+                **personal,
+                defaults={"connected_at": now},
+            )
+        else:
+            connection = _team_connection(
+                team=team, environment=environment, brex_user_id=brex_user_id,
+                identity=identity,
+            )
+            created = connection is None
+            if created:
+                connection = BrexConnection.objects.create(
+                    owner=user, team=team, environment=environment,
+                    brex_user_id=brex_user_id, connected_at=now,
+                )
         replaced_refresh_token = None
         if not created:
             try:
@@ -341,6 +405,9 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens):
             if old is not None and old.refresh_token and old.refresh_token != tokens.refresh_token:
                 replaced_refresh_token = old.refresh_token
             connection.connected_at = now
+            # A team's connection replaced by a member: who connected it is now them.
+            connection.owner = user
+            connection.brex_user_id = brex_user_id
         # What could not be read keeps its value from an earlier connect.
         for field, value in _identity_fields(identity).items():
             setattr(connection, field, value)
@@ -372,7 +439,8 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens):
         ConnectionEvent.objects.create(
             connection=connection,
             kind=EventKind.CONNECTED if created else EventKind.RECONNECTED,
-            detail="Scopes granted: " + (" ".join(tokens.scopes) or "none"),
+            detail="Scopes granted: " + (" ".join(tokens.scopes) or "none")
+            + ("" if team is None else f". For team {team} (id {team.pk})."),
             actor=user,
         )
         # The app's own follow-up first: a receiver that raises must not keep the replaced
@@ -389,7 +457,8 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens):
             transaction.on_commit(lambda: _queue_identity_read(connection.pk))
         transaction.on_commit(
             lambda: signals.connected.send(
-                sender=BrexConnection, connection=connection, user=user, created=created
+                sender=BrexConnection, connection=connection, user=user, created=created,
+                team=team,
             )
         )
     return connection, created
