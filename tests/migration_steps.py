@@ -6,7 +6,7 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
-BEFORE_TEAMS = ("brex_oauth", "0004_webhook_event_claim")
+BEFORE_TEAMS = ("brex_oauth", "0005_revocation_not_possible")
 
 
 def migrate_to(*targets):

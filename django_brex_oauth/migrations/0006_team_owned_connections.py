@@ -60,7 +60,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
-        ("brex_oauth", "0004_webhook_event_claim"),
+        ("brex_oauth", "0005_revocation_not_possible"),
         *([migrations.swappable_dependency(TEAM_MODEL)] if TEAM_MODEL else []),
     ]
 
