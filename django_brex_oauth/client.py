@@ -278,6 +278,16 @@ class BrexClient(_APIClient):
         self.connection = connection
         self._token = None
 
+    @classmethod
+    def for_user(cls, user, connection_id: int, **kwargs: Any) -> BrexClient:
+        """A client for connection ``connection_id`` when ``user`` may see it: their own
+        personal connection or, with ``BREX_OAUTH_TEAM_MODEL``, one of a team the team
+        policy lets them see (``BrexConnection.objects.for_user``). Raises
+        ``BrexConnection.DoesNotExist`` for any other, so a view can answer 404."""
+        from .models import BrexConnection
+
+        return cls(BrexConnection.objects.for_user(user).get(pk=connection_id), **kwargs)
+
     @property
     def base_url(self) -> str:
         """The API server of the environment the connection was made in (``API_BASE_URL``

@@ -118,3 +118,16 @@ def test_migrating_a_site_with_data_and_no_team_model_keeps_every_row():
     # And the owner still takes the connection with them.
     connection.owner.delete()
     assert not BrexConnection.objects.filter(pk=connection_pk).exists()
+
+
+@pytest.mark.django_db
+def test_without_a_team_model_the_client_for_a_user_is_for_their_own_connections(
+    user, other_user
+):
+    from django_brex_oauth.client import BrexClient
+
+    mine = make_connection(user)
+
+    assert BrexClient.for_user(user, mine.pk).connection == mine
+    with pytest.raises(BrexConnection.DoesNotExist):
+        BrexClient.for_user(other_user, mine.pk)

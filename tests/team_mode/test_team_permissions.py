@@ -203,3 +203,15 @@ def test_a_team_model_that_is_not_installed_is_refused(settings):
     settings.BREX_OAUTH_TEAM_MODEL = "teams_app.Nothing"
 
     assert team_errors() == ["brex_oauth.E030"]
+
+
+@pytest.mark.parametrize("role", sorted(MATRIX))
+def test_the_client_for_a_user(role, people, team_connection, fake_brex):
+    from django_brex_oauth.client import BrexClient
+
+    if MATRIX[role][3]:
+        client = BrexClient.for_user(people[role], team_connection.pk)
+        assert client.get_company()["id"] == fake_brex.company["id"]
+    else:
+        with pytest.raises(BrexConnection.DoesNotExist):
+            BrexClient.for_user(people[role], team_connection.pk)
