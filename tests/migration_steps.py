@@ -6,7 +6,7 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
-BEFORE_TEAMS = ("brex_oauth", "0005_revocation_not_possible")
+BEFORE_TEAMS = ("brex_oauth", "0006_token_generation_and_refresh_events")
 
 
 def migrate_to(*targets):

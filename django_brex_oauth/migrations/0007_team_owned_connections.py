@@ -60,7 +60,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
-        ("brex_oauth", "0005_revocation_not_possible"),
+        ("brex_oauth", "0006_token_generation_and_refresh_events"),
         *([migrations.swappable_dependency(TEAM_MODEL)] if TEAM_MODEL else []),
     ]
 
