@@ -34,9 +34,10 @@ from .models import (
     ConnectionEvent,
     ConnectionStatus,
     RevocationStatus,
+    ThrottleReason,
 )
 from .services import revoke as revoke_service
-from .services import webhook_events
+from .services import throttle, webhook_events
 from .teams import can_manage, teams_enabled
 
 #: Events shown inline on a connection's page; the rest are one click away.
@@ -384,6 +385,7 @@ class BrexConnectionAdmin(admin.ModelAdmin):
     # once, not rolled back with the request under ATOMIC_REQUESTS.
     @method_decorator(transaction.non_atomic_requests)
     def changelist_view(self, request: HttpRequest, extra_context=None):
+        extra_context = {**(extra_context or {}), "brex_oauth_notices": brex_notices()}
         return super().changelist_view(request, extra_context)
 
     @admin.action(description="Revoke at Brex", permissions=["revoke"])
@@ -494,6 +496,41 @@ class BrexConnectionAdmin(admin.ModelAdmin):
                     f"\"{connection.get_status_display()}\".",
                     messages.WARNING,
                 )
+
+
+def brex_notices() -> list[tuple[str, str]]:
+    """What staff must know about talking to Brex right now, as (level, text) for the
+    connections list: the client pause (an error) and any Retry-After still running."""
+    notices: list[tuple[str, str]] = []
+    api_waits = []
+    for wait in throttle.active_waits():
+        kind = wait.scope.split(":", 1)[0]
+        if wait.reason == ThrottleReason.CLIENT_REJECTED:
+            notices.append((
+                "error",
+                f"Refreshing is paused for every connection since {_when(wait.since)}: "
+                f"{wait.detail}. Connections stay active and customers need not reconnect. "
+                "Fix CLIENT_ID / CLIENT_SECRET in BREX_OAUTH; refreshing resumes by itself "
+                f"once they work (next check {_when(wait.not_before)}, or run "
+                "manage.py brex_oauth_check).",
+            ))
+        elif kind == "api":
+            api_waits.append(wait)
+        else:
+            what = {"token": "refresh tokens", "revocation": "revoke tokens"}.get(kind, kind)
+            notices.append((
+                "warning",
+                f"Brex asked this site to slow down (Retry-After): nothing asks Brex to {what} "
+                f"before {_when(wait.not_before)}.",
+            ))
+    if api_waits:
+        latest = max(wait.not_before for wait in api_waits)
+        notices.append((
+            "warning",
+            f"Brex asked this site to slow down (Retry-After) for {len(api_waits)} Brex "
+            f"account(s): their API calls wait until {_when(latest)} at the latest.",
+        ))
+    return notices
 
 
 def _when(value) -> str:

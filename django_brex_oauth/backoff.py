@@ -14,3 +14,12 @@ def backoff_delay(attempt: int, *, base: float, cap: float) -> float:
     """
     ceiling = min(float(cap), float(base) * (2 ** max(0, attempt)))
     return random.uniform(ceiling / 2, ceiling)
+
+
+def not_before_delay(delay: float, retry_after: float | None, *, spread: float = 0.0) -> float:
+    """``delay``, or longer when Brex asked to wait ``retry_after`` seconds: then a moment
+    past it, drawn over ``spread`` seconds (5 s at least) so that the callers Brex held
+    back together do not all come back at the same instant."""
+    if not retry_after:
+        return delay
+    return max(delay, float(retry_after) + random.uniform(0.5, max(5.0, spread)))

@@ -11,7 +11,10 @@ tokens::
 It sends the connection's access token, refreshes it first when it is about to expire and
 once more when Brex answers 401, retries 429, 5xx and network errors with exponential
 backoff and jitter when the call is idempotent (every POST carries an ``Idempotency-Key``,
-the same one on each retry), follows ``next_cursor`` pagination, and raises typed errors:
+the same one on each retry), honours Brex's ``Retry-After`` for every caller of the same
+Brex account (the wait is kept in the database, so every process waits; a wait longer than
+``RETRY_BACKOFF_MAX`` raises at once instead of tying the caller up), follows
+``next_cursor`` pagination, and raises typed errors:
 :class:`BrexAPIError` with Brex's ``{type, message, code}``; :class:`BrexAPIUnavailable`
 (both a ``BrexAPIError`` and a :class:`BrexUnavailable`) for a 429 or 5xx that outlasted
 the retries; :class:`BrexUnavailable` for a network error or timeout;
@@ -34,7 +37,7 @@ from django.views.decorators.debug import sensitive_variables
 from .backoff import backoff_delay
 from .conf import brex_settings
 from .exceptions import BrexAPIError, BrexAPIUnavailable, ConnectionNotUsable
-from .http import new_session, unavailable
+from .http import is_transient_status, new_session, retry_after_of, unavailable
 
 #: Methods that are safe to send again; POST joins them because it always carries an
 #: Idempotency-Key.
@@ -50,7 +53,8 @@ def _error_from_response(response: requests.Response, method: str, path: str) ->
         body = {}
     if not isinstance(body, dict):
         body = {}
-    error_class = BrexAPIUnavailable if _is_transient(response.status_code) else BrexAPIError
+    transient = is_transient_status(response.status_code)
+    error_class = BrexAPIUnavailable if transient else BrexAPIError
     return error_class(
         response.status_code,
         error_type=body.get("type"),
@@ -58,11 +62,8 @@ def _error_from_response(response: requests.Response, method: str, path: str) ->
         code=body.get("code"),
         method=method,
         path=path,
+        retry_after=retry_after_of(response.headers) if transient else None,
     )
-
-
-def _is_transient(status: int) -> bool:
-    return status == 429 or status >= 500
 
 
 def _json_or_none(response: requests.Response) -> Any:
@@ -130,6 +131,11 @@ class _APIClient:
         """Brex answered 401 to ``access_token``: get another; False when there is none."""
         raise NotImplementedError
 
+    def _throttle_scope(self) -> str:
+        """The scope of Brex's rate limit these calls fall under (see
+        :mod:`~django_brex_oauth.services.throttle`)."""
+        raise NotImplementedError
+
     # Requests.
 
     @sensitive_variables("access_token")
@@ -155,6 +161,8 @@ class _APIClient:
         elif idempotency_key:
             extra["Idempotency-Key"] = idempotency_key
         retryable = method in RETRYABLE_METHODS
+        scope = self._throttle_scope()
+        self._wait_for_brex(scope, method, path)
         access_token = self._access_token()
         refreshed_on_401 = False
         attempt = 0
@@ -173,13 +181,44 @@ class _APIClient:
                 if self._access_token_rejected(access_token):
                     access_token = self._access_token()
                     continue
-            if _is_transient(status) and retryable and attempt < self.max_retries:
-                self._pause(attempt, response)
+            retry_after = retry_after_of(response.headers) if is_transient_status(status) else None
+            if retry_after:
+                self._hold(scope, retry_after, f"{method} {path} answered HTTP {status}")
+            if (
+                is_transient_status(status)
+                and retryable
+                and attempt < self.max_retries
+                # Never retry before Brex's Retry-After; a longer wait is the caller's.
+                and (retry_after or 0.0) <= float(brex_settings.RETRY_BACKOFF_MAX)
+            ):
+                self._pause(attempt, retry_after)
                 attempt += 1
                 continue
             if status >= 400:
                 raise _error_from_response(response, method, path)
             return _json_or_none(response)
+
+    def _wait_for_brex(self, scope: str, method: str, path: str) -> None:
+        """Wait out a ``Retry-After`` another call (in any process) got for this scope, or
+        raise :class:`BrexAPIUnavailable` when it is longer than ``RETRY_BACKOFF_MAX``."""
+        from .exceptions import BrexUnavailable
+        from .services import throttle
+
+        try:
+            throttle.wait_for(
+                scope, "the Brex API", max_wait=float(brex_settings.RETRY_BACKOFF_MAX),
+                sleep=self.sleep,
+            )
+        except BrexUnavailable as err:
+            raise BrexAPIUnavailable(
+                429, message=str(err), method=method, path=path, retry_after=err.retry_after
+            ) from None
+
+    @staticmethod
+    def _hold(scope: str, seconds: float, detail: str) -> None:
+        from .services import throttle
+
+        throttle.hold(scope, seconds, detail)
 
     # requests holds the token under other names (the headers): hide all of it.
     @sensitive_variables()
@@ -204,16 +243,10 @@ class _APIClient:
             **kwargs,
         )
 
-    def _pause(self, attempt: int, response: requests.Response | None = None) -> None:
+    def _pause(self, attempt: int, retry_after: float | None = None) -> None:
         cap = float(brex_settings.RETRY_BACKOFF_MAX)
         delay = backoff_delay(attempt, base=float(brex_settings.RETRY_BACKOFF), cap=cap)
-        retry_after = response.headers.get("Retry-After") if response is not None else None
-        if retry_after:
-            try:
-                delay = max(delay, min(cap, float(retry_after)))
-            except ValueError:
-                pass
-        self.sleep(delay)
+        self.sleep(max(delay, retry_after or 0.0))
 
     def get(self, path: str, *, params: Mapping[str, Any] | None = None) -> Any:
         """GET ``path``."""
@@ -325,6 +358,11 @@ class BrexClient(_APIClient):
         self._adopt(result)
         return True
 
+    def _throttle_scope(self) -> str:
+        from .services import throttle
+
+        return throttle.api_scope(self.connection)
+
     def _adopt(self, result) -> None:
         from .services import refresh
 
@@ -373,6 +411,11 @@ class OnboardingClient(_APIClient):
 
         forget_client_credentials_token(self.scopes, access_token)
         return True
+
+    def _throttle_scope(self) -> str:
+        from .services import throttle
+
+        return throttle.api_scope(None)
 
     def create_referral(
         self, referral: Mapping[str, Any], *, idempotency_key: str | None = None

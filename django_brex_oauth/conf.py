@@ -112,6 +112,16 @@ DEFAULTS: dict[str, Any] = {
     "REFRESH_RETRY_BACKOFF_MAX": 300,
     # Refresh tasks the sweep sends per broker connection (the due ids are read in one query).
     "SWEEP_BATCH_SIZE": 500,
+    # The sweep's shared rate budget: at most this many token requests per SWEEP_RATE_WINDOW
+    # seconds, counted in the database across every worker and host (Brex allows 1,000
+    # requests per 60 s per client and account; the rest is left for on-demand refreshes).
+    "SWEEP_RATE_LIMIT": 500,
+    "SWEEP_RATE_WINDOW": 60,
+    # The longest Retry-After honoured, in seconds (a longer one is taken as this).
+    "RETRY_AFTER_MAX": 3600,
+    # While Brex refuses the client credentials (invalid_client), refreshing is paused for
+    # every connection and the credentials are probed once per this many seconds.
+    "CLIENT_REJECTED_PROBE_INTERVAL": 300,
     # Retries (after the first attempt) of an idempotent API call on 429 / 5xx / network errors.
     "API_MAX_RETRIES": 3,
     # Base seconds of the exponential backoff between retries of an API call, and its cap.

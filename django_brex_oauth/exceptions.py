@@ -170,7 +170,9 @@ class InvalidGrant(TokenError):
 
 
 class InvalidClient(TokenError):
-    """``invalid_client``: Brex does not accept this site's client id or secret."""
+    """``invalid_client`` or ``unauthorized_client``: Brex does not accept this site's client
+    id or secret, or does not let this client use the grant. A fault of the site's
+    configuration, never of one customer's connection."""
 
     title = "This site's Brex credentials were refused"
     user_message = (
@@ -225,7 +227,11 @@ class DiscoveryError(BrexOAuthError):
 
 
 class BrexUnavailable(BrexOAuthError):
-    """Brex could not be reached, timed out, or answered 429 or 5xx."""
+    """Brex could not be reached, timed out, or answered 429 or 5xx.
+
+    ``retry_after`` is how many seconds Brex asked every caller to wait (its
+    ``Retry-After`` header, or the rest of a wait another caller was asked for), or None.
+    """
 
     title = "Brex is not reachable right now"
     user_message = (
@@ -233,9 +239,14 @@ class BrexUnavailable(BrexOAuthError):
         "few minutes."
     )
     http_status = 502
+    #: Seconds Brex asked to wait before the next request, or None.
+    retry_after: float | None = None
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, *, retry_after: float | None = None
+    ) -> None:
         self.status = status
+        self.retry_after = retry_after
         super().__init__(message)
 
 
@@ -261,6 +272,18 @@ class MalformedTokenResponse(BrexUnavailable):
         super().__init__(f"Brex sent a malformed token answer: {self.description}", status)
 
 
+class RefreshPaused(BrexUnavailable):
+    """Refreshing is paused for every connection: Brex refused this site's client
+    credentials (``invalid_client``). The connection is fine; the site's configuration is
+    not. ``retry_after`` is the time until the next probe of the credentials."""
+
+    title = "Brex refused this site's credentials"
+    user_message = (
+        "This site cannot reach Brex right now because of a problem with its own "
+        "configuration. Your connection is kept; please try again later."
+    )
+
+
 # Connections and API calls -----------------------------------------------------------------
 
 
@@ -283,10 +306,12 @@ class BrexAPIError(BrexOAuthError):
         code: str | None = None,
         method: str = "",
         path: str = "",
+        retry_after: float | None = None,
     ) -> None:
         detail = " ".join(p for p in (error_type, message, code) if p)
         super().__init__(f"{method} {path} answered {status}" + (f": {detail}" if detail else ""))
         self.status = status
+        self.retry_after = retry_after
         self.error_type = error_type
         self.error_message = message
         self.code = code

@@ -8,7 +8,9 @@ import ipaddress
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
+from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import requests
@@ -119,3 +121,53 @@ def describe_request_error(err: requests.RequestException) -> str:
 def unavailable(err: requests.RequestException) -> BrexUnavailable:
     """Wrap a transport error as :class:`BrexUnavailable` without leaking the URL."""
     return BrexUnavailable(describe_request_error(err))
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 10.2.3), or None.
+
+    Takes delta-seconds (``"120"``) or an HTTP-date (``"Wed, 21 Oct 2026 07:28:00 GMT"``,
+    measured against this host's clock at receipt). A date in the past gives 0; anything
+    else unreadable gives None. The result is capped at ``RETRY_AFTER_MAX`` so that a
+    broken header cannot stop this site talking to Brex for days.
+    """
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text:
+        return None
+    seconds: float | None
+    if text.isdigit():
+        seconds = float(text)
+    else:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None or when.tzinfo is None:
+            # RFC 9110: an HTTP-date is always GMT; a date without a zone is not one.
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return min(max(0.0, seconds), float(brex_settings.RETRY_AFTER_MAX))
+
+
+def retry_after_of(headers: Mapping[str, str] | None) -> float | None:
+    """:func:`parse_retry_after` of a response's ``Retry-After`` header."""
+    if headers is None:
+        return None
+    return parse_retry_after(headers.get("Retry-After"))
+
+
+def outage(what: str, response: requests.Response) -> BrexUnavailable:
+    """The :class:`BrexUnavailable` for a 429 or 5xx answer from ``what`` (e.g. "Brex token
+    endpoint"), carrying its ``Retry-After``."""
+    retry_after = retry_after_of(response.headers)
+    message = f"{what} answered HTTP {response.status_code}"
+    if retry_after is not None:
+        message += f" (Retry-After: {retry_after:.0f} s)"
+    return BrexUnavailable(message, status=response.status_code, retry_after=retry_after)
+
+
+def is_transient_status(status: int) -> bool:
+    """True for an HTTP status that says "try again later": 429 or any 5xx."""
+    return status == 429 or status >= 500

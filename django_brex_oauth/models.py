@@ -536,3 +536,39 @@ class BrexWebhookSubscription(models.Model):
 
     def __str__(self) -> str:
         return f"{self.brex_webhook_id or 'pending'} ({self.get_status_display()})"
+
+
+class ThrottleReason(models.TextChoices):
+    NONE = "", "None"
+    RETRY_AFTER = "retry_after", "Brex asked to wait (Retry-After)"
+    CLIENT_REJECTED = "client_rejected", "Brex refused the client credentials"
+
+
+class BrexThrottle(models.Model):
+    """When this site may next call one part of Brex, and how much of a rate budget it has
+    used: one row per scope (see :mod:`django_brex_oauth.services.throttle`).
+
+    It lives in the database because every worker on every host must see it: a
+    ``Retry-After`` one process received holds back all of them, and the sweep's budget
+    counts the requests of all of them. ``detail`` is log-safe (never a token or secret).
+    """
+
+    scope = models.CharField(max_length=200, unique=True)
+    not_before = models.DateTimeField(
+        null=True, blank=True, help_text="No request in this scope before this time."
+    )
+    reason = models.CharField(
+        max_length=32, choices=ThrottleReason.choices, blank=True, default=""
+    )
+    detail = models.TextField(blank=True)
+    since = models.DateTimeField(null=True, blank=True, help_text="When the wait began.")
+    window_started_at = models.DateTimeField(null=True, blank=True)
+    window_used = models.PositiveIntegerField(default=0)
+    window_refused = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "Brex rate limit"
+
+    def __str__(self) -> str:
+        return self.scope

@@ -45,7 +45,18 @@ from .exceptions import (
     RefreshIdTokenError,
     TokenError,
 )
-from .http import USER_AGENT, allow_insecure_loopback, silence_secret_logging, unavailable
+from .http import (
+    USER_AGENT,
+    allow_insecure_loopback,
+    is_transient_status,
+    outage,
+    silence_secret_logging,
+    unavailable,
+)
+
+#: Token endpoint errors that refuse this site's client rather than one customer's grant:
+#: a wrong client id or secret, or a client Brex does not allow to use the grant.
+CLIENT_REJECTED_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
 
 #: Algorithms that can never sign an id_token we accept, whatever the settings say.
 FORBIDDEN_ALGORITHMS = frozenset({"none", "HS256", "HS384", "HS512"})
@@ -312,11 +323,8 @@ class _BrexOAuth2Session(OAuth2Session):
 
 def _raise_for_outage(response: requests.Response) -> requests.Response:
     # 429 and 5xx bodies are not token responses; oauthlib would misreport them.
-    if response.status_code == 429 or response.status_code >= 500:
-        raise BrexUnavailable(
-            f"Brex token endpoint answered HTTP {response.status_code}",
-            status=response.status_code,
-        )
+    if is_transient_status(response.status_code):
+        raise outage("Brex token endpoint", response)
     if response.status_code >= 400:
         try:
             body = response.json()
@@ -361,7 +369,7 @@ def _token_error(err: OAuth2Error) -> TokenError:
     status = getattr(err, "status_code", None)
     if error == "invalid_grant":
         return InvalidGrant(error, description, status)
-    if error == "invalid_client":
+    if error in CLIENT_REJECTED_ERRORS:
         return InvalidClient(error, description, status)
     return TokenError(error, description, status)
 
@@ -504,18 +512,15 @@ def revoke(
         raise unavailable(err) from err
     if response.status_code == 200:
         return
-    if response.status_code == 429 or response.status_code >= 500:
-        raise BrexUnavailable(
-            f"Brex revocation endpoint answered HTTP {response.status_code}",
-            status=response.status_code,
-        )
+    if is_transient_status(response.status_code):
+        raise outage("Brex revocation endpoint", response)
     try:
         body = response.json()
     except ValueError:
         body = {}
     error = str(body.get("error") or "invalid_request") if isinstance(body, dict) else ""
     description = str(body.get("error_description") or "") if isinstance(body, dict) else ""
-    if error == "invalid_client":
+    if error in CLIENT_REJECTED_ERRORS:
         raise InvalidClient(error, description, response.status_code)
     raise TokenError(error, description, response.status_code)
 

@@ -3,6 +3,7 @@
 Every connection signal is sent with ``sender=BrexConnection`` and
 ``connection=<BrexConnection>`` after the database transaction that made the change has
 committed, so receivers can rely on what they read. No signal carries a token.
+``client_credentials_rejected`` is about the whole site, so its ``connection`` may be None.
 """
 
 from django.dispatch import Signal
@@ -48,3 +49,12 @@ refresh_failed = Signal()
 #: an event with no ``company_id``, such as the referral events). An event whose company
 #: has no active connection here is recorded and not signalled.
 webhook_received = Signal()
+
+#: Brex refused this site's client credentials (``invalid_client`` or
+#: ``unauthorized_client``): a configuration error of the site, not of any customer.
+#: Refreshing is paused for every connection (they all stay active) until the credentials
+#: work again. Sent once when the pause begins, not again for each refused probe.
+#:
+#: kwargs: ``connection`` (the connection whose refresh found it out, or None),
+#: ``error`` (the OAuth error code), ``description`` (Brex's description, never a secret).
+client_credentials_rejected = Signal()

@@ -19,8 +19,12 @@ def refresh_connection(self, connection_id: int, force: bool = False) -> str:
 
     Skips a connection another worker is refreshing. A transient failure (timeout, 429,
     5xx) is retried with exponential backoff and jitter, up to ``REFRESH_TASK_MAX_RETRIES``
-    times (the next sweep picks the connection up again after that); Brex refusing the
-    refresh token marks the connection ``needs_reauth`` and is not retried.
+    times (the next sweep picks the connection up again after that), never before Brex's
+    ``Retry-After`` has passed; Brex refusing the refresh token marks the connection
+    ``needs_reauth`` and is not retried. While refreshing is paused (Brex refused the
+    client credentials) the task returns ``"paused"``: the sweep picks the connection up
+    once they work. When the sweep's rate budget is used up, the task sends itself again
+    for the next window and returns ``"deferred"``.
 
     A task that comes back because the worker running it died finds that worker's claim
     still held; it is sent again to run the moment the claim runs out, while Brex still
@@ -28,13 +32,15 @@ def refresh_connection(self, connection_id: int, force: bool = False) -> str:
     rotated-out refresh token). Returns the
     :class:`~django_brex_oauth.services.refresh.Outcome` value.
     """
-    from .backoff import backoff_delay
+    from .backoff import backoff_delay, not_before_delay
     from .conf import brex_settings
-    from .exceptions import BrexUnavailable
+    from .exceptions import BrexUnavailable, RefreshPaused
     from .services import refresh
 
     try:
-        result = refresh.refresh_connection(connection_id, force=force, wait=False)
+        result = refresh.refresh_connection(connection_id, force=force, wait=False, budget=True)
+    except RefreshPaused:
+        return "paused"
     except BrexUnavailable as err:
         max_retries = int(brex_settings.REFRESH_TASK_MAX_RETRIES)
         if self.request.retries >= max_retries:
@@ -44,7 +50,16 @@ def refresh_connection(self, connection_id: int, force: bool = False) -> str:
             base=float(brex_settings.REFRESH_RETRY_BACKOFF),
             cap=float(brex_settings.REFRESH_RETRY_BACKOFF_MAX),
         )
+        countdown = not_before_delay(countdown, err.retry_after)
         raise self.retry(exc=err, countdown=countdown, max_retries=max_retries) from err
+    if result.outcome == refresh.Outcome.DEFERRED:
+        if not self.request.is_eager:
+            window = float(brex_settings.SWEEP_RATE_WINDOW)
+            self.apply_async(
+                (connection_id,), {"force": force},
+                countdown=not_before_delay(0.0, max(0.5, result.retry_after or 0.0), spread=window),
+            )
+        return result.outcome.value
     if result.outcome == refresh.Outcome.BUSY and (self.request.delivery_info or {}).get(
         "redelivered"
     ):
@@ -59,10 +74,26 @@ def refresh_due_connections(all_active: bool = False) -> int:
 
     The due connection ids are read in one query and queued ``SWEEP_BATCH_SIZE`` at a time,
     each batch over one broker connection. ``all_active`` queues every active connection,
-    forced. Returns how many tasks were queued.
+    forced. Beyond ``SWEEP_RATE_LIMIT`` tasks, each further ``SWEEP_RATE_LIMIT`` is sent for
+    one ``SWEEP_RATE_WINDOW`` later, so that the shared budget rarely has to defer one.
+    While Brex asks to wait (``Retry-After``) or refuses the client credentials, nothing is
+    queued. Returns how many tasks were queued.
     """
-    from .services import refresh
+    import logging
 
+    from .conf import brex_settings
+    from .exceptions import BrexUnavailable, RefreshPaused
+    from .services import refresh, throttle
+
+    logger = logging.getLogger("django_brex_oauth")
+    try:
+        throttle.before_token_request()
+    except BrexUnavailable as err:
+        log = logger.error if isinstance(err, RefreshPaused) else logger.warning
+        log("Refresh sweep: nothing queued: %s", err)
+        return 0
+    limit = max(1, int(brex_settings.SWEEP_RATE_LIMIT))
+    window = float(brex_settings.SWEEP_RATE_WINDOW)
     queued = 0
     app = refresh_connection.app
     for batch in refresh.batched_due_connection_ids(all_active=all_active):
@@ -70,10 +101,19 @@ def refresh_due_connections(all_active: bool = False) -> int:
             continue
         with app.producer_or_acquire() as producer:
             for connection_id in batch:
+                countdown = (queued // limit) * window
                 refresh_connection.apply_async(
-                    (connection_id,), {"force": all_active}, producer=producer
+                    (connection_id,), {"force": all_active}, producer=producer,
+                    countdown=countdown or None,
                 )
-        queued += len(batch)
+                queued += 1
+    if queued:
+        used, limit, refused = throttle.sweep_budget_use()
+        logger.info(
+            "Refresh sweep: queued %s refresh(es) over %s window(s) of %.0f s; rate budget: "
+            "%s of %s token requests used in this window (%s deferred).",
+            queued, (queued - 1) // limit + 1, window, used, limit, refused,
+        )
     return queued
 
 
@@ -99,9 +139,10 @@ def revoke_connection(self, connection_id: int) -> str:
     """Ask Brex again to revoke a disconnected connection whose revocation is pending.
 
     While Brex cannot be reached (timeout, 429, 5xx) the task retries with exponential
-    backoff and jitter, up to ``REVOKE_TASK_MAX_RETRIES`` times; after that, or when Brex
-    refuses the request, the revocation stays pending for :func:`sweep_revocations`. Each
-    try is recorded as an event. Returns the
+    backoff and jitter, never before Brex's ``Retry-After`` has passed, up to
+    ``REVOKE_TASK_MAX_RETRIES`` times; after that, or when Brex refuses the request, the
+    revocation stays pending for :func:`sweep_revocations`. Each try is recorded as an
+    event. Returns the
     :class:`~django_brex_oauth.services.revoke.RevokeOutcome` value.
     """
     from .services import revoke
@@ -128,8 +169,8 @@ def revoke_detached_token(self, revocation_id: int) -> str:
 
 def _retry_revocation_while_unavailable(task, attempt) -> None:
     """Retry ``task`` with backoff and jitter while Brex cannot be reached, up to
-    ``REVOKE_TASK_MAX_RETRIES`` times."""
-    from .backoff import backoff_delay
+    ``REVOKE_TASK_MAX_RETRIES`` times, never before Brex's ``Retry-After`` has passed."""
+    from .backoff import backoff_delay, not_before_delay
     from .conf import brex_settings
 
     max_retries = int(brex_settings.REVOKE_TASK_MAX_RETRIES)
@@ -139,6 +180,7 @@ def _retry_revocation_while_unavailable(task, attempt) -> None:
             base=float(brex_settings.REVOKE_RETRY_BACKOFF),
             cap=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX),
         )
+        countdown = not_before_delay(countdown, attempt.retry_after)
         raise task.retry(countdown=countdown, max_retries=max_retries)
 
 

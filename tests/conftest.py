@@ -142,3 +142,20 @@ def atomic_requests(monkeypatch):
             return seen
 
     return Watcher()
+
+
+@pytest.fixture
+def countdowns(monkeypatch):
+    """The countdowns the refresh task asks Celery to retry after."""
+    from django_brex_oauth import tasks
+
+    recorded = []
+    task = tasks.refresh_connection._get_current_object()
+    real_retry = type(task).retry
+
+    def retry(self, *args, **kwargs):
+        recorded.append(kwargs.get("countdown"))
+        return real_retry(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(task), "retry", retry)
+    return recorded

@@ -74,21 +74,6 @@ def fake_brex():
         yield server
 
 
-@pytest.fixture
-def countdowns(monkeypatch):
-    """The countdowns the refresh task asks Celery to retry after."""
-    recorded = []
-    task = tasks.refresh_connection._get_current_object()
-    real_retry = type(task).retry
-
-    def retry(self, *args, **kwargs):
-        recorded.append(kwargs.get("countdown"))
-        return real_retry(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(task), "retry", retry)
-    return recorded
-
-
 def test_refresh_task_retries_transient_failures_with_backoff_and_jitter(
     brex_settings, fake_brex, countdowns
 ):

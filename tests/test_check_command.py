@@ -7,6 +7,9 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, ManagementUtility, call_command
 
+# The command reads (and ends) the site-wide refresh pause kept in the database.
+pytestmark = pytest.mark.django_db
+
 
 def run():
     out = StringIO()

@@ -7,27 +7,33 @@ sent, and what the person or staff see. ``docs/faults.rst`` is this module as a 
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import sys
 import threading
 import time
 import urllib.error
 from datetime import timedelta
+from io import StringIO
 
 import pytest
 from celery import signals as celery_signals
 from django.contrib.messages import get_messages
+from django.core.management import CommandError, call_command
 from django.db import OperationalError
 from django.db import connection as db_connection
 from django.urls import reverse
 from django.utils import timezone
 
+from django_brex_oauth import client as client_module
 from django_brex_oauth import conf, discovery, oauth, signals, tasks
 from django_brex_oauth.client import BrexClient
 from django_brex_oauth.exceptions import (
+    BrexAPIUnavailable,
     BrexUnavailable,
     ConnectionNotUsable,
     MalformedTokenResponse,
+    RefreshPaused,
 )
 from django_brex_oauth.models import (
     AuthorizationRequest,
@@ -38,7 +44,7 @@ from django_brex_oauth.models import (
     EventKind,
     RevocationStatus,
 )
-from django_brex_oauth.services import refresh
+from django_brex_oauth.services import refresh, revoke
 from django_brex_oauth.services.refresh import Outcome
 from django_brex_oauth.services.revoke import disconnect, pending_revocation_ids
 from django_brex_oauth.testing import FakeBrex
@@ -51,6 +57,7 @@ from tests.example_site import clean_environment, demo, keep_logs, query
 from tests.factories import (
     SignalRecorder,
     create_connection,
+    create_connections,
     create_user,
     event_kinds,
     store_connections,
@@ -446,6 +453,283 @@ def test_expiry_counts_from_brexs_answer_at_connect(flow, fake_brex):
 # ---------------------------------------------------------------------------------------
 # Rate limits (Retry-After, the shared budget) and a wrong client secret
 # ---------------------------------------------------------------------------------------
+
+
+def _rate_events(connection) -> list[tuple[str, str]]:
+    return list(
+        ConnectionEvent.objects.filter(connection=connection)
+        .order_by("created_at", "pk")
+        .values_list("kind", "detail")
+    )
+
+
+def _rate_admin_page(client, staff_user) -> str:
+    client.force_login(staff_user)
+    response = client.get(reverse("admin:brex_oauth_brexconnection_changelist"))
+    assert response.status_code == 200
+    return response.content.decode()
+
+
+def _rate_signals():
+    return SignalRecorder(
+        refreshed=signals.token_refreshed, failed=signals.refresh_failed,
+        disconnected=signals.disconnected, rejected=signals.client_credentials_rejected,
+    )
+
+
+def _requests_to(fake, suffix: str) -> list[dict]:
+    return [r for r in fake.requests if r["path"].endswith(suffix)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_token_endpoint_retry_after_holds_back_every_refresh_until_it_passes(
+    brex_settings, fake_brex, countdowns, client, staff_user
+):
+    brex_settings.BREX_OAUTH = {
+        **brex_settings.BREX_OAUTH, "REFRESH_TASK_MAX_RETRIES": 1, "REFRESH_RETRY_BACKOFF": 15,
+    }
+    first = create_connection(fake_brex, expires_in=30)
+    second = create_connection(fake_brex, expires_in=30)
+    before = {c.pk: stored_token(c) for c in (first, second)}
+    fake_brex.fail_next("/v1/token", status=429, retry_after=120)
+
+    with _rate_signals() as received:
+        # The task that got the 429 comes back after Retry-After, not after 12-19 s.
+        with pytest.raises(BrexUnavailable):
+            tasks.refresh_connection.apply(args=[first.pk]).get()
+        assert countdowns and all(countdown >= 120 for countdown in countdowns)
+        # Every other caller waits too: on demand (BrexClient), the Celery sweep, cron.
+        with pytest.raises(BrexUnavailable) as caught:
+            BrexClient(second).get_me()
+        assert 100 < caught.value.retry_after <= 120
+        assert tasks.refresh_due_connections.apply().get() == 0
+        out = StringIO()
+        call_command("brex_oauth_refresh", stdout=out)
+        assert "refreshed 0, skipped 0, failed 0, needs re-auth 0, deferred 2" in out.getvalue()
+        assert "Retry-After" in out.getvalue()
+
+    # Brex was asked once; the eager retry, the client, the sweep and cron sent nothing.
+    assert [r["status"] for r in _requests_to(fake_brex, "/v1/token")] == [429]
+    assert _requests_to(fake_brex, "/v2/users/me") == []
+    for connection in (first, second):
+        token = stored_token(connection)
+        assert token.connection.status == ConnectionStatus.ACTIVE
+        assert token.refresh_token == before[connection.pk].refresh_token
+        assert token.access_token == before[connection.pk].access_token
+        assert fake_brex.is_refresh_token_active(token.refresh_token)
+    [(kind, detail)] = _rate_events(first)
+    assert kind == EventKind.REFRESH_FAILED and "Retry-After: 120 s" in detail
+    assert _rate_events(second) == []
+    assert received["refreshed"] == received["failed"] == received["rejected"] == []
+    page = _rate_admin_page(client, staff_user)
+    assert "Brex asked this site to slow down (Retry-After): nothing asks Brex to refresh " \
+        "tokens before" in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_revocation_retry_after_holds_back_every_revocation_until_it_passes(
+    brex_settings, fake_brex, monkeypatch, client, staff_user
+):
+    first = create_connection(fake_brex)
+    second = create_connection(fake_brex)
+    before = {c.pk: stored_token(c) for c in (first, second)}
+    queued = []
+    monkeypatch.setattr(
+        tasks.revoke_connection, "apply_async",
+        lambda args, countdown=None, **kwargs: queued.append((args[0], countdown)),
+    )
+    fake_brex.fail_next("/v1/revoke", status=429, retry_after=120)
+
+    with _rate_signals() as received:
+        revoke.disconnect(first)
+        revoke.disconnect(second)
+        assert tasks.sweep_revocations.apply().get() == 0
+
+    # One request to Brex; both retries are queued for after Retry-After, not 15-30 s.
+    assert [r["status"] for r in _requests_to(fake_brex, "/v1/revoke")] == [429]
+    assert [pk for pk, _ in queued] == [first.pk, second.pk]
+    assert queued[0][1] >= 120 and queued[1][1] >= 100
+    for connection in (first, second):
+        connection.refresh_from_db()
+        assert connection.status == ConnectionStatus.REVOKED
+        assert connection.revocation_status == RevocationStatus.PENDING
+        token = stored_token(connection)
+        assert token.access_token is None
+        # Kept (encrypted) so that the queued retry can still revoke it at Brex.
+        assert token.refresh_token == before[connection.pk].refresh_token
+    assert [kind for kind, _ in _rate_events(first)] == [
+        EventKind.DISCONNECTED, EventKind.REVOKE_FAILED
+    ]
+    assert "Retry-After: 120 s" in _rate_events(first)[1][1]
+    assert [kind for kind, _ in _rate_events(second)] == [EventKind.DISCONNECTED]
+    assert [r["revoked_at_brex"] for r in received["disconnected"]] == [False, False]
+    page = _rate_admin_page(client, staff_user)
+    assert "nothing asks Brex to revoke tokens before" in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_api_retry_after_holds_back_every_call_for_that_brex_account(
+    brex_settings, fake_brex, monkeypatch, client, staff_user
+):
+    first = create_connection(fake_brex, expires_in=3000)
+    same_company = create_connection(fake_brex, expires_in=3000)
+    other_company = create_connection(fake_brex, expires_in=3000)
+    BrexConnection.objects.filter(pk=other_company.pk).update(brex_company_id="cuacc_other")
+    other_company.refresh_from_db()
+    slept = []
+    monkeypatch.setattr(client_module._APIClient, "sleep", staticmethod(slept.append))
+    fake_brex.fail_next("/v2/users/me", status=429, retry_after=120)
+
+    with _rate_signals() as received:
+        with pytest.raises(BrexAPIUnavailable) as first_error:
+            BrexClient(first).get_me()
+        with pytest.raises(BrexAPIUnavailable) as second_error:
+            BrexClient(same_company).get_company()
+        assert BrexClient(other_company).get_me()["id"]
+
+    # No retry after a capped 20 s: the 429 is raised at once with what Brex asked for, and
+    # the other connection of the same Brex account sends nothing until then.
+    assert slept == []
+    assert first_error.value.status == 429 and first_error.value.retry_after == 120
+    assert second_error.value.status == 429 and 100 < second_error.value.retry_after <= 120
+    assert [r["status"] for r in _requests_to(fake_brex, "/v2/users/me")] == [429, 200]
+    assert _requests_to(fake_brex, "/v2/company") == []
+    for connection in (first, same_company, other_company):
+        connection.refresh_from_db()
+        assert connection.status == ConnectionStatus.ACTIVE and connection.last_error == ""
+        assert fake_brex.is_access_token_active(stored_token(connection).access_token)
+        assert _rate_events(connection) == []
+    assert received["refreshed"] == received["failed"] == []
+    page = _rate_admin_page(client, staff_user)
+    assert "Brex asked this site to slow down (Retry-After) for 1 Brex account(s)" in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweep_shares_a_rate_budget_so_brex_never_answers_429(
+    brex_settings, fake_brex, caplog, client, staff_user
+):
+    # Brex's limit, scaled down: 10 token requests per 2 s. The budget is half of it, so
+    # two busy windows back to back still stay under Brex's limit.
+    brex_settings.BREX_OAUTH = {
+        **brex_settings.BREX_OAUTH, "SWEEP_RATE_LIMIT": 5, "SWEEP_RATE_WINDOW": 2,
+    }
+    fake_brex.rate_limit(10, per=2.0)
+    ids = create_connections(fake_brex, 12, expires_in=30)
+    before = {pk: stored_token(pk).refresh_token for pk in ids}
+    caplog.set_level(logging.INFO, logger="django_brex_oauth")
+
+    with _rate_signals() as received:
+        out = StringIO()
+        call_command("brex_oauth_refresh", stdout=out)
+
+    assert "refreshed 12, skipped 0, failed 0, needs re-auth 0, deferred 0" in out.getvalue()
+    assert fake_brex.stats["rate_limited"] == 0
+    times = sorted(r["time"] for r in _requests_to(fake_brex, "/v1/token"))
+    assert len(times) == 12
+    # Never more than the budget in one window: the 12 requests span at least two windows.
+    assert times[-1] - times[0] >= 2 * 2 - 0.5
+    for pk in ids:
+        token = stored_token(pk)
+        assert token.connection.status == ConnectionStatus.ACTIVE
+        assert token.refresh_token != before[pk]
+        assert fake_brex.is_refresh_token_active(token.refresh_token)
+        assert [kind for kind, _ in _rate_events(pk)] == [EventKind.REFRESHED]
+    assert len(received["refreshed"]) == 12 and received["failed"] == []
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "Brex refresh budget used up: 5 of 5 token requests in this 2 s window" in logged
+    assert "the last window used 5 of 5 token requests" in logged
+    for secret in before.values():
+        assert secret not in logged
+    # Nothing for staff to worry about: no wait is in force.
+    assert "Retry-After" not in _rate_admin_page(client, staff_user)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_wrong_client_secret_pauses_refreshing_keeps_connections_active_and_alerts(
+    brex_settings, fake_brex, caplog, client, staff_user
+):
+    connections = [create_connection(fake_brex, expires_in=30) for _ in range(3)]
+    before = {c.pk: stored_token(c) for c in connections}
+    brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "CLIENT_SECRET": "a-bad-deploy"}
+
+    with _rate_signals() as received:
+        out = StringIO()
+        with pytest.raises(CommandError, match="refreshing is paused for every connection"):
+            call_command("brex_oauth_refresh", stdout=out)
+        # Later sweeps and on-demand refreshes send nothing until the probe time.
+        assert tasks.refresh_due_connections.apply().get() == 0
+        assert tasks.refresh_connection.apply(args=[connections[1].pk]).get() == "paused"
+        with pytest.raises(RefreshPaused):
+            BrexClient(connections[2]).get_me()
+        with pytest.raises(CommandError, match="refreshing is paused for every connection"):
+            call_command("brex_oauth_check", stdout=StringIO())
+
+    assert "deferred 2" in out.getvalue()
+    # One refresh found it out (and brex_oauth_check asked once more); nobody else asked.
+    assert fake_brex.stats["token_refresh_token"] == 0
+    assert len(_requests_to(fake_brex, "/v1/token")) == 2
+    for connection in connections:
+        token = stored_token(connection)
+        assert token.connection.status == ConnectionStatus.ACTIVE
+        assert token.refresh_token == before[connection.pk].refresh_token
+        assert token.access_token == before[connection.pk].access_token
+        assert fake_brex.is_refresh_token_active(token.refresh_token)
+    kinds = [[kind for kind, _ in _rate_events(c)] for c in connections]
+    assert kinds == [[EventKind.REFRESH_FAILED], [], []]
+    assert "need not reconnect" in _rate_events(connections[0])[0][1]
+    # Loud: one signal, an ERROR log, a banner for staff; never the customer's signal.
+    assert received["failed"] == [] and received["refreshed"] == []
+    [rejected] = received["rejected"]
+    assert rejected["error"] == "invalid_client"
+    assert rejected["connection"] == connections[0]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("refreshing is paused for every Brex connection" in m for m in errors)
+    assert all("a-bad-deploy" not in r.getMessage() for r in caplog.records)
+    page = _rate_admin_page(client, staff_user)
+    assert "Refreshing is paused for every connection since" in page
+    assert "customers need not reconnect" in page
+    assert "a-bad-deploy" not in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refreshing_resumes_by_itself_once_the_client_secret_works(
+    brex_settings, fake_brex, client, staff_user
+):
+    connections = [create_connection(fake_brex, expires_in=30) for _ in range(3)]
+    good = dict(brex_settings.BREX_OAUTH)
+    brex_settings.BREX_OAUTH = {**good, "CLIENT_SECRET": "a-bad-deploy",
+                                "CLIENT_REJECTED_PROBE_INTERVAL": 1}
+    with pytest.raises(RefreshPaused):
+        refresh.refresh_connection(connections[0])
+    brex_settings.BREX_OAUTH = {**good, "CLIENT_REJECTED_PROBE_INTERVAL": 1}  # the fix
+
+    with _rate_signals() as received:
+        # Before the probe time, still paused, though the secret is right now.
+        with pytest.raises(RefreshPaused):
+            refresh.refresh_connection(connections[1])
+        time.sleep(1.2)
+        # Then one probe (a refresh of a token that cannot exist), and the sweep goes on.
+        out = StringIO()
+        call_command("brex_oauth_refresh", stdout=out)
+
+    assert "refreshed 3, skipped 0, failed 0, needs re-auth 0, deferred 0" in out.getvalue()
+    assert fake_brex.stats["token_refresh_token"] == 4  # the probe and three refreshes
+    for connection in connections:
+        token = stored_token(connection)
+        assert token.connection.status == ConnectionStatus.ACTIVE
+        assert token.connection.last_error == ""
+        assert fake_brex.is_refresh_token_active(token.refresh_token)
+        assert [kind for kind, _ in _rate_events(connection)][-1] == EventKind.REFRESHED
+    assert len(received["refreshed"]) == 3
+    assert received["failed"] == received["rejected"] == []
+    assert "Refreshing is paused" not in _rate_admin_page(client, staff_user)
+    assert "Brex OAuth configuration OK." in _call_check()
+
+
+def _call_check() -> str:
+    out = StringIO()
+    call_command("brex_oauth_check", stdout=out)
+    return out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,11 @@ from django.db import connection as db_connection
 from django.utils import timezone
 
 from django_brex_oauth import oauth, signals, tasks
-from django_brex_oauth.exceptions import BrexOAuthConfigurationError, BrexUnavailable
+from django_brex_oauth.exceptions import (
+    BrexOAuthConfigurationError,
+    BrexUnavailable,
+    RefreshPaused,
+)
 from django_brex_oauth.models import (
     BrexConnection,
     BrexToken,
@@ -259,16 +263,26 @@ def test_refresh_task_does_not_retry_invalid_grant(brex, received):
     assert len(received["failed"]) == 1
 
 
-def test_invalid_client_marks_needs_reauth(brex, received, settings):
+def test_invalid_client_pauses_refreshing_and_keeps_the_connection_active(
+    brex, received, settings
+):
+    # A wrong client secret is the site's configuration, not the customer's grant: the
+    # connection stays active with its tokens (it used to become needs_reauth).
     connection = create_connection(brex, expires_in=30)
+    before = stored_token(connection)
     settings.BREX_OAUTH = {**settings.BREX_OAUTH, "CLIENT_SECRET": "not-the-secret"}
 
-    assert refresh.refresh_connection(connection).outcome == Outcome.NEEDS_REAUTH
+    with pytest.raises(RefreshPaused) as caught:
+        refresh.refresh_connection(connection)
 
+    assert caught.value.retry_after > 0
     connection.refresh_from_db()
-    assert connection.status == ConnectionStatus.NEEDS_REAUTH
+    assert connection.status == ConnectionStatus.ACTIVE
     assert "invalid_client" in connection.last_error
-    assert [r["error"] for r in received["failed"]] == ["invalid_grant"][:0] + ["invalid_client"]
+    after = stored_token(connection)
+    assert after.refresh_token == before.refresh_token
+    assert after.access_token == before.access_token
+    assert received["failed"] == []
 
 
 @pytest.mark.parametrize("other_worker_saved_expiry", [True, False])

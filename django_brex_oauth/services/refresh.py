@@ -52,6 +52,7 @@ from ..exceptions import (
     InvalidClient,
     InvalidGrant,
     MalformedTokenResponse,
+    RefreshPaused,
     TokenError,
 )
 from ..fields import UndecryptableValue
@@ -63,7 +64,7 @@ from ..models import (
     EventKind,
     connection_pk,
 )
-from . import unreadable
+from . import throttle, unreadable
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -84,6 +85,9 @@ class Outcome(str, enum.Enum):
     NEEDS_REAUTH = "needs_reauth"
     #: The connection was not active (revoked, or needing re-authorization already).
     NOT_ACTIVE = "not_active"
+    #: The sweep's rate budget is used up for this window (only with ``budget=True``):
+    #: nothing was sent; try again after ``retry_after`` seconds.
+    DEFERRED = "deferred"
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ class RefreshResult:
     connection_id: int
     token: BrexToken | None = None
     rotated: bool = False
+    #: For ``DEFERRED``: seconds until the sweep's budget has room again.
+    retry_after: float | None = None
 
     @property
     def usable(self) -> bool:
@@ -180,6 +186,7 @@ def refresh_connection(
     wait: bool = True,
     min_validity: float | None = None,
     stale_access_token: str | None = None,
+    budget: bool = False,
 ) -> RefreshResult:
     """Refresh a connection's tokens if they need it, unless another worker is already on it.
 
@@ -195,11 +202,21 @@ def refresh_connection(
     winner and returns its tokens (``NOT_DUE``), or takes over once a dead winner's claim
     expires. Without it (the sweep), it returns ``BUSY`` at once.
 
+    Every caller honours the waits of :mod:`.throttle`, shared by every process: while
+    Brex's ``Retry-After`` runs nothing is sent (an on-demand caller sleeps through up to
+    ``RETRY_BACKOFF_MAX`` seconds of it; a longer wait raises :class:`BrexUnavailable` with
+    ``retry_after``), and while Brex refuses the client credentials :class:`RefreshPaused`
+    is raised. With ``budget`` (the sweep), the request is taken from the sweep's shared
+    rate budget first, and ``DEFERRED`` returned when it is used up.
+
     Raises :class:`BrexUnavailable` for a transient failure (timeout, connection error, 429,
     5xx, discovery unreachable): tokens untouched, connection still active, the failure
     recorded. Brex refusing the refresh token is not raised: the connection is marked
     ``needs_reauth`` and ``NEEDS_REAUTH`` returned; so is a connection whose tokens no
     configured key can decrypt (see :mod:`~django_brex_oauth.services.unreadable`).
+    Brex refusing the site's client credentials (``invalid_client``) leaves the connection
+    active and its tokens untouched, pauses refreshing for every connection and raises
+    :class:`RefreshPaused`.
     """
     connection_id = connection_pk(connection)
     try:
@@ -225,6 +242,11 @@ def refresh_connection(
             return current.access_token_expires_within(min_validity)
         return current.is_due_for_refresh()
 
+    if token.connection.status == ConnectionStatus.ACTIVE and needs_refresh(token):
+        # Outside the claim: an on-demand caller may sleep through a short Retry-After.
+        throttle.before_token_request(
+            max_wait=float(brex_settings.RETRY_BACKOFF_MAX) if wait else 0.0
+        )
     claimant = new_claimant_id()
     deadline = time.monotonic() + lease_seconds() + 5
     pause = 0.05
@@ -252,6 +274,12 @@ def refresh_connection(
             return RefreshResult(Outcome.NOT_ACTIVE, connection_id, token)
         if not needs_refresh(token):
             return RefreshResult(Outcome.NOT_DUE, connection_id, token)
+        if budget:
+            ticket = throttle.take_sweep_budget()
+            if not ticket.granted:
+                return RefreshResult(
+                    Outcome.DEFERRED, connection_id, token, retry_after=ticket.resets_in
+                )
         result = _refresh_claimed(token, claimant, claimed_at, needs_refresh)
         # Saving the tokens (or marking the connection) cleared the claim already.
         released = result.outcome in (Outcome.REFRESHED, Outcome.NEEDS_REAUTH)
@@ -289,7 +317,18 @@ def _refresh_claimed(
                 oauth.validate_refreshed_tokens(
                     answer, subject=token.connection.brex_user_id, issuer=issuer
                 )
-        except (InvalidGrant, InvalidClient) as err:
+        except InvalidClient as err:
+            # The site's client id or secret, not this customer's grant: keep every
+            # connection active and pause refreshing until the credentials work again.
+            throttle.client_rejected(err, connection=token.connection)
+            paused = RefreshPaused(
+                f"Refreshing is paused for every connection: Brex refused this site's client "
+                f"credentials ({err.error}). The customer need not reconnect.",
+                retry_after=float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL),
+            )
+            _record_transient_failure(connection_id, paused)
+            raise paused from err
+        except InvalidGrant as err:
             result = _mark_needs_reauth(connection_id, err, sent)
             if result is not None:
                 return result
@@ -306,6 +345,8 @@ def _refresh_claimed(
             _record_transient_failure(connection_id, err)
             raise BrexUnavailable(str(err)) from err
         except BrexUnavailable as err:
+            # A Retry-After holds back every worker, not only this one.
+            throttle.hold_for(throttle.token_scope(), err)
             _record_transient_failure(connection_id, err)
             raise
         except TokenError as err:
@@ -773,11 +814,17 @@ class SweepReport:
     skipped: int = 0
     failed: int = 0
     needs_reauth: int = 0
+    #: Left for a later run: Brex asked to wait (Retry-After) or refreshing is paused.
+    deferred: int = 0
+    #: Why connections were deferred (log-safe), or "".
+    held_back: str = ""
+    #: True when Brex refused the client credentials (refreshing is paused site-wide).
+    paused: bool = False
 
     @property
     def total(self) -> int:
         """How many connections the sweep went through."""
-        return self.refreshed + self.skipped + self.failed + self.needs_reauth
+        return self.refreshed + self.skipped + self.failed + self.needs_reauth + self.deferred
 
     def add(self, outcome: Outcome | None) -> None:
         """Count one connection's outcome (None: a failure)."""
@@ -799,14 +846,36 @@ def sweep(
     """Refresh every due connection (every active one with ``all_active``) in this process.
 
     The synchronous twin of the Celery sweep, for cron: connections another worker is busy
-    with are skipped, a transient failure is counted and the sweep goes on. ``progress`` is
+    with are skipped, a transient failure is counted and the sweep goes on. It takes each
+    request from the sweep's shared rate budget and, when that is used up, sleeps until the
+    next window. Once Brex asks to wait (``Retry-After``) or refuses the client credentials,
+    nothing more is sent: the rest are counted as deferred, for a later run. ``progress`` is
     called after each connection with (done, total, report).
     """
     connection_ids = due_connection_ids(all_active=all_active)
     report = SweepReport()
-    for done, connection_id in enumerate(connection_ids, start=1):
+    if connection_ids:
+        used, limit, _refused = throttle.sweep_budget_use()
+        logger.info(
+            "Refresh sweep: %s connection(s) due; rate budget: %s of %s token requests used "
+            "in this window.", len(connection_ids), used, limit,
+        )
         try:
-            result = refresh_connection(connection_id, force=all_active, wait=False)
+            throttle.before_token_request()
+        except BrexUnavailable as err:
+            _hold_back(report, err)
+    for done, connection_id in enumerate(connection_ids, start=1):
+        if report.held_back:
+            report.deferred += 1
+            if progress is not None:
+                progress(done, len(connection_ids), report)
+            continue
+        try:
+            result = _sweep_one(connection_id, all_active)
+        except BrexUnavailable as err:
+            report.add(None)
+            if err.retry_after:
+                _hold_back(report, err)
         except BrexOAuthError:
             report.add(None)
         except UndecryptableValue as err:
@@ -822,4 +891,21 @@ def sweep(
             report.add(result.outcome)
         if progress is not None:
             progress(done, len(connection_ids), report)
+    if report.held_back:
+        logger.warning("Refresh sweep: %s connection(s) deferred: %s", report.deferred,
+                       report.held_back)
     return report
+
+
+def _sweep_one(connection_id: int, all_active: bool) -> RefreshResult:
+    """Refresh one connection for the synchronous sweep, waiting for the rate budget."""
+    while True:
+        result = refresh_connection(connection_id, force=all_active, wait=False, budget=True)
+        if result.outcome != Outcome.DEFERRED:
+            return result
+        time.sleep((result.retry_after or 0.0) + random.uniform(0.05, 0.25))
+
+
+def _hold_back(report: SweepReport, err: BrexUnavailable) -> None:
+    report.held_back = str(err)
+    report.paused = report.paused or isinstance(err, RefreshPaused)

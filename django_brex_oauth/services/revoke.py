@@ -29,7 +29,7 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth, signals
-from ..backoff import backoff_delay
+from ..backoff import backoff_delay, not_before_delay
 from ..conf import brex_settings
 from ..db import write_transaction
 from ..exceptions import BrexOAuthError, BrexUnavailable, DiscoveryError
@@ -44,7 +44,7 @@ from ..models import (
     RevocationStatus,
     connection_pk,
 )
-from . import unreadable, webhook_subscriptions
+from . import throttle, unreadable, webhook_subscriptions
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -79,6 +79,8 @@ class RevocationAttempt:
     #: True when the failure is transient (timeout, connection error, 429, 5xx, discovery
     #: unreachable) and worth retrying soon.
     retryable: bool = False
+    #: Seconds Brex asked to wait before the next request (``Retry-After``), or None.
+    retry_after: float | None = None
 
     @property
     def revoked(self) -> bool:
@@ -193,7 +195,7 @@ def disconnect(
             if attempt.outcome == RevokeOutcome.QUEUED or (
                 attempt.outcome == RevokeOutcome.FAILED and attempt.retryable and queue_retry
             ):
-                retry_queued = queue_revocation(connection_id)
+                retry_queued = queue_revocation(connection_id, retry_after=attempt.retry_after)
     locked.refresh_from_db()
     return DisconnectResult(locked, newly, attempt, retry_queued)
 
@@ -212,10 +214,22 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
     say why, and the refresh token is kept for the next try. Brex is asked even when the
     refresh token's estimated end date has passed: the date is the app's reckoning, Brex
     answers 200 for a token it has forgotten, and only its answer says the grant is gone.
+
+    While Brex's ``Retry-After`` for the revocation endpoint runs (one process got it, every
+    process honours it), nothing is sent: a retryable ``FAILED`` with ``retry_after`` comes
+    back, and nothing is recorded.
     """
     connection_id = connection_pk(connection)
     actor = actor if getattr(actor, "pk", None) else None
     now = timezone.now()
+    waiting = _wait_for_brex(connection_id)
+    if waiting is not None:
+        if not BrexConnection.objects.filter(
+            pk=connection_id, status=ConnectionStatus.REVOKED,
+            revocation_status=RevocationStatus.PENDING,
+        ).exists():
+            return RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id)
+        return waiting
     with write_transaction():
         locked = _lock_pending(connection_id)
         if locked is None:
@@ -253,6 +267,20 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
     return _record_failure(
         connection_id, attempt_number,
         BrexUnavailable("The stored token kept changing while revoking it."), actor,
+    )
+
+
+def _wait_for_brex(object_id: int) -> RevocationAttempt | None:
+    """A retryable failure, sent nowhere, while Brex's ``Retry-After`` for the revocation
+    endpoint runs (any process may have got it); None when a request may go."""
+    left = throttle.wait_left(throttle.revocation_scope())
+    if left <= 0:
+        return None
+    return RevocationAttempt(
+        RevokeOutcome.FAILED, object_id,
+        error=f"Brex asked to wait {left:.0f} s more before the next revocation "
+        "(Retry-After).",
+        retryable=True, retry_after=left,
     )
 
 
@@ -326,6 +354,9 @@ def _record_failure(
     connection_id: int, attempt_number: int, err: BrexOAuthError, actor
 ) -> RevocationAttempt:
     retryable = _is_retryable(err)
+    retry_after = err.retry_after if isinstance(err, BrexUnavailable) else None
+    if isinstance(err, BrexUnavailable):
+        throttle.hold_for(throttle.revocation_scope(), err)
     error = str(err)[:1000]
     reason = f"Revocation at Brex failed (attempt {attempt_number}): {error}"
     with write_transaction():
@@ -340,7 +371,7 @@ def _record_failure(
     logger.warning("Revoking Brex connection %s failed (attempt %s): %s", connection_id,
                    attempt_number, error)
     return RevocationAttempt(RevokeOutcome.FAILED, connection_id, attempt_number, error,
-                             retryable)
+                             retryable, retry_after)
 
 
 def _is_retryable(err: BrexOAuthError) -> bool:
@@ -349,8 +380,11 @@ def _is_retryable(err: BrexOAuthError) -> bool:
     return isinstance(err, BrexUnavailable | DiscoveryError)
 
 
-def queue_revocation(connection: BrexConnection | int, *, attempt: int = 0) -> bool:
-    """Hand a pending revocation to the ``revoke_connection`` task after the commit.
+def queue_revocation(
+    connection: BrexConnection | int, *, attempt: int = 0, retry_after: float | None = None
+) -> bool:
+    """Hand a pending revocation to the ``revoke_connection`` task after the commit, to run
+    no sooner than ``retry_after`` seconds (Brex's ``Retry-After``) when given.
 
     Returns False when the task could not be queued (no broker, say) and that was known at
     once (outside a transaction); either way the revocation stays pending until Brex
@@ -358,12 +392,13 @@ def queue_revocation(connection: BrexConnection | int, *, attempt: int = 0) -> b
     """
     connection_id = connection_pk(connection)
     return _queue_after_commit(
-        "revoke_connection", connection_id, attempt, f"Brex connection {connection_id}"
+        "revoke_connection", connection_id, attempt, f"Brex connection {connection_id}",
+        retry_after=retry_after,
     )
 
 
 def _queue_after_commit(task_name: str, object_id: int, attempt: int, what: str,
-                        using: str | None = None) -> bool:
+                        using: str | None = None, retry_after: float | None = None) -> bool:
     from .. import tasks
 
     task = getattr(tasks, task_name)
@@ -372,6 +407,7 @@ def _queue_after_commit(task_name: str, object_id: int, attempt: int, what: str,
         base=float(brex_settings.REVOKE_RETRY_BACKOFF),
         cap=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX),
     )
+    countdown = not_before_delay(countdown, retry_after)
     queued = True
 
     def send() -> None:
@@ -452,6 +488,9 @@ def revoke_detached(revocation: DetachedRevocation | int) -> RevocationAttempt:
     deleted connection had.
     """
     revocation_id = int(getattr(revocation, "pk", revocation))
+    waiting = _wait_for_brex(0)
+    if waiting is not None:
+        return waiting
     with write_transaction():
         locked = (
             DetachedRevocation.objects.select_for_update().filter(pk=revocation_id).first()
@@ -467,6 +506,9 @@ def revoke_detached(revocation: DetachedRevocation | int) -> RevocationAttempt:
                      issuer=brex_settings.issuer_for(locked.environment))
     except BrexOAuthError as err:
         retryable = _is_retryable(err)
+        retry_after = err.retry_after if isinstance(err, BrexUnavailable) else None
+        if isinstance(err, BrexUnavailable):
+            throttle.hold_for(throttle.revocation_scope(), err)
         error = str(err)[:1000]
         DetachedRevocation.objects.filter(pk=revocation_id).update(
             last_error=f"Revocation at Brex failed (attempt {locked.attempts}): {error}"
@@ -476,7 +518,7 @@ def revoke_detached(revocation: DetachedRevocation | int) -> RevocationAttempt:
             former, locked.attempts, error,
         )
         return RevocationAttempt(RevokeOutcome.FAILED, former, locked.attempts, error,
-                                 retryable)
+                                 retryable, retry_after)
     DetachedRevocation.objects.filter(pk=revocation_id).delete()
     logger.info(
         "Revoked the %s of deleted Brex connection %s at Brex (attempt %s).",
@@ -488,6 +530,8 @@ def revoke_detached(revocation: DetachedRevocation | int) -> RevocationAttempt:
 def pending_detached_ids(now: datetime | None = None) -> Iterator[int]:
     """Ids of detached revocations that nothing has tried for ``REVOKE_RETRY_BACKOFF_MAX``
     seconds (a task retrying one is left alone), as :func:`pending_revocation_ids`."""
+    if throttle.wait_left(throttle.revocation_scope()) > 0:
+        return iter(())
     now = now or timezone.now()
     quiet_since = now - timedelta(seconds=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX))
     return (
@@ -502,7 +546,10 @@ def pending_detached_ids(now: datetime | None = None) -> Iterator[int]:
 
 def pending_revocation_ids(now: datetime | None = None) -> Iterator[int]:
     """Ids of revoked connections whose revocation Brex has not confirmed and that nothing
-    has tried for ``REVOKE_RETRY_BACKOFF_MAX`` seconds (a task retrying one is left alone)."""
+    has tried for ``REVOKE_RETRY_BACKOFF_MAX`` seconds (a task retrying one is left alone).
+    None while Brex's ``Retry-After`` for the revocation endpoint runs."""
+    if throttle.wait_left(throttle.revocation_scope()) > 0:
+        return iter(())
     now = now or timezone.now()
     quiet_since = now - timedelta(seconds=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX))
     return (

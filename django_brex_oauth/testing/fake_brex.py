@@ -17,6 +17,8 @@ It does not depend on Django, so it can be used from any test-suite::
         settings.BREX_OAUTH = brex.django_settings()
         location = brex.consent(authorize_url)        # what the browser would be sent back to
         brex.fail_next("/v1/token", status=503)      # the next token request fails
+        brex.fail_next("/v1/token", status=429, retry_after=120)   # ...asking to wait 2 min
+        brex.rate_limit(1000, per=60, path="/v1/token")   # Brex's limit, enforced
         brex.id_token_fault = "wrong_nonce"           # id_tokens carry a defect from now on
         brex.refresh_id_token_fault = "wrong_sub"     # ... only those a refresh returns
         brex.authorization_response_fault = "wrong_iss"  # the redirect back names another issuer
@@ -33,6 +35,7 @@ import hashlib
 import hmac
 import html
 import json
+import math
 import re
 import secrets
 import signal
@@ -50,6 +53,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.utils import format_datetime
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
@@ -213,6 +217,7 @@ _STAT_KEYS = (
     "authorize",
     "jwks",
     "discovery",
+    "rate_limited",
 )
 _FORM = "application/x-www-form-urlencoded"
 _VERIFIER_RE = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
@@ -501,6 +506,28 @@ class _Failure:
     times: int
     body: Any
     delay: float
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _RateLimit:
+    path: str
+    limit: int
+    window: float
+    retry_after: bool
+    window_started: float = 0.0
+    used: int = 0
+
+
+def _retry_after_header(retry_after: float | datetime | str) -> str:
+    """A ``Retry-After`` value: seconds as delta-seconds, a datetime as an HTTP-date."""
+    if isinstance(retry_after, datetime):
+        if retry_after.tzinfo is None:
+            retry_after = retry_after.replace(tzinfo=timezone.utc)
+        return format_datetime(retry_after.astimezone(timezone.utc), usegmt=True)
+    if isinstance(retry_after, str):
+        return retry_after
+    return str(max(0, math.ceil(retry_after)))
 
 
 @dataclass
@@ -804,6 +831,7 @@ class FakeBrex:
         self._failures: list[_Failure] = []
         self._tampers: list[_Tamper] = []
         self._holds: list[HeldAnswers] = []
+        self._rate_limits: list[_RateLimit] = []
         self._latency: float = 0.0
         self._path_latency: dict[str, float] = {}
         self._server: _Server | None = None
@@ -1043,18 +1071,44 @@ class FakeBrex:
         times: int = 1,
         body: Any = None,
         delay: float = 0.0,
+        retry_after: float | datetime | str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """Answer the next ``times`` requests whose path ends with ``path`` with ``status``.
 
         ``body`` may be a dict/list (sent as JSON) or a str/bytes (sent as text); by default it is
         an error in the style of the endpoint (OAuth ``{"error": ...}`` under the issuer, Brex
         ``{"type": ..., "message": ...}`` elsewhere). ``delay`` seconds pass before the answer.
+        ``retry_after`` adds a ``Retry-After`` header: seconds (delta-seconds), a datetime (an
+        HTTP-date) or a raw string; ``headers`` adds any others.
         The request is not processed. Rules queue up in the order they were added.
         """
         if times < 1:
             raise ValueError("times must be at least 1")
+        extra = dict(headers or {})
+        if retry_after is not None:
+            extra["Retry-After"] = _retry_after_header(retry_after)
         with self._lock:
-            self._failures.append(_Failure(path, status, times, body, delay))
+            self._failures.append(_Failure(path, status, times, body, delay, extra))
+
+    def rate_limit(
+        self,
+        limit: int | None,
+        *,
+        per: float = 60.0,
+        path: str = "/v1/token",
+        retry_after: bool = True,
+    ) -> None:
+        """Enforce a rate limit, as Brex does (1,000 requests per 60 s per client and account):
+        beyond ``limit`` requests whose path ends with ``path`` in a fixed window of ``per``
+        seconds, answer 429 (with ``Retry-After``: the rest of the window, unless
+        ``retry_after`` is False), without processing the request. Each 429 counts in
+        ``stats["rate_limited"]``. ``limit=None`` removes the limit on ``path``.
+        """
+        with self._lock:
+            self._rate_limits = [r for r in self._rate_limits if r.path != path]
+            if limit is not None:
+                self._rate_limits.append(_RateLimit(path, int(limit), float(per), retry_after))
 
     def tamper_next(
         self, path: str, *, times: int = 1, body: Any = _UNSET, **fields: Any
@@ -1090,11 +1144,12 @@ class FakeBrex:
         return held
 
     def clear_failures(self) -> None:
-        """Forget every pending :meth:`fail_next` and :meth:`tamper_next` rule and every
-        latency, and release every held answer."""
+        """Forget every pending :meth:`fail_next` and :meth:`tamper_next` rule, every rate
+        limit and every latency, and release every held answer."""
         with self._lock:
             self._failures.clear()
             self._tampers.clear()
+            self._rate_limits.clear()
             self._latency = 0.0
             self._path_latency.clear()
             holds, self._holds = self._holds, []
@@ -1532,7 +1587,9 @@ class FakeBrex:
         }
         with self._lock:
             self.requests.append(entry)
-            failure = self._take_rule(self._failures, request.path)
+            failure = self._take_rule(self._failures, request.path) or self._over_rate_limit(
+                request.path
+            )
             latency = self._latency_for(request.path)
 
         held = None
@@ -1577,6 +1634,22 @@ class FakeBrex:
                 return rule
         return None
 
+    def _over_rate_limit(self, path: str) -> _Failure | None:
+        for rule in self._rate_limits:
+            if not path.endswith(rule.path):
+                continue
+            now = time.monotonic()
+            if now - rule.window_started >= rule.window:
+                rule.window_started, rule.used = now, 0
+            rule.used += 1
+            if rule.used <= rule.limit:
+                return None
+            self.stats["rate_limited"] += 1
+            left = rule.window - (now - rule.window_started)
+            headers = {"Retry-After": _retry_after_header(max(1, left))} if rule.retry_after else {}
+            return _Failure(path, 429, 1, None, 0.0, headers)
+        return None
+
     def _latency_for(self, path: str) -> float:
         for suffix, seconds in self._path_latency.items():
             if path.endswith(suffix):
@@ -1584,6 +1657,11 @@ class FakeBrex:
         return self._latency
 
     def _failure_response(self, path: str, failure: _Failure) -> _Response:
+        response = self._failure_body(path, failure)
+        response.headers.update(failure.headers)
+        return response
+
+    def _failure_body(self, path: str, failure: _Failure) -> _Response:
         body = failure.body
         if isinstance(body, (dict, list)):
             return _json(failure.status, body)

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from django.core.checks import ERROR
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError
 
 from django_brex_oauth import discovery, oauth
 from django_brex_oauth.checks import check_settings
 from django_brex_oauth.conf import brex_settings
 from django_brex_oauth.exceptions import BrexOAuthError, InvalidClient, TokenError
+from django_brex_oauth.services import throttle
 
 
 class Command(BaseCommand):
     help = (
         "Validate BREX_OAUTH against the issuer's live OpenID configuration and JWKS: "
         "endpoints, PKCE S256, RS256 id_tokens and client_secret_post authentication, and "
-        "whether the token endpoint accepts the client id and secret."
+        "whether the token endpoint accepts the client id and secret. While Brex refuses "
+        "them, refreshing stays paused and this command fails; once they work, running it "
+        "ends the pause."
     )
     # The command reports the BREX_OAUTH checks itself (once, and as a CommandError).
     requires_system_checks: list[str] = []
@@ -68,17 +72,40 @@ class Command(BaseCommand):
 
         try:
             oauth.verify_client_credentials()
-        except InvalidClient:
+        except InvalidClient as err:
             problems.append(
-                "the token endpoint refused CLIENT_ID / CLIENT_SECRET (invalid_client)"
+                f"the token endpoint refused CLIENT_ID / CLIENT_SECRET ({err.error})"
             )
+            refused = err
+            self._shared_state(lambda: throttle.client_rejected(refused))
         except TokenError as err:
             problems.append(f"the token endpoint refused a refresh: {err.error}")
         except BrexOAuthError as err:
             problems.append(f"the token endpoint could not be asked: {err}")
         else:
             self.stdout.write(f"{'client credentials:':<25} accepted by the token endpoint")
-
+            if self._shared_state(throttle.client_accepted):
+                self.stdout.write(
+                    f"{'refreshing:':<25} was paused for the client credentials; resumes now"
+                )
+        pause = self._shared_state(throttle.client_pause)
+        if pause is not None:
+            since = f" since {pause.since:%Y-%m-%d %H:%M:%S} UTC" if pause.since else ""
+            problems.append(
+                f"refreshing is paused for every connection{since}: {pause.detail}; "
+                "connections stay active and resume once the credentials work"
+            )
         if problems:
             raise CommandError("Brex configuration problems:\n  " + "\n  ".join(problems))
         self.stdout.write(self.style.SUCCESS("Brex OAuth configuration OK."))
+
+    def _shared_state(self, read):
+        """Read or write the client pause in the database; a site not migrated yet (or
+        with its database down) still gets the rest of the report."""
+        try:
+            return read()
+        except DatabaseError as err:
+            self.stdout.write(self.style.WARNING(
+                f"warning: could not read whether refreshing is paused ({type(err).__name__})"
+            ))
+            return None

@@ -17,7 +17,12 @@ class Command(BaseCommand):
         "Connections another worker is refreshing are skipped. Exits with status 1 when any "
         "refresh failed (Brex unreachable, 429, 5xx, or another refusal that left the "
         "connection active), so cron can alert; those connections are tried again on the next "
-        "run. Connections Brex refused for good become needs_reauth and do not fail the run."
+        "run. Connections Brex refused for good become needs_reauth and do not fail the run. "
+        "The run takes its token requests from the shared SWEEP_RATE_LIMIT budget (waiting "
+        "for the next window when it is used up); while Brex asks to wait (Retry-After) it "
+        "sends nothing more and defers the rest to a later run. When Brex refuses the client "
+        "credentials, refreshing pauses for every connection (they stay active) and the run "
+        "exits with status 1."
     )
 
     def add_arguments(self, parser):
@@ -53,12 +58,21 @@ class Command(BaseCommand):
         summary = (
             f"{'All active' if all_active else 'Due'} connections: {report.total} in "
             f"{elapsed:.1f} s. refreshed {report.refreshed}, skipped {report.skipped}, "
-            f"failed {report.failed}, needs re-auth {report.needs_reauth}."
+            f"failed {report.failed}, needs re-auth {report.needs_reauth}, "
+            f"deferred {report.deferred}."
         )
-        if report.failed or report.needs_reauth:
+        if report.held_back:
+            summary += f" Deferred: {report.held_back}"
+        if report.failed or report.needs_reauth or report.deferred:
             self.stdout.write(self.style.WARNING(summary))
         else:
             self.stdout.write(self.style.SUCCESS(summary))
+        if report.paused:
+            raise CommandError(
+                "Brex refused this site's client credentials: refreshing is paused for every "
+                "connection (they stay active). Fix BREX_OAUTH CLIENT_ID / CLIENT_SECRET; "
+                "refreshing resumes by itself once they work (manage.py brex_oauth_check)."
+            )
         if report.failed:
             raise CommandError(
                 f"{report.failed} refresh(es) failed; see the connections' last error. They "
@@ -69,5 +83,6 @@ class Command(BaseCommand):
     def _line(done: int, total: int, report: SweepReport) -> str:
         return (
             f"[{done}/{total}] refreshed {report.refreshed}, skipped {report.skipped}, "
-            f"failed {report.failed}, needs re-auth {report.needs_reauth}"
+            f"failed {report.failed}, needs re-auth {report.needs_reauth}, "
+            f"deferred {report.deferred}"
         )

@@ -1,0 +1,385 @@
+"""When this site may call Brex: Retry-After, the sweep's rate budget, a refused client.
+
+Three kinds of shared state, each a :class:`~django_brex_oauth.models.BrexThrottle` row in
+the database, so that every process on every host sees the same thing (the Django cache
+may be per process):
+
+* a **not-before time** per scope: Brex answered 429 (or 503) with ``Retry-After``, so no
+  process calls that part of Brex again before then. The token endpoint and the revocation
+  endpoint are limited per client; the API per client and Brex account, so an API wait
+  holds back only the calls for that account;
+* the **sweep's rate budget**: a fixed-window counter (``SWEEP_RATE_LIMIT`` token requests
+  per ``SWEEP_RATE_WINDOW`` seconds) taken with one conditional ``UPDATE``, so that many
+  workers refreshing at once stay under Brex's limit together;
+* the **client pause**: Brex refused the site's client credentials (``invalid_client``).
+  That is the site's configuration, not any customer's connection, so connections stay
+  active while refreshing pauses everywhere; one caller probes the credentials every
+  ``CLIENT_REJECTED_PROBE_INTERVAL`` seconds and refreshing resumes when they work.
+
+Times are the database's (``NOW()``), so hosts' clocks do not matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db import transaction
+from django.db.models import Case, F, Q, When
+from django.db.models.functions import Now
+
+from .. import oauth, signals
+from ..conf import brex_settings
+from ..exceptions import BrexOAuthError, BrexUnavailable, InvalidClient, RefreshPaused, TokenError
+from ..models import BrexConnection, BrexThrottle, ThrottleReason
+
+logger = logging.getLogger("django_brex_oauth")
+
+
+# Scopes ----------------------------------------------------------------------------------
+
+
+def _client_key() -> str:
+    # Brex limits per client; a site talking to staging and production (or switching
+    # client ids) keeps their waits apart. A digest keeps the scope short and readable.
+    material = f"{brex_settings.issuer}\n{brex_settings.CLIENT_ID}"
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def token_scope() -> str:
+    """The token endpoint (refresh, code exchange, client credentials) of this client."""
+    return f"token:{_client_key()}"
+
+
+def revocation_scope() -> str:
+    """The revocation endpoint of this client."""
+    return f"revocation:{_client_key()}"
+
+
+def client_scope() -> str:
+    """Where the client pause (Brex refused the client credentials) is kept."""
+    return f"client:{_client_key()}"
+
+
+def sweep_scope() -> str:
+    """The sweep's rate budget of this client."""
+    return f"sweep:{_client_key()}"
+
+
+def api_scope(connection: BrexConnection | None) -> str:
+    """The API for one Brex account (the connection's company; the connection itself when
+    its company is unknown), or the onboarding API (``None``), which is per client."""
+    if connection is None:
+        account = "onboarding"
+    else:
+        account = connection.brex_company_id or f"connection-{connection.pk}"
+    return f"api:{_client_key()}:{account}"[:200]
+
+
+def _rows(scope: str):
+    return BrexThrottle.objects.filter(scope=scope)
+
+
+def _ensure(scope: str) -> None:
+    BrexThrottle.objects.get_or_create(scope=scope)
+
+
+def _seconds(delta: timedelta | None) -> float:
+    return 0.0 if delta is None else max(0.0, delta.total_seconds())
+
+
+# Not-before times (Retry-After) ------------------------------------------------------------
+
+
+def hold(scope: str, seconds: float, detail: str) -> None:
+    """Make every process wait ``seconds`` before its next request in ``scope``.
+
+    Never shortens a wait already in place. ``detail`` is shown to staff and must be
+    log-safe.
+    """
+    if seconds <= 0:
+        return
+    until = Now() + timedelta(seconds=seconds)
+    changes = {
+        "not_before": Case(When(not_before__gt=until, then=F("not_before")), default=until),
+        "since": Case(When(not_before__gt=Now(), then=F("since")), default=Now()),
+        "reason": ThrottleReason.RETRY_AFTER,
+        "detail": detail[:1000],
+    }
+    if not _rows(scope).update(**changes):
+        _ensure(scope)
+        _rows(scope).update(**changes)
+    logger.warning(
+        "Brex asked this site to wait %.0f s (Retry-After) in %s: %s. Every worker waits.",
+        seconds, scope.split(":", 1)[0], detail,
+    )
+
+
+def hold_for(scope: str, err: BrexUnavailable) -> None:
+    """:func:`hold` for as long as ``err`` says Brex asked (nothing if it did not)."""
+    if err.retry_after:
+        hold(scope, err.retry_after, str(err))
+
+
+def wait_left(scope: str) -> float:
+    """Seconds left before a request in ``scope`` may be sent (0 when it may go now)."""
+    left = (
+        _rows(scope)
+        .filter(not_before__gt=Now())
+        .annotate(left=F("not_before") - Now())
+        .values_list("left", flat=True)
+        .first()
+    )
+    return min(_seconds(left), float(brex_settings.RETRY_AFTER_MAX))
+
+
+def _too_soon(what: str, left: float) -> BrexUnavailable:
+    return BrexUnavailable(
+        f"Brex asked to wait {left:.0f} s more before the next request to {what} "
+        "(Retry-After).",
+        status=429,
+        retry_after=left,
+    )
+
+
+def wait_for(
+    scope: str,
+    what: str,
+    *,
+    max_wait: float = 0.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Return once a request in ``scope`` may be sent: sleep through a wait of at most
+    ``max_wait`` seconds, raise :class:`BrexUnavailable` (with ``retry_after``) for a
+    longer one, so that a worker is not tied up and the caller can come back later."""
+    left = wait_left(scope)
+    if left <= 0:
+        return
+    if left > max_wait:
+        raise _too_soon(what, left)
+    sleep(left)
+
+
+# The token endpoint: Retry-After and the client pause --------------------------------------
+
+
+def before_token_request(
+    *, max_wait: float = 0.0, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Return once this site may ask the token endpoint to refresh, in one query when
+    nothing holds it back.
+
+    Raises :class:`BrexUnavailable` while Brex's ``Retry-After`` runs (after sleeping
+    through up to ``max_wait`` seconds of it), and :class:`RefreshPaused` while Brex
+    refuses the client credentials. Once a pause's probe time has come, exactly one caller
+    (across every process) probes the credentials; when they work, the pause ends and that
+    caller goes on.
+    """
+    rows = {
+        row.scope: row
+        for row in BrexThrottle.objects.filter(scope__in=[token_scope(), client_scope()])
+        .exclude(reason="")
+        .annotate(left=F("not_before") - Now())
+    }
+    retry = rows.get(token_scope())
+    if retry is not None and retry.not_before is not None:
+        left = min(_seconds(retry.left), float(brex_settings.RETRY_AFTER_MAX))
+        if left > max_wait:
+            raise _too_soon("the token endpoint", left)
+        if left > 0:
+            sleep(left)
+    pause = rows.get(client_scope())
+    if pause is not None and pause.reason == ThrottleReason.CLIENT_REJECTED:
+        left = _seconds(pause.left)
+        if left > 0 or not _take_probe():
+            raise _paused(pause, max(left, 1.0))
+        _probe()
+
+
+def _paused(pause: BrexThrottle | None, left: float) -> RefreshPaused:
+    reason = pause.detail if pause is not None and pause.detail else (
+        "Brex refused this site's client credentials"
+    )
+    return RefreshPaused(
+        f"Refreshing is paused for every connection: {reason}. Next probe in {left:.0f} s.",
+        retry_after=left,
+    )
+
+
+def _take_probe() -> bool:
+    """Claim the one probe of a pause whose probe time has come: the winner moves the next
+    probe time on, so every other caller keeps waiting."""
+    interval = timedelta(seconds=float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL))
+    return bool(
+        _rows(client_scope())
+        .filter(reason=ThrottleReason.CLIENT_REJECTED, not_before__lte=Now())
+        .update(not_before=Now() + interval)
+    )
+
+
+def _probe() -> None:
+    """Ask the token endpoint whether it accepts the client credentials now (without
+    issuing anything); end the pause if it does, else raise :class:`RefreshPaused`."""
+    try:
+        oauth.verify_client_credentials()
+    except InvalidClient as err:
+        client_rejected(err)
+        raise _paused(client_pause(), float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)) from err
+    except BrexUnavailable as err:
+        hold_for(token_scope(), err)
+        raise _paused(client_pause(), float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)) from err
+    except BrexOAuthError as err:
+        logger.error("Probing Brex's client credentials failed: %s", err)
+        raise _paused(client_pause(), float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)) from err
+    client_accepted()
+
+
+def client_rejected(err: TokenError, *, connection: BrexConnection | None = None) -> bool:
+    """Brex refused the client credentials: pause refreshing for every connection.
+
+    Logs an ERROR every time; the first refusal of a pause also sends
+    :data:`~django_brex_oauth.signals.client_credentials_rejected` (after the commit).
+    Returns True when this call started the pause.
+    """
+    interval = timedelta(seconds=float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL))
+    detail = f"Brex refused this site's client credentials ({err.error})"
+    scope = client_scope()
+    _ensure(scope)
+    started = bool(
+        _rows(scope)
+        .exclude(reason=ThrottleReason.CLIENT_REJECTED)
+        .update(reason=ThrottleReason.CLIENT_REJECTED, since=Now(), not_before=Now() + interval,
+                detail=detail)
+    )
+    if not started:
+        _rows(scope).update(not_before=Now() + interval, detail=detail)
+    logger.error(
+        "%s: refreshing is paused for every Brex connection; connections stay active. Fix "
+        "BREX_OAUTH CLIENT_ID / CLIENT_SECRET; refreshing resumes by itself once they work "
+        "(probed every %.0f s, or run manage.py brex_oauth_check).",
+        detail, interval.total_seconds(),
+    )
+    if started:
+        error, description = err.error, err.description
+        transaction.on_commit(
+            lambda: signals.client_credentials_rejected.send(
+                sender=BrexConnection, connection=connection, error=error,
+                description=description,
+            )
+        )
+    return started
+
+
+def client_accepted() -> bool:
+    """Brex accepts the client credentials: end the pause. True when there was one."""
+    ended = bool(
+        _rows(client_scope())
+        .filter(reason=ThrottleReason.CLIENT_REJECTED)
+        .update(reason="", not_before=None, since=None, detail="")
+    )
+    if ended:
+        logger.warning("Brex accepts this site's client credentials again; refreshing resumes.")
+    return ended
+
+
+def client_pause() -> BrexThrottle | None:
+    """The client pause in force, or None. ``left`` is the time to the next probe."""
+    return (
+        _rows(client_scope())
+        .filter(reason=ThrottleReason.CLIENT_REJECTED)
+        .annotate(left=F("not_before") - Now())
+        .first()
+    )
+
+
+def active_waits() -> list[BrexThrottle]:
+    """Every wait in force (a Retry-After still running, or the client pause), for staff."""
+    return list(
+        BrexThrottle.objects.filter(
+            Q(reason=ThrottleReason.CLIENT_REJECTED)
+            | Q(reason=ThrottleReason.RETRY_AFTER, not_before__gt=Now())
+        ).order_by("scope")
+    )
+
+
+# The sweep's rate budget ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetTicket:
+    """The answer of :func:`take_sweep_budget`."""
+
+    granted: bool
+    #: Seconds until the current window ends (when a refused caller may try again).
+    resets_in: float = 0.0
+
+
+def _window() -> timedelta:
+    return timedelta(seconds=max(1.0, float(brex_settings.SWEEP_RATE_WINDOW)))
+
+
+def take_sweep_budget() -> BudgetTicket:
+    """Take one token request from the sweep's shared budget, or learn when to try again.
+
+    A fixed window of ``SWEEP_RATE_WINDOW`` seconds allowing ``SWEEP_RATE_LIMIT`` requests,
+    counted in one row: taking is one conditional ``UPDATE``, which PostgreSQL re-checks
+    after a concurrent writer commits and SQLite serialises, so the workers of every host
+    together never exceed it. The first refusal in a window logs a WARNING, and the first
+    take of a new window logs how much of the last one was used.
+    """
+    limit = max(1, int(brex_settings.SWEEP_RATE_LIMIT))
+    window = _window()
+    rows = _rows(sweep_scope())
+    for _ in range(5):
+        if rows.filter(window_started_at__gt=Now() - window, window_used__lt=limit).update(
+            window_used=F("window_used") + 1
+        ):
+            return BudgetTicket(True)
+        row = rows.annotate(age=Now() - F("window_started_at")).first()
+        if row is None:
+            _ensure(sweep_scope())
+            continue
+        if row.window_started_at is None or _seconds(row.age) >= window.total_seconds():
+            expired = Q(window_started_at__isnull=True) | Q(window_started_at__lte=Now() - window)
+            if rows.filter(expired).update(
+                window_started_at=Now(), window_used=1, window_refused=0
+            ):
+                if row.window_used:
+                    logger.info(
+                        "Brex refresh budget: the last window used %s of %s token requests "
+                        "(%s deferred to a later window).",
+                        row.window_used, limit, row.window_refused,
+                    )
+                return BudgetTicket(True)
+            continue
+        if rows.filter(window_started_at__gt=Now() - window, window_used__gte=limit).update(
+            window_refused=F("window_refused") + 1
+        ):
+            resets_in = max(0.0, window.total_seconds() - _seconds(row.age))
+            if row.window_refused == 0:
+                logger.warning(
+                    "Brex refresh budget used up: %s of %s token requests in this %.0f s "
+                    "window; the sweep defers further refreshes for %.1f s "
+                    "(SWEEP_RATE_LIMIT).",
+                    row.window_used, limit, window.total_seconds(), resets_in,
+                )
+            return BudgetTicket(False, resets_in)
+    # Windows kept turning over under us: let the caller come back very soon.
+    return BudgetTicket(False, 1.0)
+
+
+def sweep_budget_use() -> tuple[int, int, int]:
+    """(used, limit, refused) of the current window, for the sweep's log line."""
+    limit = max(1, int(brex_settings.SWEEP_RATE_LIMIT))
+    row = (
+        _rows(sweep_scope())
+        .filter(window_started_at__gt=Now() - _window())
+        .values_list("window_used", "window_refused")
+        .first()
+    )
+    used, refused = row or (0, 0)
+    return used, limit, refused
