@@ -95,3 +95,27 @@ def run_rounds(processes, barrier, results, rounds: int, between_rounds=None) ->
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
+
+
+def take_budget(
+    databases: dict[str, Any], brex_oauth: dict[str, Any], takes: int, barrier, results
+) -> None:
+    """Take the sweep's rate budget ``takes`` times in one round of :func:`run_rounds`, in
+    step with the other processes; puts ``(granted, errors)`` on ``results``."""
+    granted = 0
+    errors: list[str] = []
+    try:
+        setup_django(databases, brex_oauth)
+        from django.db import connections
+
+        from django_brex_oauth.services import throttle
+
+        barrier.wait(timeout=120)
+        for _ in range(takes):
+            granted += throttle.take_sweep_budget().granted
+        barrier.wait(timeout=120)
+        connections.close_all()
+    except Exception:
+        errors.append(traceback.format_exc())
+        barrier.abort()
+    results.put((granted, errors))

@@ -21,9 +21,9 @@ from django.utils import timezone
 
 from django_brex_oauth import tasks
 from django_brex_oauth.beat import BEAT_SCHEDULE
-from django_brex_oauth.exceptions import BrexUnavailable
+from django_brex_oauth.exceptions import BrexUnavailable, RefreshPaused
 from django_brex_oauth.models import BrexToken, ConnectionEvent, ConnectionStatus, EventKind
-from django_brex_oauth.services import refresh
+from django_brex_oauth.services import refresh, throttle
 from django_brex_oauth.testing import FakeBrex
 from tests.conftest import require_postgres, require_service
 from tests.factories import create_connection, create_connections, stored_token
@@ -419,3 +419,72 @@ def test_a_killed_pool_process_is_replaced_and_the_refresh_finished_within_the_g
     assert slow_brex.stats["refresh_token_reuse"] == 1
     assert slow_brex.stats["refresh_token_reuse_rejected"] == 0
     assert pool_processes(worker) != [doomed]
+
+
+def token_request_times(fake) -> list[float]:
+    return [r["time"] for r in fake.requests if r["path"].endswith("/v1/token")]
+
+
+def test_every_worker_honours_a_retry_after_one_worker_received(
+    brex_settings, fake_brex, broker, workers
+):
+    sender, queue = broker
+    # A short backoff: without Retry-After the retry would come back within a second.
+    brex_oauth = {
+        **brex_settings.BREX_OAUTH, "REFRESH_RETRY_BACKOFF": 1, "REFRESH_RETRY_BACKOFF_MAX": 2
+    }
+    first = create_connection(fake_brex, expires_in=60)
+    second = create_connection(fake_brex, expires_in=60)
+    fake_brex.fail_next("/v1/token", status=429, retry_after=6)
+    worker = workers(queue, worker_settings(brex_oauth), concurrency=2)
+
+    sender.send_task(REFRESH, args=[first.pk], queue=queue)
+    wait_for(lambda: throttle.wait_left(throttle.token_scope()) > 0, 20,
+             "the worker to record Brex's Retry-After")
+    [asked_at] = token_request_times(fake_brex)
+    # Other processes see it: a sweep queues nothing, another connection's task waits.
+    sender.send_task(SWEEP, queue=queue)
+    sender.send_task(REFRESH, args=[second.pk], queue=queue)
+    assert wait_for(lambda: sweep_results(worker), 15, "the sweep") == [0]
+    wait_for(lambda: refreshed_events() == 2, 40, "both refreshes after the wait")
+
+    times = token_request_times(fake_brex)
+    assert len(times) == 3
+    assert min(times[1:]) - asked_at >= 6 - 0.5, worker.output()[-3000:]
+    for connection in (first, second):
+        token = stored_token(connection)
+        assert token.connection.status == ConnectionStatus.ACTIVE
+        assert fake_brex.is_refresh_token_active(token.refresh_token)
+    assert fake_brex.stats["refresh_token_reuse"] == 0
+
+
+def test_a_worker_honours_the_client_pause_and_resumes_once_the_secret_works(
+    brex_settings, fake_brex, broker, workers
+):
+    sender, queue = broker
+    good = {**brex_settings.BREX_OAUTH, "CLIENT_REJECTED_PROBE_INTERVAL": 4}
+    connections = [create_connection(fake_brex, expires_in=60) for _ in range(3)]
+    # A web process with a bad deploy of the secret finds it out; the workers have the
+    # right one (the fix), but the pause holds them until its probe time.
+    brex_settings.BREX_OAUTH = {**good, "CLIENT_SECRET": "a-bad-deploy"}
+    with pytest.raises(RefreshPaused):
+        refresh.refresh_connection(connections[0])
+    brex_settings.BREX_OAUTH = good
+    worker = workers(queue, worker_settings(good), concurrency=2)
+
+    sender.send_task(SWEEP, queue=queue)
+    assert wait_for(lambda: sweep_results(worker), 15, "the paused sweep") == [0]
+    assert "Refresh sweep: nothing queued: Refreshing is paused" in worker.output()
+    assert len(token_request_times(fake_brex)) == 1
+    wait_for(lambda: throttle.client_pause().left.total_seconds() <= 0, 10, "the probe time")
+    sender.send_task(SWEEP, queue=queue)
+    wait_for(lambda: refreshed_events() == 3, 30, "the refreshes after the probe")
+
+    assert sweep_results(worker) == [0, 3]
+    assert throttle.client_pause() is None
+    assert fake_brex.stats["token_refresh_token"] == 4  # the probe, then three refreshes
+    assert "Brex accepts this site's client credentials again" in worker.output()
+    for connection in connections:
+        token = stored_token(connection)
+        assert token.connection.status == ConnectionStatus.ACTIVE
+        assert fake_brex.is_refresh_token_active(token.refresh_token)
