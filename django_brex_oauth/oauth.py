@@ -241,6 +241,15 @@ class TokenResponse:
         if self.problems:
             raise MalformedTokenResponse(self.problems)
 
+    def usable_access_token(self) -> str:
+        """The access token of an answer that may be used; :meth:`raise_for_problems`
+        otherwise (:meth:`from_dict` keeps an access token exactly when it found no
+        problem)."""
+        self.raise_for_problems()
+        if self.access_token is None:
+            raise MalformedTokenResponse(["access_token is missing"])
+        return self.access_token
+
     @classmethod
     @sensitive_variables()
     def from_dict(
@@ -315,7 +324,7 @@ class _BrexOAuth2Session(OAuth2Session):
             self.register_compliance_hook(hook, _take_answer)
 
     @sensitive_variables()
-    def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+    def request(self, method, url, *args, **kwargs):
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = float(brex_settings.HTTP_TIMEOUT)
         return super().request(method, url, *args, **kwargs)

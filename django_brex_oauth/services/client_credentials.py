@@ -61,16 +61,17 @@ def _cached_token(key: str) -> str | None:
 @sensitive_variables()
 def _fetch_and_store(key: str, scopes: list[str]) -> str:
     answer = oauth.client_credentials(scopes)
+    access_token = answer.usable_access_token()
     lifetime = float(answer.expires_in)
     # Renew CLIENT_CREDENTIALS_MARGIN seconds early, but never use less than half of a
     # short-lived token's life.
     keep_for = max(lifetime - float(brex_settings.CLIENT_CREDENTIALS_MARGIN), lifetime / 2)
     entry = {
-        "token": _fernet.encrypt(force_bytes(answer.access_token)),
+        "token": _fernet.encrypt(force_bytes(access_token)),
         "refresh_at": time.time() + keep_for,
     }
     _cache().set(key, entry, timeout=max(1, int(keep_for)))
-    return answer.access_token
+    return access_token
 
 
 @sensitive_variables()

@@ -174,7 +174,7 @@ def complete_authorization(
         ),
     )
     try:
-        tokens.raise_for_problems()
+        access_token = tokens.usable_access_token()
         if oauth.required_scopes_only(tokens.scopes):
             raise NoScopesGranted("no API scope granted")
         missing = oauth.missing_required_scopes(tokens.scopes)
@@ -190,7 +190,7 @@ def complete_authorization(
         if not tokens.id_token:
             raise IdTokenError("Brex returned no id_token")
         claims = oauth.validate_id_token(
-            tokens.id_token, nonce=auth_request.nonce, access_token=tokens.access_token
+            tokens.id_token, nonce=auth_request.nonce, access_token=access_token
         )
         if not tokens.refresh_token:
             raise OfflineAccessNotGranted("no refresh token")
@@ -203,7 +203,7 @@ def complete_authorization(
     # body that is not JSON, the wrong shape), the connection is stored: the grant is
     # valid and usable, and only the email and company are left out, to be read again by
     # the read_identity task after the commit.
-    identity = read_identity(lambda path: get_with_token(tokens.access_token, path),
+    identity = read_identity(lambda path: get_with_token(access_token, path),
                              tokens.scopes)
     if identity.email is None and _valid_email(claims.get("email")):
         identity.email = claims["email"]
