@@ -146,19 +146,25 @@ class EncryptedTextField(EncryptedMixin, models.TextField):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._fernet = RotatingFernet()
+        # Used instead of the mixin's ``_fernet`` (keyed from SECRET_KEY), which nothing
+        # reaches: _dump and _load, the only code that encrypts or decrypts, are these.
+        self._cipher = RotatingFernet()
 
     def _dump(self, value: Any) -> bytes:
-        return self._fernet.encrypt(encode_text(str(value)))
+        return self._cipher.encrypt(encode_text(str(value)))
 
     def _load(self, value: bytes) -> str:
-        return decode_text(self._fernet.decrypt(value))
+        return decode_text(self._cipher.decrypt(value))
 
-    def value_to_string(self, obj: models.Model) -> str | None:
-        """Ciphertext under the current key, for ``dumpdata``: never the token itself."""
+    def value_to_string(self, obj: models.Model) -> str:
+        """Ciphertext under the current key, for ``dumpdata``: never the token itself.
+
+        ``""`` when there is no token, as Django's own fields do; the serialisers write
+        ``null`` for a null value without asking the field.
+        """
         value = self.value_from_object(obj)
         if value is None:
-            return None
+            return ""
         return SERIALISED_PREFIX + base64.urlsafe_b64encode(self._dump(value)).decode("ascii")
 
     def to_python(self, value: Any) -> Any:

@@ -128,3 +128,23 @@ def test_rotate_key_reencrypts_used_authorization_requests_too(user, settings):
     call_command("brex_oauth_rotate_key", stdout=None)
     settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ENCRYPTION_KEY_FALLBACKS": []}
     assert AuthorizationRequest.objects.get(pk=used.pk).code_verifier == "v" * 43
+
+
+@pytest.mark.parametrize("serialisation", ["json", "xml"])
+def test_a_null_token_is_dumped_and_loaded_as_null(user, serialisation, tmp_path):
+    from django.core.management import call_command
+
+    connection = BrexConnection.objects.create(
+        owner=user, environment="staging", brex_user_id="cuuser_null"
+    )
+    BrexToken.objects.create(
+        connection=connection, access_token=None, refresh_token="refresh-SECRET"
+    )
+    dump = tmp_path / f"tokens.{serialisation}"
+    call_command("dumpdata", "brex_oauth.brextoken", format=serialisation,
+                 output=str(dump), verbosity=0)
+    assert dump.read_text().count("brex-oauth-encrypted:") == 1
+    BrexToken.objects.all().delete()
+    call_command("loaddata", str(dump), verbosity=0)
+    token = BrexToken.objects.get(pk=connection.pk)
+    assert (token.access_token, token.refresh_token) == (None, "refresh-SECRET")
