@@ -327,6 +327,9 @@ class BrexAPIUnavailable(BrexAPIError, BrexUnavailable):
     again later), so either ``except`` catches it.
     """
 
+    #: Always the HTTP status Brex answered, as for any :class:`BrexAPIError`.
+    status: int
+
     title = BrexUnavailable.title
     user_message = "Brex did not answer in time. Please try again in a few minutes."
     http_status = BrexUnavailable.http_status

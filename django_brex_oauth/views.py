@@ -11,7 +11,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, QueryDict
 from django.shortcuts import get_object_or_404, render, resolve_url
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -85,8 +85,10 @@ def take_callback_params(request: HttpRequest) -> dict[str, str]:
     if "code" in request.GET:
         redacted = request.GET.copy()
         redacted["code"] = REDACTED
-        request.GET = redacted
-        request.META["QUERY_STRING"] = redacted.urlencode(safe="[]")
+        query_string = redacted.urlencode(safe="[]")
+        # Read-only again, as Django hands request.GET to a view.
+        request.GET = QueryDict(query_string, encoding=redacted.encoding)
+        request.META["QUERY_STRING"] = query_string
     return params
 
 

@@ -479,7 +479,7 @@ def _plan_refreshed(
         "last_refreshed_at": received_at,
         "granted_scopes": " ".join(new_scopes),
     }
-    events = []
+    events: list[tuple[str, str]] = []
     scopes_changed = set(old_scopes) != set(new_scopes)
     if scopes_changed:
         change = _scope_change(old_scopes, new_scopes)
@@ -497,14 +497,15 @@ def _plan_refreshed(
         connection_fields.update(status=ConnectionStatus.NEEDS_REAUTH, last_error=reason)
         events.append((EventKind.NEEDS_REAUTH, reason + " The customer must connect again."))
 
-        def send(connection: BrexConnection) -> None:
+        def send_refresh_failed(connection: BrexConnection) -> None:
             signals.refresh_failed.send(
                 sender=BrexConnection, connection=connection, error="insufficient_scope",
                 description=reason,
             )
 
         return _Save(
-            claimant, connection_fields, token_fields, events, Outcome.NEEDS_REAUTH, send
+            claimant, connection_fields, token_fields, events, Outcome.NEEDS_REAUTH,
+            send_refresh_failed,
         )
 
     token_fields.update(
@@ -519,13 +520,16 @@ def _plan_refreshed(
         f"refresh token {'rotated' if rotated else 'kept'}.",
     ))
 
-    def send(connection: BrexConnection) -> None:
+    def send_token_refreshed(connection: BrexConnection) -> None:
         signals.token_refreshed.send(
             sender=BrexConnection, connection=connection, rotated=rotated,
             old_scopes=old_scopes, new_scopes=new_scopes,
         )
 
-    return _Save(claimant, connection_fields, token_fields, events, Outcome.REFRESHED, send)
+    return _Save(
+        claimant, connection_fields, token_fields, events, Outcome.REFRESHED,
+        send_token_refreshed,
+    )
 
 
 @sensitive_variables()

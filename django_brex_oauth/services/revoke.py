@@ -487,7 +487,9 @@ def revoke_detached(revocation: DetachedRevocation | int) -> RevocationAttempt:
     (encrypted) for the next try. The returned attempt's ``connection_id`` is the id the
     deleted connection had.
     """
-    revocation_id = int(getattr(revocation, "pk", revocation))
+    revocation_id = int(
+        revocation.pk if isinstance(revocation, DetachedRevocation) else revocation
+    )
     waiting = _wait_for_brex(0)
     if waiting is not None:
         return waiting

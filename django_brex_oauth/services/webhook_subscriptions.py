@@ -98,11 +98,14 @@ def subscribe(connection: BrexConnection | int) -> SyncResult | None:
     return _finish_with_retry(attempt(subscription))
 
 
-def unsubscribe(connection: BrexConnection | int, *, actor=None) -> list[SyncResult]:
+def unsubscribe(
+    connection: BrexConnection | int, *, actor=None
+) -> list[SyncResult | None]:
     """Delete a connection's live subscriptions at Brex (while its grant still works).
 
     One query when the connection has none. Failures are recorded and retried as
-    :func:`subscribe`'s are; the caller goes on with the disconnect either way.
+    :func:`subscribe`'s are; the caller goes on with the disconnect either way. A result
+    is None for a subscription gone by the time it was tried (see :func:`attempt`).
     """
     connection_id = connection_pk(connection)
     with transaction.atomic():

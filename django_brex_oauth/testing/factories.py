@@ -51,6 +51,7 @@ def _identity(fake: FakeBrex | None, brex_user: str | None) -> dict[str, str]:
             "company_id": "cuacc_" + secrets.token_hex(10),
             "company_name": "Example Company, Inc.",
         }
+    user: dict[str, Any] | None
     if brex_user is None:
         user = fake.default_user
     else:

@@ -2484,7 +2484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         public_url=args.public_url,
     )
     stop = threading.Event()
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
 
     def request_stop(signum: int, frame: Any) -> None:
         stop.set()
