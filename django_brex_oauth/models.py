@@ -49,7 +49,9 @@ def owner_deleted(collector, field, sub_objs, using):
     if team_owned:
         collector.add_field_update(field, None, team_owned)
     if personal:
-        models.CASCADE(collector, field, personal, using)
+        # The stubs type sub_objs as a QuerySet; CASCADE only hands it to Collector.collect()
+        # and add_field_update(), which take a list too.
+        models.CASCADE(collector, field, personal, using)  # type: ignore[arg-type]
 
 
 class BrexConnectionQuerySet(models.QuerySet):
@@ -79,6 +81,11 @@ class BrexConnectionQuerySet(models.QuerySet):
         return self.filter(team=team)
 
 
+#: The team model when the models were built: like a swappable model setting, it shapes the
+#: table, so the class below reads it once, here (which also lets mypy see it is a str).
+_TEAM_MODEL = team_model_setting()
+
+
 class BrexConnection(models.Model):
     """A link to one Brex user in one Brex environment, made by a site user (``owner``)
     for themselves or, with ``BREX_OAUTH_TEAM_MODEL`` set, for a team (``team``).
@@ -91,7 +98,7 @@ class BrexConnection(models.Model):
 
     Status = ConnectionStatus
 
-    if team_model_setting() is None:
+    if _TEAM_MODEL is None:
         owner = models.ForeignKey(
             settings.AUTH_USER_MODEL,
             on_delete=models.CASCADE,
@@ -109,7 +116,7 @@ class BrexConnection(models.Model):
         # A team deleted: its connections are deleted with it, and the pre_delete
         # receiver revokes each at Brex before the rows go.
         team = models.ForeignKey(
-            team_model_setting(),
+            _TEAM_MODEL,
             on_delete=models.CASCADE,
             null=True,
             blank=True,
@@ -154,11 +161,9 @@ class BrexConnection(models.Model):
                 name="brex_oauth_unique_owner_brex_user",
                 # A team's connection is unique per team and company (below), not per
                 # person: a member may also hold the same Brex user personally.
-                **({} if team_model_setting() is None else {"condition": models.Q(
-                    team__isnull=True
-                )}),
+                condition=None if _TEAM_MODEL is None else models.Q(team__isnull=True),
             ),
-            *([] if team_model_setting() is None else [
+            *([] if _TEAM_MODEL is None else [
                 models.UniqueConstraint(
                     fields=["team", "environment", "brex_company_id"],
                     name="brex_oauth_unique_team_company",

@@ -260,8 +260,7 @@ def connections(request: HttpRequest) -> HttpResponse:
     here = reverse("brex_oauth:connections")
     rows = BrexConnection.objects.for_user(request.user).order_by("-connected_at", "-pk")
     if teams_enabled():
-        rows = list(rows.select_related("team"))
-        groups = _team_groups(request.user, rows, here)
+        groups = _team_groups(request.user, list(rows.select_related("team")), here)
     else:
         groups = [{
             "team": None,
