@@ -522,7 +522,11 @@ def brex_notices() -> list[tuple[str, str]]:
                 f"before {_when(wait.not_before)}.",
             ))
     if api_waits:
-        latest = max(wait.not_before for wait in api_waits)
+        # A Retry-After wait always has its end (active_waits() asks for one to come).
+        latest = max(
+            (wait.not_before for wait in api_waits if wait.not_before is not None),
+            default=None,
+        )
         notices.append((
             "warning",
             f"Brex asked this site to slow down (Retry-After) for {len(api_waits)} Brex "
