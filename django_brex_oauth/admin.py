@@ -38,7 +38,7 @@ from .models import (
 )
 from .services import revoke as revoke_service
 from .services import throttle, webhook_events
-from .teams import can_manage, teams_enabled
+from .teams import can_manage, can_refresh, teams_enabled
 
 #: Events shown inline on a connection's page; the rest are one click away.
 INLINE_EVENTS = 50
@@ -453,6 +453,13 @@ class BrexConnectionAdmin(admin.ModelAdmin):
 
         for connection in queryset:
             label = _connection_label(connection)
+            if not can_refresh(request.user, connection):
+                # The team policy has the last word, as for "Revoke at Brex".
+                self.message_user(
+                    request, f"{label}: not refreshed; you may not refresh it.",
+                    messages.ERROR,
+                )
+                continue
             try:
                 result = refresh_connection(connection, force=True, wait=False)
             except BrexOAuthError as err:

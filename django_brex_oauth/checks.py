@@ -266,6 +266,7 @@ def check_webhook_settings(app_configs=None, **kwargs):
 TEAM_POLICY_METHODS = (
     "connectable_teams", "can_connect", "visible_teams", "can_view", "can_reconnect",
     "can_disconnect",
+    "can_refresh",
 )
 
 

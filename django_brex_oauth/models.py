@@ -36,6 +36,11 @@ def team_model_setting() -> str | None:
     return getattr(settings, "BREX_OAUTH_TEAM_MODEL", None) or None
 
 
+def team_note(team) -> str:
+    """How a connection event names ``team`` ("" for None): "For team <name> (id <pk>)."."""
+    return "" if team is None else f"For team {team} (id {team.pk})."
+
+
 def owner_deleted(collector, field, sub_objs, using):
     """``on_delete`` of ``BrexConnection.owner`` when a team model is configured.
 
@@ -186,6 +191,14 @@ class BrexConnection(models.Model):
     def __str__(self) -> str:
         who = self.brex_company_name or self.brex_user_email or self.brex_user_id
         return f"{who} ({self.environment}, {self.status})"
+
+    @property
+    def owning_team(self):
+        """The team this connection belongs to; None for a personal connection, and always
+        None without ``BREX_OAUTH_TEAM_MODEL`` (where the model has no ``team`` field)."""
+        if team_model_setting() is None or self.team_id is None:
+            return None
+        return self.team
 
     @property
     def scopes(self) -> list[str]:

@@ -12,22 +12,23 @@ from django.dispatch import Signal
 #:
 #: kwargs: ``connection``, ``user`` (the site user), ``created`` (False on reconnect),
 #: ``team`` (with ``BREX_OAUTH_TEAM_MODEL``, the team it was connected for; None for a
-#: personal connection, and always None without a team model). The other signals'
-#: receivers read the team as ``connection.team``.
+#: personal connection, and always None without a team model). The other connection
+#: signals carry ``team`` too, with the same meaning.
 connected = Signal()
 
 #: A connection was disconnected by its owner or revoked by staff. Sent once per disconnect,
 #: right after the first attempt at Brex; later retries of the revocation send nothing.
 #:
 #: kwargs: ``connection``, ``actor`` (the user who did it, or None),
-#: ``revoked_at_brex`` (True once Brex confirmed the revocation; False while it is queued).
+#: ``revoked_at_brex`` (True once Brex confirmed the revocation; False while it is queued),
+#: ``team`` (the connection's team, as for ``connected``).
 disconnected = Signal()
 
 #: A connection's tokens were refreshed.
 #:
 #: kwargs: ``connection``, ``rotated`` (True when Brex issued a new refresh token),
 #: ``old_scopes`` and ``new_scopes`` (the granted scopes before and after, as lists; they
-#: differ when the customer narrowed the grant at Brex).
+#: differ when the customer narrowed the grant at Brex), ``team`` (as for ``connected``).
 token_refreshed = Signal()
 
 #: A refresh failed for good: the connection now needs the customer to reconnect.
@@ -36,7 +37,7 @@ token_refreshed = Signal()
 #: "undecryptable_token" when no configured key decrypts the stored tokens; or
 #: "insufficient_scope" when the grant no longer holds a scope of ``REQUIRED_API_SCOPES``),
 #: ``description`` (Brex's description, what went wrong here, or which scopes are missing;
-#: never a token).
+#: never a token), ``team`` (as for ``connected``).
 refresh_failed = Signal()
 
 #: A verified Brex webhook was stored. Sent once per ``Webhook-Id``, after the commit, with

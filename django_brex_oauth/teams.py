@@ -22,6 +22,8 @@ from .models import BrexConnection, team_model_setting
 REVOKE_PERMISSION = "brex_oauth.revoke_brexconnection"
 #: The model permission that lets staff see every connection.
 VIEW_PERMISSION = "brex_oauth.view_brexconnection"
+#: The model permission that lets staff refresh any connection (the admin's "Refresh now").
+CHANGE_PERMISSION = "brex_oauth.change_brexconnection"
 
 
 def teams_enabled() -> bool:
@@ -102,6 +104,13 @@ class TeamPolicy:
             return connection.owner_id is not None and connection.owner_id == user.pk
         return self.can_connect(user, connection.team)
 
+    def can_refresh(self, user, connection: BrexConnection) -> bool:
+        """May ``user`` refresh ``connection``'s tokens now (the admin's "Refresh now")?
+        Staff with ``brex_oauth.change_brexconnection``, and whoever may reconnect it."""
+        if _is_staff_with(user, CHANGE_PERMISSION):
+            return True
+        return self.can_reconnect(user, connection)
+
     def can_disconnect(self, user, connection: BrexConnection) -> bool:
         """May ``user`` disconnect ``connection`` (revoke it at Brex)?"""
         if _is_staff_with(user, REVOKE_PERMISSION):
@@ -145,3 +154,11 @@ def can_manage(user, connection: BrexConnection) -> bool:
     if not teams_enabled():
         return connection.owner_id == user.pk or _is_staff_with(user, REVOKE_PERMISSION)
     return get_team_policy().can_disconnect(user, connection)
+
+
+def can_refresh(user, connection: BrexConnection) -> bool:
+    """May ``user`` refresh ``connection`` from the admin? Without a team model, anyone the
+    admin lets change connections; with one, the policy says."""
+    if not teams_enabled():
+        return True
+    return get_team_policy().can_refresh(user, connection)

@@ -107,7 +107,7 @@ def test_on_demand_refresh_saves_the_rotated_tokens(brex, received):
     assert received["refreshed"] == [
         {"sender": BrexConnection, "connection": connection, "rotated": True,
          "old_scopes": connection.scopes, "new_scopes": connection.scopes,
-         "signal": signals.token_refreshed}
+         "team": None, "signal": signals.token_refreshed}
     ]
     assert received["failed"] == []
     assert brex.stats["token_refresh_token"] == 1
@@ -237,6 +237,7 @@ def test_invalid_grant_marks_needs_reauth_once(brex, received, caplog):
             "connection": connection,
             "error": "invalid_grant",
             "description": "The refresh token is invalid or expired.",
+            "team": None,
             "signal": signals.refresh_failed,
         }
     ]

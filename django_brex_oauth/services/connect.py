@@ -41,6 +41,7 @@ from ..models import (
     EventKind,
     RevocationStatus,
     connection_pk,
+    team_note,
 )
 from ..tasks import read_identity as read_identity_task
 from . import webhook_subscriptions
@@ -440,7 +441,7 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens, team
             connection=connection,
             kind=EventKind.CONNECTED if created else EventKind.RECONNECTED,
             detail="Scopes granted: " + (" ".join(tokens.scopes) or "none")
-            + ("" if team is None else f". For team {team} (id {team.pk})."),
+            + ("" if team is None else ". " + team_note(team)),
             actor=user,
         )
         # The app's own follow-up first: a receiver that raises must not keep the replaced

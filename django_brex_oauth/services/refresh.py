@@ -63,6 +63,7 @@ from ..models import (
     ConnectionStatus,
     EventKind,
     connection_pk,
+    team_note,
 )
 from . import throttle, unreadable
 
@@ -464,6 +465,7 @@ def _plan_refreshed(
     started: BrexToken, claimant: str, answer: oauth.TokenResponse, rotated: bool
 ) -> _Save:
     connection = started.connection
+    team = connection.owning_team
     old_scopes = connection.scopes
     # No scope in the answer: what was granted before (RFC 6749 section 6).
     new_scopes = list(answer.scopes) or old_scopes
@@ -495,12 +497,14 @@ def _plan_refreshed(
         # so that a disconnect can still revoke it, out of the sweep.
         token_fields.update(access_token=None, access_token_expires_at=None)
         connection_fields.update(status=ConnectionStatus.NEEDS_REAUTH, last_error=reason)
-        events.append((EventKind.NEEDS_REAUTH, reason + " The customer must connect again."))
+        events.append((EventKind.NEEDS_REAUTH, " ".join(filter(None, (
+            reason, "The customer must connect again.", team_note(team)
+        )))))
 
         def send_refresh_failed(connection: BrexConnection) -> None:
             signals.refresh_failed.send(
                 sender=BrexConnection, connection=connection, error="insufficient_scope",
-                description=reason,
+                description=reason, team=team,
             )
 
         return _Save(
@@ -517,13 +521,14 @@ def _plan_refreshed(
     events.append((
         EventKind.REFRESHED,
         f"Access token valid until {answer.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
-        f"refresh token {'rotated' if rotated else 'kept'}.",
+        f"refresh token {'rotated' if rotated else 'kept'}."
+        + ("" if team is None else " " + team_note(team)),
     ))
 
     def send_token_refreshed(connection: BrexConnection) -> None:
         signals.token_refreshed.send(
             sender=BrexConnection, connection=connection, rotated=rotated,
-            old_scopes=old_scopes, new_scopes=new_scopes,
+            old_scopes=old_scopes, new_scopes=new_scopes, team=team,
         )
 
     return _Save(
@@ -725,16 +730,19 @@ def _mark_needs_reauth(
         token.refresh_claimed_until = None
         token.refresh_claimed_by = ""
         token.save()
+        team = connection.owning_team
         ConnectionEvent.objects.create(
             connection=connection,
             kind=EventKind.NEEDS_REAUTH,
-            detail=reason[:2000] + " The customer must connect again.",
+            detail=" ".join(filter(None, (
+                reason[:2000], "The customer must connect again.", team_note(team)
+            ))),
         )
         error, description = err.error, err.description
         transaction.on_commit(
             lambda: signals.refresh_failed.send(
                 sender=BrexConnection, connection=connection, error=error,
-                description=description,
+                description=description, team=team,
             )
         )
     logger.warning("Brex connection %s needs re-authorization: %s", connection_id, err.error)

@@ -43,6 +43,7 @@ from ..models import (
     EventKind,
     RevocationStatus,
     connection_pk,
+    team_note,
 )
 from . import throttle, unreadable, webhook_subscriptions
 
@@ -167,7 +168,10 @@ def disconnect(
                 connection=locked,
                 kind=EventKind.DISCONNECTED,
                 actor=actor if getattr(actor, "pk", None) else None,
-                detail="Disconnected; no longer used. Revoking the refresh token at Brex.",
+                detail=" ".join(filter(None, (
+                    "Disconnected; no longer used. Revoking the refresh token at Brex.",
+                    team_note(locked.owning_team),
+                ))),
             )
 
     attempt = RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id)
@@ -184,10 +188,11 @@ def disconnect(
             # with the connection as the database now has it.
             if newly:
                 revoked = attempt.revoked
+                team = locked.owning_team
                 transaction.on_commit(
                     lambda: signals.disconnected.send(
                         sender=BrexConnection, connection=locked, actor=actor,
-                        revoked_at_brex=revoked,
+                        revoked_at_brex=revoked, team=team,
                     )
                 )
         finally:

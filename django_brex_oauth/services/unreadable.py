@@ -20,7 +20,14 @@ from django.utils import timezone
 
 from .. import signals
 from ..db import write_transaction
-from ..models import BrexConnection, BrexToken, ConnectionEvent, ConnectionStatus, EventKind
+from ..models import (
+    BrexConnection,
+    BrexToken,
+    ConnectionEvent,
+    ConnectionStatus,
+    EventKind,
+    team_note,
+)
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -57,15 +64,18 @@ def mark_unreadable(connection_id: int) -> bool:
         connection.status = ConnectionStatus.NEEDS_REAUTH
         connection.last_error = REASON
         connection.save(update_fields=["status", "last_error", "updated_at"])
+        team = connection.owning_team
         ConnectionEvent.objects.create(
             connection=connection,
             kind=EventKind.NEEDS_REAUTH,
-            detail=REASON + " The customer must connect again.",
+            detail=" ".join(filter(None, (
+                REASON, "The customer must connect again.", team_note(team)
+            ))),
         )
         transaction.on_commit(
             lambda: signals.refresh_failed.send(
                 sender=BrexConnection, connection=connection, error=ERROR_CODE,
-                description=REASON,
+                description=REASON, team=team,
             )
         )
     logger.error("Brex connection %s needs re-authorization: %s", connection_id, REASON)

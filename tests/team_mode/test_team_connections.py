@@ -231,3 +231,89 @@ def test_for_team_and_for_user(member, outsider, team, other_team, brex_settings
     assert set(BrexConnection.objects.for_user(member)) == {mine, personal}
     assert set(BrexConnection.objects.for_user(outsider)) == {theirs}
     assert Team.objects.count() == 2
+
+
+# Signals and events carry the team ------------------------------------------------------
+
+
+@pytest.fixture
+def heard():
+    """What the connection signals sent, by signal name (kwargs of each send)."""
+    received = {"disconnected": [], "token_refreshed": [], "refresh_failed": []}
+    for name, kwargs_list in received.items():
+        getattr(signals, name).connect(
+            lambda kwargs_list=kwargs_list, **kw: kwargs_list.append(kw), weak=False,
+            dispatch_uid=f"test-team-{name}",
+        )
+    yield received
+    for name in received:
+        getattr(signals, name).disconnect(dispatch_uid=f"test-team-{name}")
+
+
+def event_detail(connection, kind):
+    return ConnectionEvent.objects.get(connection=connection, kind=kind).detail
+
+
+def test_a_refresh_sends_and_records_the_team(member, team, fake_brex, brex_settings, heard):
+    from django_brex_oauth.services.refresh import Outcome, refresh_connection
+
+    connection = make_connection(member, fake=fake_brex, team=team)
+    personal = make_connection(member, fake=fake_brex)
+
+    assert refresh_connection(connection, force=True).outcome == Outcome.REFRESHED
+    assert refresh_connection(personal, force=True).outcome == Outcome.REFRESHED
+
+    assert [(kw["connection"].pk, kw["team"]) for kw in heard["token_refreshed"]] == [
+        (connection.pk, team), (personal.pk, None)
+    ]
+    assert all({"rotated", "old_scopes", "new_scopes"} <= set(kw)
+               for kw in heard["token_refreshed"])
+    assert f"For team {team} (id {team.pk})." in event_detail(connection, "refreshed")
+    assert "For team" not in event_detail(personal, "refreshed")
+
+
+def test_a_refused_refresh_sends_and_records_the_team(
+    member, team, fake_brex, brex_settings, heard
+):
+    from django_brex_oauth.services.refresh import Outcome, refresh_connection
+
+    connection = make_connection(member, fake=fake_brex, team=team)
+    fake_brex.revoke_all()  # the customer removed the app at Brex
+
+    assert refresh_connection(connection, force=True).outcome == Outcome.NEEDS_REAUTH
+
+    assert [(kw["connection"].pk, kw["team"], kw["error"]) for kw in
+            heard["refresh_failed"]] == [(connection.pk, team, "invalid_grant")]
+    assert "description" in heard["refresh_failed"][0]
+    assert f"For team {team} (id {team.pk})." in event_detail(connection, "needs_reauth")
+    assert heard["token_refreshed"] == []
+
+
+def test_an_undecryptable_connection_sends_and_records_the_team(
+    member, team, fake_brex, brex_settings, heard
+):
+    from django_brex_oauth.services.unreadable import ERROR_CODE, mark_unreadable
+
+    connection = make_connection(member, fake=fake_brex, team=team)
+
+    assert mark_unreadable(connection.pk)
+
+    assert [(kw["connection"].pk, kw["team"], kw["error"]) for kw in
+            heard["refresh_failed"]] == [(connection.pk, team, ERROR_CODE)]
+    assert f"For team {team} (id {team.pk})." in event_detail(connection, "needs_reauth")
+
+
+def test_a_disconnect_sends_and_records_the_team(
+    client_class, member, second_member, team, fake_brex, brex_settings, heard
+):
+    connection = make_connection(member, fake=fake_brex, team=team)
+    client = client_class()
+    client.force_login(second_member)  # another member of the team disconnects it
+
+    response = client.post(reverse("brex_oauth:disconnect", args=[connection.pk]))
+
+    assert response.status_code == 302
+    assert [(kw["connection"].pk, kw["team"], kw["actor"], kw["revoked_at_brex"])
+            for kw in heard["disconnected"]] == [(connection.pk, team, second_member, True)]
+    assert f"For team {team} (id {team.pk})." in event_detail(connection, "disconnected")
+

@@ -8,7 +8,12 @@ from django.contrib.auth.models import Permission
 from django.core import checks
 from django.urls import reverse
 
-from django_brex_oauth.models import AuthorizationRequest, BrexConnection, ConnectionStatus
+from django_brex_oauth.models import (
+    AuthorizationRequest,
+    BrexConnection,
+    BrexToken,
+    ConnectionStatus,
+)
 from django_brex_oauth.teams import TeamPolicy, get_team_policy
 from django_brex_oauth.testing.factories import make_connection
 
@@ -171,6 +176,54 @@ def test_the_admins_revoke_action_revokes_for_staff_the_default_policy_allows(
 
     team_connection.refresh_from_db()
     assert team_connection.status == ConnectionStatus.REVOKED
+
+
+class NoStaffRefreshPolicy(TeamPolicy):
+    """Only a team's members may refresh its connections; staff may not."""
+
+    def can_refresh(self, user, connection):
+        return self.can_reconnect(user, connection)
+
+
+def test_the_admins_refresh_action_asks_the_policy(people, team_connection, client_class,
+                                                   settings, fake_brex):
+    settings.BREX_OAUTH = {
+        **settings.BREX_OAUTH,
+        "TEAM_POLICY": f"{__name__}.NoStaffRefreshPolicy",
+    }
+    before = team_connection.token.refresh_token
+    admin = client_of(client_class, people["staff"])
+    url = reverse("admin:brex_oauth_brexconnection_changelist")
+
+    response = admin.post(url, {"action": "refresh_now", "_selected_action":
+                                [str(team_connection.pk)]}, follow=True)
+
+    assert "you may not refresh it" in response.content.decode()
+    team_connection.refresh_from_db()
+    assert team_connection.last_refreshed_at is None
+    assert BrexToken.objects.get(pk=team_connection.pk).refresh_token == before
+    assert fake_brex.stats["token_refresh_token"] == 0
+
+
+def test_the_admins_refresh_action_refreshes_for_staff_the_default_policy_allows(
+    people, team_connection, client_class, fake_brex
+):
+    admin = client_of(client_class, people["staff"])
+    url = reverse("admin:brex_oauth_brexconnection_changelist")
+
+    response = admin.post(url, {"action": "refresh_now", "_selected_action":
+                                [str(team_connection.pk)]}, follow=True)
+
+    assert ": refreshed;" in response.content.decode()
+    team_connection.refresh_from_db()
+    assert team_connection.last_refreshed_at is not None
+    assert fake_brex.stats["token_refresh_token"] == 1
+
+
+@pytest.mark.parametrize("role", sorted(MATRIX))
+def test_the_default_policy_on_refreshing(role, people, team_connection):
+    may = {"member": True, "outsider": False, "staff": True, "leaver": False}[role]
+    assert get_team_policy().can_refresh(people[role], team_connection) is may
 
 
 # System checks --------------------------------------------------------------------------
