@@ -54,6 +54,12 @@ DEFAULT_ENV_FILE = EXAMPLE_DIR / ".env"
 
 DEMO_USERNAME = "demo"
 DEMO_PASSWORD = "demo"
+#: The demo user's workspace. Workspaces are the site's teams: a connection made for a
+#: workspace is seen by all its members (BREX_OAUTH_TEAM_MODEL, docs/teams.rst).
+DEMO_WORKSPACE = "Ledgerline Books"
+#: The other people of the demo, signing in with their username as password (no staff):
+#: (username, workspace). One shares the demo user's workspace, one has a workspace of its own.
+DEMO_PEOPLE = (("alex", DEMO_WORKSPACE), ("blake", "Harbor Accounting"))
 
 #: The fake's client credentials (its defaults), given to the site in fake mode.
 FAKE_CLIENT_ID = "test-client-id"
@@ -442,7 +448,11 @@ class Stack:
             if config.beat:
                 self._process("beat", [*celery, "beat", "--loglevel", "INFO"], env)
             # While those start up.
-            self.manage("demo_user", "--username", DEMO_USERNAME, "--password", DEMO_PASSWORD)
+            self.manage("demo_user", "--username", DEMO_USERNAME, "--password", DEMO_PASSWORD,
+                        "--workspace", DEMO_WORKSPACE)
+            for username, workspace in DEMO_PEOPLE:
+                self.manage("demo_user", "--username", username, "--password", username,
+                            "--workspace", workspace, "--no-staff")
             wait_for_http(self.url + "login/", config.ready_timeout, site)
             if self.issuer:
                 wait_for_http(
@@ -708,7 +718,9 @@ def _print_ready(stack: Stack, use_fake: bool, brex: Mapping[str, str], staying:
         "Ready.",
         f"  Site:       {stack.url}",
         f"  Sign in:    username {DEMO_USERNAME}, password {DEMO_PASSWORD} "
-        f"(also for the admin at {stack.url}admin/)",
+        f"(also for the admin at {stack.url}admin/); workspace {DEMO_WORKSPACE}",
+        *(f"              or {name} / {name} (workspace {workspace})"
+          for name, workspace in DEMO_PEOPLE),
     ]
     if use_fake:
         lines.append(

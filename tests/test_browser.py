@@ -4,8 +4,10 @@ Headless Chromium (Debian's ``chromium``) driven by Playwright signs in to the e
 served for real (runserver, a Celery worker and beat, SQLite) by the demo's machinery,
 connects at a fake Brex granting only some scopes, sees live Brex data on the dashboard and a
 refresh done in the background, denies on a second try, and disconnects; reconnects, changes
-their name at Brex and sees the USER_UPDATED webhook arrive on the dashboard. Each step is saved
-to test-artifacts/screenshots/NN-step.png; the site's logs to test-artifacts/browser-site-logs/.
+their name at Brex and sees the USER_UPDATED webhook arrive on the dashboard; then connects for
+their workspace, which a second member of it sees and a member of another does not. Each step
+is saved to test-artifacts/screenshots/NN-step.png; the site's logs to
+test-artifacts/browser-site-logs/.
 """
 
 from __future__ import annotations
@@ -295,3 +297,66 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
     for kind in ("Connected", "Tokens refreshed", "Disconnected", "Revoked at Brex"):
         expect(events.get_by_text(kind, exact=True).first).to_be_visible()
     shot("admin-connection-event-log")
+
+    # A workspace's connection belongs to its members: the demo user connects one for their
+    # workspace; a second member of it sees it, a member of another workspace does not.
+    workspace = demo.DEMO_WORKSPACE
+    (member_name, member_workspace), (outsider_name, outsider_workspace) = demo.DEMO_PEOPLE
+    assert member_workspace == workspace and outsider_workspace != workspace
+    page.set_viewport_size({"width": 1100, "height": 820})
+    page.goto(site.url)
+    page.get_by_role("link", name=f"Connect a Brex account for {workspace}").click()
+    expect(page.locator("#consent-form")).to_be_visible()
+    page.locator("#allow").click()
+    expect(page).to_have_url(site.url)
+    shared = page.locator("section.connection[data-workspace]")
+    expect(shared).to_have_count(1)
+    expect(page.locator("section.connection")).to_have_count(2)  # and the personal one
+    expect(shared.locator(".workspace")).to_contain_text(
+        f"Shared with workspace {workspace}, connected by {demo.DEMO_USERNAME}"
+    )
+    expect(shared.locator(".badge")).to_have_text("Active")
+    shot("connected-for-the-workspace")
+    ((team_pk,),) = query(data_dir, "SELECT team_id FROM brex_oauth_brexconnection WHERE "
+                          "team_id IS NOT NULL AND status = 'active'")
+
+    def signed_in(username: str) -> Any:
+        context = page.context.browser.new_context(
+            viewport={"width": 1100, "height": 820}, locale="en-US"
+        )
+        person = context.new_page()
+        person.set_default_timeout(15_000)
+        person.goto(site.url)
+        person.get_by_label("Username").fill(username)
+        person.get_by_label("Password").fill(username)
+        person.get_by_role("button", name="Sign in").click()
+        expect(person.get_by_role("heading", name="Your Brex connections")).to_be_visible()
+        return person
+
+    member = signed_in(member_name)
+    expect(member.locator("section.connection")).to_have_count(1)  # not the personal one
+    seen = member.locator(f"section.connection[data-workspace='{team_pk}']")
+    expect(seen.locator(".badge")).to_have_text("Active")
+    expect(seen.locator(".workspace")).to_contain_text(f"Shared with workspace {workspace}")
+    expect(seen.locator(".brex-user")).to_contain_text(ada["email"])  # read live, as a member
+    shot.page = member
+    shot("a-second-member-sees-the-workspaces-connection")
+
+    outsider = signed_in(outsider_name)
+    expect(outsider.get_by_role("heading", name="No Brex account connected yet")).to_be_visible()
+    expect(outsider.locator("section.connection")).to_have_count(0)
+    expect(outsider.locator("#workspaces")).to_contain_text(outsider_workspace)
+    expect(outsider.locator("#workspaces")).not_to_contain_text(workspace)
+    shot.page = outsider
+    shot("another-workspace-does-not-see-it")
+    # Nor may they connect for it, or disconnect its connection, by forging the request.
+    forged = outsider.request.get(f"{site.url}brex/connect/?team={team_pk}", max_redirects=0)
+    assert forged.status == 403
+    (connection_pk,) = query(data_dir, "SELECT id FROM brex_oauth_brexconnection WHERE "
+                             "team_id = ?", team_pk)[0]
+    assert outsider.request.get(
+        f"{site.url}brex/disconnect/{connection_pk}/confirm/", max_redirects=0
+    ).status in (403, 404)
+    assert query(data_dir, "SELECT status FROM brex_oauth_brexconnection WHERE id = ?",
+                 connection_pk) == [("active",)]
+    shot.page = page

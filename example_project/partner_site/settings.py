@@ -36,6 +36,7 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 INSTALLED_APPS = [
     # First, so that its templates (brex_oauth/base.html) override the app's.
     "partner_site",
+    "workspaces",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -92,6 +93,10 @@ STATIC_ROOT = DATA_DIR / "static"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Brex -------------------------------------------------------------------------------
+# Connections may belong to a workspace rather than to one person: every member of the
+# workspace sees them (docs/teams.rst). A personal connection (no workspace) stays possible.
+BREX_OAUTH_TEAM_MODEL = "workspaces.Workspace"
+
 # Without BREX_CLIENT_ID the site talks to the fake Brex server the demo starts; with it,
 # to Brex itself (BREX_ENVIRONMENT picks production or staging) unless BREX_ISSUER and
 # BREX_API_BASE_URL point elsewhere.

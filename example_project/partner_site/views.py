@@ -1,4 +1,5 @@
-"""The partner site's pages: a dashboard of the signed-in user's Brex connections."""
+"""The partner site's pages: a dashboard of the Brex connections the signed-in user may
+see: their own, and those of their workspaces."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from django_brex_oauth.client import BrexClient
 from django_brex_oauth.conf import brex_settings
 from django_brex_oauth.exceptions import BrexAPIError, BrexOAuthError
 from django_brex_oauth.models import BrexConnection, BrexToken, BrexWebhookEvent, EventKind
+from django_brex_oauth.teams import get_team_policy, teams_enabled
 
 USER_SCOPES = ("users", "users.readonly")
 COMPANY_SCOPES = ("companies.readonly",)
@@ -80,6 +82,16 @@ def _read_live_data(view: ConnectionView) -> None:
     view.fetched_at = timezone.now()
 
 
+def _visible_connections(user) -> QuerySet[BrexConnection]:
+    """The user's own connections and their workspaces' (the team policy decides)."""
+    return BrexConnection.objects.for_user(user)
+
+
+def _connectable_workspaces(user) -> list:
+    """The workspaces the user may connect a Brex account for."""
+    return list(get_team_policy().connectable_teams(user)) if teams_enabled() else []
+
+
 def _brex_target() -> str:
     """Which Brex this site talks to, for the footer."""
     if brex_settings.ISSUER:
@@ -92,7 +104,11 @@ def _brex_target() -> str:
 def dashboard(request: HttpRequest) -> HttpResponse:
     """The user's connections, live data from Brex for each active one, and the buttons
     to connect, reconnect and disconnect."""
-    connections = list(_with_refresh_counts(request.user.brex_connections.all()))
+    connections = list(
+        _with_refresh_counts(_visible_connections(request.user))
+        .select_related(*(("team",) if teams_enabled() else ()))
+        .order_by("pk")
+    )
     views = []
     for connection in connections:
         view = ConnectionView(connection, refresh_count=connection.refresh_count)
@@ -101,7 +117,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             # The client may just have refreshed the tokens, or found them refused.
             connection.refresh_from_db()
         views.append(view)
-    tokens = {t.connection_id: t for t in _token_times(request.user.brex_connections.all())}
+    tokens = {t.connection_id: t for t in _token_times(_visible_connections(request.user))}
     for view in views:
         view.token = tokens.get(view.connection.pk)
     return render(
@@ -114,6 +130,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "status_poll_seconds": settings.DASHBOARD_POLL_SECONDS,
             "webhook_events": [_event_row(e) for e in _latest_events(request.user)],
             "webhooks_on": bool(brex_settings.WEBHOOK_EVENT_TYPES),
+            "workspaces": _connectable_workspaces(request.user),
         },
     )
 
@@ -123,8 +140,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 def token_status(request: HttpRequest) -> JsonResponse:
     """When each of the user's connections' access token expires and when it was last
     refreshed, for the dashboard to show refreshes as they happen. No token values."""
-    connections = _with_refresh_counts(request.user.brex_connections.all())
-    tokens = {t.connection_id: t for t in _token_times(request.user.brex_connections.all())}
+    connections = _with_refresh_counts(_visible_connections(request.user))
+    tokens = {t.connection_id: t for t in _token_times(_visible_connections(request.user))}
     data = []
     for connection in connections:
         token = tokens.get(connection.pk)
@@ -145,9 +162,9 @@ def token_status(request: HttpRequest) -> JsonResponse:
 
 
 def _latest_events(user) -> QuerySet[BrexWebhookEvent]:
-    """The newest webhook events Brex sent about this user's connections."""
+    """The newest webhook events Brex sent about the connections this user may see."""
     return (
-        BrexWebhookEvent.objects.filter(connections__owner=user)
+        BrexWebhookEvent.objects.filter(connections__in=_visible_connections(user))
         .distinct()
         .order_by("-received_at", "-pk")[:LATEST_EVENTS]
     )
