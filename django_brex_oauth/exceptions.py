@@ -66,6 +66,17 @@ class StateError(AuthorizationError, SuspiciousOperation):
     )
 
 
+class RepeatedParameter(AuthorizationError):
+    """The redirect back from Brex repeats ``state``, ``code``, ``iss`` or ``error``, which
+    RFC 6749 section 3.1 forbids: which value counts cannot be known, so none is used."""
+
+    title = "This Brex sign-in link is not valid"
+    user_message = (
+        "The link that brought you back from Brex was malformed (it named a value more than "
+        "once), so nothing was connected. Please start connecting again."
+    )
+
+
 class AccessDenied(AuthorizationError):
     """Brex redirected back with an ``error`` (usually ``access_denied``)."""
 

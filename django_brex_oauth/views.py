@@ -68,6 +68,10 @@ def render_error(request: HttpRequest, error: BrexOAuthError) -> HttpResponse:
     )
 
 
+#: Callback parameters that must not be repeated (RFC 6749 section 3.1: a repeated one is
+#: refused rather than one of its values picked).
+SINGLE_VALUED_PARAMS = ("state", "code", "iss", "error")
+
 #: What the authorization code reads as in the request once the callback has taken it.
 REDACTED = "[redacted]"
 
@@ -176,9 +180,21 @@ def connect(request: HttpRequest) -> HttpResponse:
 @login_required
 def callback(request: HttpRequest) -> HttpResponse:
     """Where Brex sends the person back with a code (or an error) and the state."""
+    # Counted before the code is redacted (which leaves a single value).
+    repeated = [name for name in SINGLE_VALUED_PARAMS if len(request.GET.getlist(name)) > 1]
     params = take_callback_params(request)
-    state = params.get("state", "")
     pending = request.session.get(SESSION_KEY, [])
+    if repeated:
+        # Which value counts cannot be known: refuse, taking every attempt a state names.
+        states = [s for s in request.GET.getlist("state") if s and s in pending]
+        request.session[SESSION_KEY] = [s for s in pending if s not in states]
+        err = services.refuse_repeated_parameters(
+            user=request.user, repeated=repeated, states_in_session=states
+        )
+        logger.warning("Brex connection failed for user %s: %s: %s", request.user.pk,
+                       type(err).__name__, err)
+        return render_error(request, err)
+    state = params.get("state", "")
     in_session = bool(state) and state in pending
     if in_session:
         request.session[SESSION_KEY] = [s for s in pending if s != state]

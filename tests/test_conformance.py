@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from urllib.parse import parse_qs, parse_qsl, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import jwt
 import pytest
@@ -136,6 +136,38 @@ def test_rfc9207_an_error_answer_from_another_issuer_is_not_believed(flow, fake_
     response = flow.callback(location)
     refused_sign_in(response, fake_brex, page_text=MIXED_UP, tokens_issued=False)
     assert b"declined" not in response.content
+
+
+# RFC 6749 section 3.1: a parameter sent more than once
+
+@signin
+@pytest.mark.parametrize("name", ["state", "code", "iss", "error"])
+def test_rfc6749_a_callback_repeating_a_parameter_is_refused(flow, fake_brex, name):
+    location = fake_brex.consent(flow.start())
+    # A second attempt of the same person, whose values make the repeats.
+    other = fake_brex.consent(flow.start())
+    params = parse_qsl(urlsplit(location).query, keep_blank_values=True)
+    if name == "error":
+        params += [("error", "access_denied"), ("error", "server_error")]
+    else:
+        params.append((name, callback_params(other)[name]))
+    response = flow.client.get(urlsplit(location).path + "?" + urlencode(params))
+
+    refused_sign_in(response, fake_brex, page_text=b"named a value more than once",
+                    tokens_issued=False)
+    # The attempt is used up as by any other refusal: its clean answer connects nothing.
+    first = AuthorizationRequest.objects.get(state=callback_params(location)["state"])
+    assert first.consumed_at is not None
+    refused_sign_in(flow.callback(location), fake_brex, page_text=b"used already",
+                    tokens_issued=False)
+    second = flow.callback(other)
+    if name == "state":
+        # Both attempts the callback named are used up.
+        refused_sign_in(second, fake_brex, page_text=b"used already", tokens_issued=False)
+    else:
+        # An attempt the callback did not name is left alone.
+        assert second.status_code == 302
+        assert BrexConnection.objects.get().status == "active"
 
 
 # OpenID Connect Core 3.1.3.7: the id_token of a sign-in

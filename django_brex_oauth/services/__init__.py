@@ -4,6 +4,16 @@ Views, tasks, management commands and admin actions call these functions and
 nothing below them.
 """
 
-from .connect import CompletedConnection, complete_authorization, start_authorization
+from .connect import (
+    CompletedConnection,
+    complete_authorization,
+    refuse_repeated_parameters,
+    start_authorization,
+)
 
-__all__ = ["CompletedConnection", "complete_authorization", "start_authorization"]
+__all__ = [
+    "CompletedConnection",
+    "complete_authorization",
+    "refuse_repeated_parameters",
+    "start_authorization",
+]

@@ -27,6 +27,7 @@ from ..exceptions import (
     IdTokenError,
     NoScopesGranted,
     OfflineAccessNotGranted,
+    RepeatedParameter,
     StateError,
     TeamNotAllowed,
     TeamNotFound,
@@ -135,6 +136,20 @@ def consume_authorization_request(*, user, state: str | None, state_in_session: 
             ),
         )
     return auth_request
+
+
+def refuse_repeated_parameters(
+    *, user, repeated: list[str], states_in_session: list[str]
+) -> RepeatedParameter:
+    """The error for a callback that repeats a parameter (RFC 6749 section 3.1), after taking
+    every pending authorization its ``state`` values name for this session, as any other
+    refused callback does: none of them can complete a connection afterwards."""
+    for state in states_in_session:
+        try:
+            consume_authorization_request(user=user, state=state, state_in_session=True)
+        except StateError:
+            pass  # Already taken, expired or someone else's: nothing left to take.
+    return RepeatedParameter("repeated parameter(s) in the callback: " + ", ".join(repeated))
 
 
 @sensitive_variables()
