@@ -459,16 +459,17 @@ def refresh(refresh_token: str, *, issuer: str | None = None) -> TokenResponse:
 
 
 @sensitive_variables()
-def verify_client_credentials() -> None:
-    """Find out whether the token endpoint accepts ``CLIENT_ID`` and ``CLIENT_SECRET``,
-    without issuing or changing anything at Brex.
+def verify_client_credentials(*, issuer: str | None = None) -> None:
+    """Find out whether the token endpoint of ``issuer`` (the configured one by default)
+    accepts ``CLIENT_ID`` and ``CLIENT_SECRET``, without issuing or changing anything at
+    Brex.
 
     It asks to refresh a token that cannot exist: a server that accepts the client answers
     ``invalid_grant``; one that does not answers ``invalid_client`` (raised as
     :class:`InvalidClient`). Any other refusal is raised as the :class:`TokenError` it is.
     """
     try:
-        refresh("brex-oauth-check-" + secrets.token_urlsafe(24))
+        refresh("brex-oauth-check-" + secrets.token_urlsafe(24), issuer=issuer)
     except InvalidGrant:
         return
     raise TokenError(

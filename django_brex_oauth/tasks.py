@@ -76,27 +76,31 @@ def refresh_due_connections(all_active: bool = False) -> int:
     each batch over one broker connection. ``all_active`` queues every active connection,
     forced. Beyond ``SWEEP_RATE_LIMIT`` tasks, each further ``SWEEP_RATE_LIMIT`` is sent for
     one ``SWEEP_RATE_WINDOW`` later, so that the shared budget rarely has to defer one.
-    While Brex asks to wait (``Retry-After``) or refuses the client credentials, nothing is
-    queued. Returns how many tasks were queued.
+    While a Brex asks to wait (``Retry-After``) or refuses the client credentials, nothing is
+    queued for the connections made in its environment. Returns how many tasks were queued.
     """
     import logging
 
     from .conf import brex_settings
-    from .exceptions import BrexUnavailable, RefreshPaused
+    from .exceptions import RefreshPaused
     from .services import refresh, throttle
 
     logger = logging.getLogger("django_brex_oauth")
-    try:
-        throttle.before_token_request()
-    except BrexUnavailable as err:
+    # Per Brex environment: a wait or a refused client at one Brex holds back only the
+    # connections made there.
+    held = refresh.held_environments()
+    for environment, err in held.items():
         log = logger.error if isinstance(err, RefreshPaused) else logger.warning
-        log("Refresh sweep: nothing queued: %s", err)
+        log("Refresh sweep: nothing queued for %s connections: %s", environment, err)
+    if len(held) == len(throttle.environments()):
         return 0
     limit = max(1, int(brex_settings.SWEEP_RATE_LIMIT))
     window = float(brex_settings.SWEEP_RATE_WINDOW)
     queued = 0
     app = refresh_connection.app
-    for batch in refresh.batched_due_connection_ids(all_active=all_active):
+    for batch in refresh.batched_due_connection_ids(
+        all_active=all_active, exclude_environments=held
+    ):
         if not batch:
             continue
         with app.producer_or_acquire() as producer:

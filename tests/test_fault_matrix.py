@@ -44,7 +44,7 @@ from django_brex_oauth.models import (
     EventKind,
     RevocationStatus,
 )
-from django_brex_oauth.services import refresh, revoke
+from django_brex_oauth.services import refresh, revoke, throttle
 from django_brex_oauth.services.refresh import Outcome
 from django_brex_oauth.services.revoke import disconnect, pending_revocation_ids
 from django_brex_oauth.testing import FakeBrex
@@ -927,13 +927,10 @@ def brex_production():
         yield server
 
 
-@pytest.mark.django_db(transaction=True)
-def test_switching_the_site_to_production_keeps_staging_connections_at_staging(
-    brex_settings, fake_brex, brex_production, monkeypatch, user
-):
-    """A connection made in staging is refreshed, called and revoked at Brex staging after
-    the site switched ENVIRONMENT to production (ISSUER and API_BASE_URL now override
-    production's URLs); production connections go to production."""
+def _staging_then_production(brex_settings, fake_brex, brex_production, monkeypatch, user,
+                             **settings):
+    """A connection made at Brex staging (``fake_brex``), the site switched to production
+    (``brex_production``), a connection made there; both due for a refresh."""
     staging = make_connection(user, fake=fake_brex)
     assert staging.environment == "staging"
     # Brex staging's documented URLs lead to the fake the connection was made at.
@@ -941,10 +938,27 @@ def test_switching_the_site_to_production_keeps_staging_connections_at_staging(
     monkeypatch.setitem(conf.API_BASE_URLS, "staging", fake_brex.api_base_url)
     brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "ENVIRONMENT": "production",
                                 "ISSUER": brex_production.issuer,
-                                "API_BASE_URL": brex_production.api_base_url}
+                                "API_BASE_URL": brex_production.api_base_url, **settings}
     production = make_connection(create_user("grace"), fake=brex_production)
     assert production.environment == "production"
+    _make_due()
+    return staging, production
+
+
+def _make_due() -> None:
     BrexToken.objects.update(access_token_expires_at=timezone.now() + timedelta(seconds=30))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_switching_the_site_to_production_keeps_staging_connections_at_staging(
+    brex_settings, fake_brex, brex_production, monkeypatch, user
+):
+    """A connection made in staging is refreshed, called and revoked at Brex staging after
+    the site switched ENVIRONMENT to production (ISSUER and API_BASE_URL now override
+    production's URLs); production connections go to production."""
+    staging, production = _staging_then_production(
+        brex_settings, fake_brex, brex_production, monkeypatch, user
+    )
 
     with SignalRecorder(refresh_failed=signals.refresh_failed) as received:
         assert refresh.sweep().refreshed == 2
@@ -961,6 +975,82 @@ def test_switching_the_site_to_production_keeps_staging_connections_at_staging(
     assert disconnect(staging, actor=user).revoked_at_brex
     assert not fake_brex.is_refresh_token_active(refresh_token)
     assert [r for r in brex_production.requests if r["path"].endswith("/v1/revoke")] == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_after_from_one_environments_brex_holds_back_only_its_connections(
+    brex_settings, fake_brex, brex_production, monkeypatch, user
+):
+    """Brex production's 429 keeps the site from calling Brex production, not Brex staging,
+    where the staging connections refresh (the configured environment is production)."""
+    staging, production = _staging_then_production(
+        brex_settings, fake_brex, brex_production, monkeypatch, user
+    )
+    brex_production.fail_next("/v1/token", status=429, retry_after=120)
+
+    first = refresh.sweep()
+    assert (first.refreshed, first.failed, first.deferred) == (1, 1, 0)
+    _make_due()
+    second = refresh.sweep()
+    assert (second.refreshed, second.failed, second.deferred) == (1, 0, 1)
+    assert "Retry-After" in second.held_back
+    # The Celery sweep queues the staging connection alone.
+    _make_due()
+    assert tasks.refresh_due_connections.apply().get() == 1
+    # Each Brex was asked only what it allows: production once, staging every time.
+    assert [r["status"] for r in _requests_to(brex_production, "/v1/token")] == [429]
+    assert fake_brex.stats["token_refresh_token"] == 3
+    assert stored_token(staging).connection.last_error == ""
+    with pytest.raises(BrexUnavailable) as caught:
+        refresh.refresh_connection(production, force=True)
+    assert 100 < caught.value.retry_after <= 120
+    assert refresh.refresh_connection(staging, force=True).outcome == refresh.Outcome.REFRESHED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_client_refused_by_one_environments_brex_pauses_only_its_connections(
+    brex_settings, fake_brex, brex_production, monkeypatch, user
+):
+    """Brex staging refusing the client credentials pauses the staging connections alone;
+    the pause is probed at Brex staging (so Brex production accepting the credentials does
+    not end it), and ends once Brex staging accepts them."""
+    staging, production = _staging_then_production(
+        brex_settings, fake_brex, brex_production, monkeypatch, user,
+        CLIENT_REJECTED_PROBE_INTERVAL=1,
+    )
+    secret = fake_brex.client_secret
+    fake_brex.client_secret = "rotated-at-staging-only"
+
+    with _rate_signals() as received:
+        report = refresh.sweep()
+    assert (report.refreshed, report.failed, report.paused) == (1, 1, True)
+    [rejected] = received["rejected"]
+    assert rejected["connection"] == staging
+    assert throttle.client_pause("staging") is not None
+    assert throttle.client_pause() is None and throttle.client_pause("production") is None
+    # Production goes on refreshing; staging sends nothing until its probe time.
+    staging_requests = len(_requests_to(fake_brex, "/v1/token"))
+    assert refresh.refresh_connection(production, force=True).outcome == refresh.Outcome.REFRESHED
+    with pytest.raises(RefreshPaused):
+        refresh.refresh_connection(staging, force=True)
+    assert len(_requests_to(fake_brex, "/v1/token")) == staging_requests
+    # At the probe time the probe asks Brex staging, which still refuses: still paused.
+    time.sleep(1.2)
+    with pytest.raises(RefreshPaused):
+        refresh.refresh_connection(staging, force=True)
+    assert len(_requests_to(fake_brex, "/v1/token")) == staging_requests + 1
+    assert throttle.client_pause("staging") is not None
+    assert refresh.refresh_connection(production, force=True).outcome == refresh.Outcome.REFRESHED
+    # Fixed at Brex staging: the next probe ends the pause and the staging connection
+    # refreshes there.
+    fake_brex.client_secret = secret
+    time.sleep(1.2)
+    assert refresh.refresh_connection(staging, force=True).outcome == refresh.Outcome.REFRESHED
+    assert throttle.client_pause("staging") is None
+    token = stored_token(staging)
+    assert token.connection.status == ConnectionStatus.ACTIVE
+    assert fake_brex.is_refresh_token_active(token.refresh_token)
+    assert stored_token(production).connection.status == ConnectionStatus.ACTIVE
 
 
 

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -246,7 +246,8 @@ def refresh_connection(
     if token.connection.status == ConnectionStatus.ACTIVE and needs_refresh(token):
         # Outside the claim: an on-demand caller may sleep through a short Retry-After.
         throttle.before_token_request(
-            max_wait=float(brex_settings.RETRY_BACKOFF_MAX) if wait else 0.0
+            max_wait=float(brex_settings.RETRY_BACKOFF_MAX) if wait else 0.0,
+            environment=token.connection.environment,
         )
     claimant = new_claimant_id()
     deadline = time.monotonic() + lease_seconds() + 5
@@ -347,7 +348,7 @@ def _refresh_claimed(
             raise BrexUnavailable(str(err)) from err
         except BrexUnavailable as err:
             # A Retry-After holds back every worker, not only this one.
-            throttle.hold_for(throttle.token_scope(), err)
+            throttle.hold_for(throttle.token_scope(token.connection.environment), err)
             _record_transient_failure(connection_id, err)
             raise
         except TokenError as err:
@@ -786,7 +787,9 @@ def _revoke_quietly(token: str | None, hint: str, issuer: str) -> None:
 # The sweep ---------------------------------------------------------------------------------
 
 
-def batched_due_connection_ids(*, all_active: bool = False) -> Iterator[list[int]]:
+def batched_due_connection_ids(
+    *, all_active: bool = False, exclude_environments: Collection[str] = ()
+) -> Iterator[list[int]]:
     """Ids of the connections the sweep should refresh, ``SWEEP_BATCH_SIZE`` at a time,
     most urgent first. Connections another worker is refreshing are left out.
 
@@ -796,6 +799,8 @@ def batched_due_connection_ids(*, all_active: bool = False) -> Iterator[list[int
     and :func:`refresh_connection` checks the status anyway (and wipes a stray expiry), so
     joining every candidate to its connection here would only add cost. ``all_active``
     lists every active connection that has a refresh token instead.
+    ``exclude_environments`` leaves out the connections made in those Brex environments
+    (the join is made only then: while a Brex holds the sweep back).
     """
     size = max(1, int(brex_settings.SWEEP_BATCH_SIZE))
     now = timezone.now()
@@ -808,6 +813,8 @@ def batched_due_connection_ids(*, all_active: bool = False) -> Iterator[list[int
     # One plain query: a server-side cursor would make PostgreSQL pick a fast-start plan
     # (walking an index in order) that is far slower for this OR-ed condition, and the ids
     # are small (a million of them take a few tens of MB).
+    if exclude_environments:
+        tokens = tokens.exclude(connection__environment__in=list(exclude_environments))
     ids = list(tokens.unclaimed(now).values_list("connection_id", flat=True))
     for start in range(0, len(ids), size):
         yield ids[start : start + size]
@@ -860,24 +867,28 @@ def sweep(
     The synchronous twin of the Celery sweep, for cron: connections another worker is busy
     with are skipped, a transient failure is counted and the sweep goes on. It takes each
     request from the sweep's shared rate budget and, when that is used up, sleeps until the
-    next window. Once Brex asks to wait (``Retry-After``) or refuses the client credentials,
-    nothing more is sent: the rest are counted as deferred, for a later run. ``progress`` is
-    called after each connection with (done, total, report).
+    next window. Once a Brex asks to wait (``Retry-After``) or refuses the client
+    credentials, nothing more is sent to it: the rest of the connections made in its
+    environment are counted as deferred, for a later run, while those of the other
+    environment go on. ``progress`` is called after each connection with (done, total,
+    report).
     """
     connection_ids = due_connection_ids(all_active=all_active)
     report = SweepReport()
+    #: Environment -> why its Brex is not to be called now.
+    held: dict[str, BrexUnavailable] = {}
     if connection_ids:
         used, limit, _refused = throttle.sweep_budget_use()
         logger.info(
             "Refresh sweep: %s connection(s) due; rate budget: %s of %s token requests used "
             "in this window.", len(connection_ids), used, limit,
         )
-        try:
-            throttle.before_token_request()
-        except BrexUnavailable as err:
+        held = held_environments()
+        for err in held.values():
             _hold_back(report, err)
     for done, connection_id in enumerate(connection_ids, start=1):
-        if report.held_back:
+        # The environment is looked up only while some Brex holds the sweep back.
+        if held and _environment_of(connection_id) in held:
             report.deferred += 1
             if progress is not None:
                 progress(done, len(connection_ids), report)
@@ -887,6 +898,7 @@ def sweep(
         except BrexUnavailable as err:
             report.add(None)
             if err.retry_after:
+                held[_environment_of(connection_id)] = err
                 _hold_back(report, err)
         except BrexOAuthError:
             report.add(None)
@@ -909,6 +921,27 @@ def sweep(
     return report
 
 
+def held_environments() -> dict[str, BrexUnavailable]:
+    """The Brex environments whose token endpoint may not be called now (``Retry-After``
+    running, or the client credentials refused), each with why; a paused one whose probe
+    time has come is probed first (see :func:`throttle.before_token_request`)."""
+    held = {}
+    for environment in throttle.environments():
+        try:
+            throttle.before_token_request(environment=environment)
+        except BrexUnavailable as err:
+            held[environment] = err
+    return held
+
+
+def _environment_of(connection_id: int) -> str | None:
+    return (
+        BrexConnection.objects.filter(pk=connection_id)
+        .values_list("environment", flat=True)
+        .first()
+    )
+
+
 def _sweep_one(connection_id: int, all_active: bool) -> RefreshResult:
     """Refresh one connection for the synchronous sweep, waiting for the rate budget."""
     while True:
@@ -919,5 +952,5 @@ def _sweep_one(connection_id: int, all_active: bool) -> RefreshResult:
 
 
 def _hold_back(report: SweepReport, err: BrexUnavailable) -> None:
-    report.held_back = str(err)
+    report.held_back = "; ".join(filter(None, [report.held_back, str(err)]))
     report.paused = report.paused or isinstance(err, RefreshPaused)

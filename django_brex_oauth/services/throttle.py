@@ -33,7 +33,7 @@ from django.db.models import Case, F, Q, When
 from django.db.models.functions import Now
 
 from .. import oauth, signals
-from ..conf import brex_settings
+from ..conf import AUTH_BASE_URLS, brex_settings
 from ..exceptions import BrexOAuthError, BrexUnavailable, InvalidClient, RefreshPaused, TokenError
 from ..models import BrexConnection, BrexThrottle, ThrottleReason
 
@@ -43,16 +43,25 @@ logger = logging.getLogger("django_brex_oauth")
 # Scopes ----------------------------------------------------------------------------------
 
 
-def _client_key() -> str:
-    # Brex limits per client; a site talking to staging and production (or switching
-    # client ids) keeps their waits apart. A digest keeps the scope short and readable.
-    material = f"{brex_settings.issuer}\n{brex_settings.CLIENT_ID}"
+def environments() -> list[str]:
+    """Every Brex environment a connection may talk to, the configured one first."""
+    configured = brex_settings.environment
+    return [configured, *(name for name in AUTH_BASE_URLS if name != configured)]
+
+
+def _client_key(environment: str | None = None) -> str:
+    # Brex limits per client and per Brex: connections made in the other environment call
+    # that environment's issuer (``issuer_for``), whose 429s and refusals say nothing about
+    # this one's. Keyed by the issuer actually called and the client id, so that switching
+    # either keeps the waits apart. A digest keeps the scope short and readable.
+    material = f"{brex_settings.issuer_for(environment)}\n{brex_settings.CLIENT_ID}"
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
-def token_scope() -> str:
-    """The token endpoint (refresh, code exchange, client credentials) of this client."""
-    return f"token:{_client_key()}"
+def token_scope(environment: str | None = None) -> str:
+    """The token endpoint (refresh, code exchange, client credentials) of this client, at
+    the Brex of ``environment`` (None: the configured one)."""
+    return f"token:{_client_key(environment)}"
 
 
 def revocation_scope() -> str:
@@ -60,9 +69,10 @@ def revocation_scope() -> str:
     return f"revocation:{_client_key()}"
 
 
-def client_scope() -> str:
-    """Where the client pause (Brex refused the client credentials) is kept."""
-    return f"client:{_client_key()}"
+def client_scope(environment: str | None = None) -> str:
+    """Where the client pause (Brex refused the client credentials) is kept, per Brex
+    environment (None: the configured one)."""
+    return f"client:{_client_key(environment)}"
 
 
 def sweep_scope() -> str:
@@ -77,7 +87,8 @@ def api_scope(connection: BrexConnection | None) -> str:
         account = "onboarding"
     else:
         account = connection.brex_company_id or f"connection-{connection.pk}"
-    return f"api:{_client_key()}:{account}"[:200]
+    environment = None if connection is None else connection.environment
+    return f"api:{_client_key(environment)}:{account}"[:200]
 
 
 def _rows(scope: str):
@@ -168,10 +179,13 @@ def wait_for(
 
 
 def before_token_request(
-    *, max_wait: float = 0.0, sleep: Callable[[float], None] = time.sleep
+    *,
+    max_wait: float = 0.0,
+    sleep: Callable[[float], None] = time.sleep,
+    environment: str | None = None,
 ) -> None:
-    """Return once this site may ask the token endpoint to refresh, in one query when
-    nothing holds it back.
+    """Return once this site may ask the token endpoint of ``environment``'s Brex (None:
+    the configured one) to refresh, in one query when nothing holds it back.
 
     Raises :class:`BrexUnavailable` while Brex's ``Retry-After`` runs (after sleeping
     through up to ``max_wait`` seconds of it), and :class:`RefreshPaused` while Brex
@@ -179,25 +193,26 @@ def before_token_request(
     (across every process) probes the credentials; when they work, the pause ends and that
     caller goes on.
     """
+    token, client = token_scope(environment), client_scope(environment)
     rows = {
         row.scope: row
-        for row in BrexThrottle.objects.filter(scope__in=[token_scope(), client_scope()])
+        for row in BrexThrottle.objects.filter(scope__in=[token, client])
         .exclude(reason="")
         .annotate(left=F("not_before") - Now())
     }
-    retry = rows.get(token_scope())
+    retry = rows.get(token)
     if retry is not None and retry.not_before is not None:
         left = min(_seconds(retry.left), float(brex_settings.RETRY_AFTER_MAX))
         if left > max_wait:
             raise _too_soon("the token endpoint", left)
         if left > 0:
             sleep(left)
-    pause = rows.get(client_scope())
+    pause = rows.get(client)
     if pause is not None and pause.reason == ThrottleReason.CLIENT_REJECTED:
         left = _seconds(pause.left)
-        if left > 0 or not _take_probe():
+        if left > 0 or not _take_probe(environment):
             raise _paused(pause, max(left, 1.0))
-        _probe()
+        _probe(environment)
 
 
 def _paused(pause: BrexThrottle | None, left: float) -> RefreshPaused:
@@ -210,44 +225,57 @@ def _paused(pause: BrexThrottle | None, left: float) -> RefreshPaused:
     )
 
 
-def _take_probe() -> bool:
+def _take_probe(environment: str | None) -> bool:
     """Claim the one probe of a pause whose probe time has come: the winner moves the next
     probe time on, so every other caller keeps waiting."""
     interval = timedelta(seconds=float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL))
     return bool(
-        _rows(client_scope())
+        _rows(client_scope(environment))
         .filter(reason=ThrottleReason.CLIENT_REJECTED, not_before__lte=Now())
         .update(not_before=Now() + interval)
     )
 
 
-def _probe() -> None:
-    """Ask the token endpoint whether it accepts the client credentials now (without
-    issuing anything); end the pause if it does, else raise :class:`RefreshPaused`."""
+def _probe(environment: str | None) -> None:
+    """Ask the token endpoint of ``environment``'s Brex whether it accepts the client
+    credentials now (without issuing anything); end that pause if it does, else raise
+    :class:`RefreshPaused`."""
+    interval = float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)
     try:
-        oauth.verify_client_credentials()
+        oauth.verify_client_credentials(issuer=brex_settings.issuer_for(environment))
     except InvalidClient as err:
-        client_rejected(err)
-        raise _paused(client_pause(), float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)) from err
+        client_rejected(err, environment=environment)
+        raise _paused(client_pause(environment), interval) from err
     except BrexUnavailable as err:
-        hold_for(token_scope(), err)
-        raise _paused(client_pause(), float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)) from err
+        hold_for(token_scope(environment), err)
+        raise _paused(client_pause(environment), interval) from err
     except BrexOAuthError as err:
         logger.error("Probing Brex's client credentials failed: %s", err)
-        raise _paused(client_pause(), float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)) from err
-    client_accepted()
+        raise _paused(client_pause(environment), interval) from err
+    client_accepted(environment)
 
 
-def client_rejected(err: TokenError, *, connection: BrexConnection | None = None) -> bool:
-    """Brex refused the client credentials: pause refreshing for every connection.
+def client_rejected(
+    err: TokenError,
+    *,
+    connection: BrexConnection | None = None,
+    environment: str | None = None,
+) -> bool:
+    """Brex refused the client credentials: pause refreshing for every connection of
+    ``environment`` (the connection's when one is given; else None: the configured one),
+    the Brex that refused them.
 
     Logs an ERROR every time; the first refusal of a pause also sends
     :data:`~django_brex_oauth.signals.client_credentials_rejected` (after the commit).
     Returns True when this call started the pause.
     """
+    if connection is not None:
+        environment = connection.environment
     interval = timedelta(seconds=float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL))
     detail = f"Brex refused this site's client credentials ({err.error})"
-    scope = client_scope()
+    if (environment or brex_settings.environment) != brex_settings.environment:
+        detail += f" in {environment}"
+    scope = client_scope(environment)
     _ensure(scope)
     started = bool(
         _rows(scope)
@@ -274,10 +302,11 @@ def client_rejected(err: TokenError, *, connection: BrexConnection | None = None
     return started
 
 
-def client_accepted() -> bool:
-    """Brex accepts the client credentials: end the pause. True when there was one."""
+def client_accepted(environment: str | None = None) -> bool:
+    """Brex (of ``environment``; None: the configured one) accepts the client credentials:
+    end its pause. True when there was one."""
     ended = bool(
-        _rows(client_scope())
+        _rows(client_scope(environment))
         .filter(reason=ThrottleReason.CLIENT_REJECTED)
         .update(reason="", not_before=None, since=None, detail="")
     )
@@ -286,10 +315,11 @@ def client_accepted() -> bool:
     return ended
 
 
-def client_pause() -> BrexThrottle | None:
-    """The client pause in force, or None. ``left`` is the time to the next probe."""
+def client_pause(environment: str | None = None) -> BrexThrottle | None:
+    """The client pause in force for ``environment`` (None: the configured one), or None.
+    ``left`` is the time to the next probe."""
     return (
-        _rows(client_scope())
+        _rows(client_scope(environment))
         .filter(reason=ThrottleReason.CLIENT_REJECTED)
         .annotate(left=F("not_before") - Now())
         .first()
