@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from django_brex_oauth import client as client_module
 from django_brex_oauth import conf, discovery, oauth, signals, tasks
-from django_brex_oauth.client import BrexClient
+from django_brex_oauth.client import BrexClient, OnboardingClient
 from django_brex_oauth.exceptions import (
     BrexAPIUnavailable,
     BrexUnavailable,
@@ -44,7 +44,7 @@ from django_brex_oauth.models import (
     EventKind,
     RevocationStatus,
 )
-from django_brex_oauth.services import refresh, revoke, throttle
+from django_brex_oauth.services import client_credentials, refresh, revoke, throttle
 from django_brex_oauth.services.refresh import Outcome
 from django_brex_oauth.services.revoke import disconnect, pending_revocation_ids
 from django_brex_oauth.testing import FakeBrex
@@ -724,6 +724,68 @@ def test_refreshing_resumes_by_itself_once_the_client_secret_works(
     assert received["failed"] == received["rejected"] == []
     assert "Refreshing is paused" not in _rate_admin_page(client, staff_user)
     assert "Brex OAuth configuration OK." in _call_check()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("error", ["invalid_client", "unauthorized_client"])
+def test_a_client_refused_at_the_code_exchange_pauses_refreshing_and_alerts(
+    brex_settings, fake_brex, flow, caplog, error
+):
+    connection = create_connection(fake_brex, expires_in=30)
+    before = stored_token(connection)
+    if error == "invalid_client":
+        brex_settings.BREX_OAUTH = {**brex_settings.BREX_OAUTH, "CLIENT_SECRET": "a-bad-deploy"}
+    else:
+        fake_brex.fail_next("/v1/token", status=400, body={"error": "unauthorized_client"})
+
+    with _rate_signals() as received:
+        response = flow.connect()
+        # Refreshing waits for the credentials to work, as after a refused refresh.
+        with pytest.raises(RefreshPaused):
+            refresh.refresh_connection(connection, force=True)
+
+    # The person sees the error page; nothing is connected, the attempt is used up.
+    assert response.status_code == 502
+    assert b"did not accept this site&#x27;s credentials" in response.content
+    assert BrexConnection.objects.count() == 1
+    assert AuthorizationRequest.objects.get().consumed_at is not None
+    # Staff get the alert of a refused refresh: one signal, an ERROR log, the pause.
+    [rejected] = received["rejected"]
+    assert rejected["error"] == error and rejected["connection"] is None
+    assert received["failed"] == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("refreshing is paused for every Brex connection" in m for m in errors)
+    assert all("a-bad-deploy" not in r.getMessage() for r in caplog.records)
+    assert throttle.client_pause() is not None
+    # Only the code exchange reached the token endpoint; the existing connection is kept.
+    assert len(_requests_to(fake_brex, "/v1/token")) == 1
+    token = stored_token(connection)
+    assert token.connection.status == ConnectionStatus.ACTIVE
+    assert token.refresh_token == before.refresh_token
+    assert fake_brex.is_refresh_token_active(token.refresh_token)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_client_credentials_retry_after_holds_back_the_token_endpoint(
+    brex_settings, fake_brex
+):
+    connection = create_connection(fake_brex, expires_in=30)
+    scopes = [OnboardingClient.REFERRALS_SCOPE]
+    fake_brex.fail_next("/v1/token", status=429, retry_after=2)
+
+    with pytest.raises(BrexUnavailable):
+        client_credentials.get_client_credentials_token(scopes)
+    # Until it passes, neither this grant nor a refresh asks Brex.
+    with pytest.raises(BrexUnavailable) as caught:
+        client_credentials.get_client_credentials_token(scopes)
+    assert 0 < caught.value.retry_after <= 2
+    with pytest.raises(BrexUnavailable):
+        refresh.refresh_connection(connection, force=True, wait=False)
+    assert [r["status"] for r in _requests_to(fake_brex, "/v1/token")] == [429]
+    # Then it is issued.
+    time.sleep(2.1)
+    assert client_credentials.get_client_credentials_token(scopes)
+    assert fake_brex.stats["token_client_credentials"] == 1
 
 
 def _call_check() -> str:

@@ -22,7 +22,9 @@ from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth
 from ..conf import brex_settings
+from ..exceptions import BrexUnavailable
 from ..fields import RotatingFernet, UndecryptableValue
+from . import throttle
 
 _fernet = RotatingFernet()
 
@@ -60,7 +62,14 @@ def _cached_token(key: str) -> str | None:
 
 @sensitive_variables()
 def _fetch_and_store(key: str, scopes: list[str]) -> str:
-    answer = oauth.client_credentials(scopes)
+    # The token endpoint's Retry-After, whichever caller got it, holds this grant back too;
+    # and one this grant gets holds back every other caller of the token endpoint.
+    throttle.wait_for(throttle.token_scope(), "the token endpoint")
+    try:
+        answer = oauth.client_credentials(scopes)
+    except BrexUnavailable as err:
+        throttle.hold_for(throttle.token_scope(), err)
+        raise
     access_token = answer.usable_access_token()
     lifetime = float(answer.expires_in)
     # Renew CLIENT_CREDENTIALS_MARGIN seconds early, but never use less than half of a
@@ -81,7 +90,9 @@ def get_client_credentials_token(scopes: Iterable[str]) -> str:
     Served from the cache while it has more than ``CLIENT_CREDENTIALS_MARGIN`` seconds to
     live; otherwise fetched from the token endpoint by one caller at a time.
     Raises :class:`~django_brex_oauth.exceptions.BrexUnavailable` or
-    :class:`~django_brex_oauth.exceptions.TokenError` when Brex does not issue one.
+    :class:`~django_brex_oauth.exceptions.TokenError` when Brex does not issue one, and
+    :class:`~django_brex_oauth.exceptions.BrexUnavailable` (with ``retry_after``), without
+    asking Brex, while the token endpoint's ``Retry-After`` runs.
     """
     wanted = _normalise(scopes)
     key = _key(wanted)

@@ -25,6 +25,7 @@ from ..exceptions import (
     AuthorizationError,
     BrexOAuthError,
     IdTokenError,
+    InvalidClient,
     NoScopesGranted,
     OfflineAccessNotGranted,
     RepeatedParameter,
@@ -45,7 +46,7 @@ from ..models import (
     team_note,
 )
 from ..tasks import read_identity as read_identity_task
-from . import webhook_subscriptions
+from . import throttle, webhook_subscriptions
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -179,16 +180,22 @@ def complete_authorization(
     if callback_scopes is not None and oauth.required_scopes_only(callback_scopes.split()):
         raise NoScopesGranted("no API scope granted")
 
-    tokens = oauth.exchange_code(
-        code=code,
-        redirect_uri=auth_request.redirect_uri,
-        code_verifier=auth_request.code_verifier,
-        granted_scopes=(
-            callback_scopes.split()
-            if callback_scopes is not None
-            else auth_request.requested_scopes.split()
-        ),
-    )
+    try:
+        tokens = oauth.exchange_code(
+            code=code,
+            redirect_uri=auth_request.redirect_uri,
+            code_verifier=auth_request.code_verifier,
+            granted_scopes=(
+                callback_scopes.split()
+                if callback_scopes is not None
+                else auth_request.requested_scopes.split()
+            ),
+        )
+    except InvalidClient as err:
+        # The site's client credentials, as for a refused refresh: refreshing pauses until
+        # they work again, and staff get the same alert. The person sees the error page.
+        throttle.client_rejected(err)
+        raise
     try:
         access_token = tokens.usable_access_token()
         if oauth.required_scopes_only(tokens.scopes):
