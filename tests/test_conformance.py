@@ -663,6 +663,29 @@ def test_a_refresh_failing_after_brex_answered_reports_no_token(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_refresh_failing_after_the_commit_reports_no_token(
+    user, brex_settings, fake_brex, settings, monkeypatch
+):
+    # A receiver of the signal sent after the save's commit raises: the frames that run the
+    # commit's callbacks hold the saved token, whose new refresh token must not show.
+    connection = make_connection(user, fake=fake_brex, expired=True)
+    answers = _record(monkeypatch, oauth, "refresh")
+
+    def receiver(**kwargs):
+        raise DeepFailure("planted in a token_refreshed receiver")
+
+    signals.token_refreshed.connect(receiver, weak=False)
+    try:
+        exc_info = _raised(lambda: refresh_connection(connection.pk, force=True))
+    finally:
+        signals.token_refreshed.disconnect(receiver)
+
+    secrets = {"new access token": answers[0].access_token,
+               "new refresh token": answers[0].refresh_token}
+    assert_no_secret_in_error_reports(settings, exc_info, secrets)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_refresh_failing_in_the_token_request_reports_no_token(
     user, brex_settings, fake_brex, settings, monkeypatch
 ):

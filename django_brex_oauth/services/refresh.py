@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from django.db import (
@@ -589,8 +590,9 @@ def _write(started: BrexToken, plan: _Save, note: str = "") -> BrexToken | None:
         )
         saved = _applied(started, plan, now)
         if plan.on_commit is not None:
-            send = plan.on_commit
-            transaction.on_commit(lambda: send(saved.connection))
+            # A partial, not a lambda: the lambda's frame would hold the saved token (and
+            # its new refresh token) outside any function marked sensitive.
+            transaction.on_commit(partial(plan.on_commit, saved.connection))
     return saved
 
 
