@@ -91,7 +91,8 @@ def refresh_due_connections(all_active: bool = False) -> int:
     held = refresh.held_environments()
     for environment, err in held.items():
         log = logger.error if isinstance(err, RefreshPaused) else logger.warning
-        log("Refresh sweep: nothing queued for %s connections: %s", environment, err)
+        log("Refresh sweep: nothing queued: %s (for the connections made in %s)", err,
+            environment)
     if len(held) == len(throttle.environments()):
         return 0
     limit = max(1, int(brex_settings.SWEEP_RATE_LIMIT))
