@@ -936,12 +936,12 @@ def held_environments() -> dict[str, BrexUnavailable]:
     return held
 
 
-def _environment_of(connection_id: int) -> str | None:
+def _environment_of(connection_id: int) -> str:
     return (
         BrexConnection.objects.filter(pk=connection_id)
         .values_list("environment", flat=True)
         .first()
-    )
+    ) or ""  # A connection deleted meanwhile: held back by no environment.
 
 
 def _sweep_one(connection_id: int, all_active: bool) -> RefreshResult:
