@@ -277,10 +277,16 @@ class BrexConnectionAdmin(admin.ModelAdmin):
         """Whether the user may revoke connections at Brex."""
         return request.user.has_perm("brex_oauth.revoke_brexconnection")
 
-    def get_actions(self, request, *args, **kwargs):
-        # Passed through as given: Django 6.1 adds where the actions are shown
-        # (action_location); older versions take no such argument.
-        actions = super().get_actions(request, *args, **kwargs)
+    def get_actions(self, request, action_location=None):
+        # Django 6.1 passes where the actions are shown, and only to an override whose
+        # signature names action_location; older versions take no such argument.
+        if action_location is None:
+            actions = super().get_actions(request)
+        else:
+            # The typecheck extra's django-stubs (< 6.1) describe Django 6.0's signature.
+            actions = super().get_actions(  # type: ignore[call-arg]
+                request, action_location=action_location
+            )
         # Bulk deletion would drop live connections without revoking them at Brex.
         actions.pop("delete_selected", None)
         return actions

@@ -464,3 +464,13 @@ def test_refresh_now_commits_at_once_under_atomic_requests(
 
     assert seen == [False]
     assert BrexToken.objects.get(pk=connection.pk).refresh_token != before
+
+
+def test_get_actions_names_djangos_action_location_argument():
+    # Django 6.1 passes action_location only to a get_actions() whose signature names it;
+    # any other override is deprecated there and loses its actions on the change form.
+    import inspect
+
+    from django_brex_oauth.admin import BrexConnectionAdmin
+
+    assert "action_location" in inspect.signature(BrexConnectionAdmin.get_actions).parameters
