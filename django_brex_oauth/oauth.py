@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import logging
 import math
 import re
 import secrets
@@ -35,6 +36,7 @@ from . import discovery
 from .conf import REQUIRED_SCOPES, brex_settings
 from .exceptions import (
     BrexOAuthConfigurationError,
+    BrexOAuthError,
     BrexUnavailable,
     DiscoveryError,
     IdTokenError,
@@ -60,6 +62,8 @@ CLIENT_REJECTED_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
 
 #: Algorithms that can never sign an id_token we accept, whatever the settings say.
 FORBIDDEN_ALGORITHMS = frozenset({"none", "HS256", "HS384", "HS512"})
+
+logger = logging.getLogger("django_brex_oauth")
 
 
 # Values for one authorization request ------------------------------------------------------
@@ -533,6 +537,18 @@ def revoke(
     if error in CLIENT_REJECTED_ERRORS:
         raise InvalidClient(error, description, response.status_code)
     raise TokenError(error, description, response.status_code)
+
+
+@sensitive_variables()
+def revoke_quietly(token: str | None, hint: str, *, issuer: str | None = None) -> None:
+    """Best-effort :func:`revoke` of a token this site will not keep (at ``issuer``, the
+    configured one by default): a failure is logged, never raised."""
+    if not token:
+        return
+    try:
+        revoke(token, hint, issuer=issuer)
+    except BrexOAuthError as err:
+        logger.warning("Could not revoke an unused Brex token: %s", err)
 
 
 # Authorization response ----------------------------------------------------------------------

@@ -218,8 +218,10 @@ def complete_authorization(
         if not tokens.refresh_token:
             raise OfflineAccessNotGranted("no refresh token")
     except BrexOAuthError:
-        _revoke_quietly(tokens.refresh_token or tokens.access_token,
-                        "refresh_token" if tokens.refresh_token else "access_token")
+        oauth.revoke_quietly(
+            tokens.refresh_token or tokens.access_token,
+            "refresh_token" if tokens.refresh_token else "access_token",
+        )
         raise
 
     # Who connected is read with the new access token. Whatever Brex answers (an error, a
@@ -473,7 +475,9 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens, team
             # function marked sensitive when the commit runs it.
             issuer = brex_settings.issuer_for(environment)
             transaction.on_commit(
-                partial(_revoke_quietly, replaced_refresh_token, "refresh_token", issuer)
+                partial(
+                    oauth.revoke_quietly, replaced_refresh_token, "refresh_token", issuer=issuer
+                )
             )
         transaction.on_commit(lambda: webhook_subscriptions.subscribe(connection))
         if not identity.complete:
@@ -485,15 +489,3 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens, team
             )
         )
     return connection, created
-
-
-@sensitive_variables()
-def _revoke_quietly(token: str | None, hint: str, issuer: str | None = None) -> None:
-    """Best-effort revocation of a token this site will not keep (at ``issuer``, the
-    configured one by default)."""
-    if not token:
-        return
-    try:
-        oauth.revoke(token, hint, issuer=issuer)
-    except BrexOAuthError as err:
-        logger.warning("Could not revoke an unused Brex token: %s", err)

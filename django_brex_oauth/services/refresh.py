@@ -694,9 +694,9 @@ def _discard(started: BrexToken, answer: oauth.TokenResponse, rotated: bool) -> 
         )
         issuer = brex_settings.issuer_for(started.connection.environment)
         if rotated:
-            _revoke_quietly(answer.refresh_token, "refresh_token", issuer)
+            oauth.revoke_quietly(answer.refresh_token, "refresh_token", issuer=issuer)
         elif answer.access_token:
-            _revoke_quietly(answer.access_token, "access_token", issuer)
+            oauth.revoke_quietly(answer.access_token, "access_token", issuer=issuer)
     if current is not None:
         ConnectionEvent.objects.create(
             connection_id=connection_id, kind=EventKind.REFRESH_DISCARDED, detail=detail
@@ -773,17 +773,6 @@ def _record_transient_failure(connection_id: int, err: BrexOAuthError) -> None:
             connection_id=connection_id, kind=EventKind.REFRESH_FAILED, detail=reason
         )
     logger.warning("Refreshing Brex connection %s failed: %s", connection_id, err)
-
-
-@sensitive_variables()
-def _revoke_quietly(token: str | None, hint: str, issuer: str) -> None:
-    """Best-effort revocation, at ``issuer``, of a token this site will not keep."""
-    if not token:
-        return
-    try:
-        oauth.revoke(token, hint, issuer=issuer)
-    except BrexOAuthError as err:
-        logger.warning("Could not revoke a Brex token this site did not keep: %s", err)
 
 
 # The sweep ---------------------------------------------------------------------------------
