@@ -11,7 +11,7 @@ from django.db import connections
 from django.utils.module_loading import import_string
 from django.views.decorators.debug import sensitive_variables
 
-from .conf import AUTH_BASE_URLS, REQUIRED_SCOPES, brex_settings
+from .conf import AUTH_BASE_URLS, REQUIRED_SCOPES, SETTINGS, brex_settings
 from .http import is_loopback_url
 from .oauth import FORBIDDEN_ALGORITHMS
 
@@ -99,113 +99,170 @@ def _callback_url_problems() -> list:
     return problems
 
 
-@register(Tags.security, "brex_oauth")
 @sensitive_variables("conf")  # the raw settings, CLIENT_SECRET included
-def check_settings(app_configs=None, **kwargs):
-    """Validate ``BREX_OAUTH``."""
-    try:
-        conf = brex_settings._user_settings()
-    except ImproperlyConfigured as err:
-        return [Error(str(err), id="brex_oauth.E000")]
-    errors: list = []
-    for name, check_id in (("CLIENT_ID", "E001"), ("CLIENT_SECRET", "E002")):
-        if not conf.get(name):
-            errors.append(
-                Error(
-                    f"BREX_OAUTH['{name}'] is not set.",
-                    hint="Brex developer support issues the client id and secret; set them "
-                    "from the environment (BREX_CLIENT_ID / BREX_CLIENT_SECRET).",
-                    id=f"brex_oauth.{check_id}",
-                )
-            )
-    if brex_settings.ENVIRONMENT not in AUTH_BASE_URLS:
-        errors.append(
-            Error(
-                f"BREX_OAUTH['ENVIRONMENT'] is {brex_settings.ENVIRONMENT!r}.",
-                hint="Use 'production' or 'staging'.",
-                id="brex_oauth.E003",
-            )
+def _credentials(conf: dict) -> list:
+    """``CLIENT_ID`` and ``CLIENT_SECRET`` are set."""
+    return [
+        Error(
+            f"BREX_OAUTH['{name}'] is not set.",
+            hint="Brex developer support issues the client id and secret; set them "
+            "from the environment (BREX_CLIENT_ID / BREX_CLIENT_SECRET).",
+            id=f"brex_oauth.{check_id}",
         )
+        for name, check_id in (("CLIENT_ID", "E001"), ("CLIENT_SECRET", "E002"))
+        if not conf.get(name)
+    ]
+
+
+def _environment() -> list:
+    """``ENVIRONMENT`` names one of Brex's environments."""
+    if brex_settings.ENVIRONMENT in AUTH_BASE_URLS:
+        return []
+    return [
+        Error(
+            f"BREX_OAUTH['ENVIRONMENT'] is {brex_settings.ENVIRONMENT!r}.",
+            hint="Use 'production' or 'staging'.",
+            id="brex_oauth.E003",
+        )
+    ]
+
+
+def _scopes() -> list:
+    """``SCOPES`` is a list of names, asks for an API scope, and only for documented ones."""
     scopes = brex_settings.SCOPES
     if not isinstance(scopes, list | tuple) or not all(isinstance(s, str) for s in scopes):
-        errors.append(
+        return [
             Error(
                 "BREX_OAUTH['SCOPES'] must be a list of scope names.",
                 hint='For example ["users.readonly", "companies.readonly"].',
                 id="brex_oauth.E004",
             )
+        ]
+    problems: list = []
+    if not [s for s in scopes if s not in REQUIRED_SCOPES]:
+        problems.append(
+            Error(
+                "BREX_OAUTH['SCOPES'] asks for no Brex API scope.",
+                hint="openid and offline_access are always requested; add the API scopes "
+                'your site needs, such as "users.readonly" or "transactions.card.readonly".',
+                id="brex_oauth.E005",
+            )
         )
-    else:
-        if not [s for s in scopes if s not in REQUIRED_SCOPES]:
-            errors.append(
-                Error(
-                    "BREX_OAUTH['SCOPES'] asks for no Brex API scope.",
-                    hint="openid and offline_access are always requested; add the API scopes "
-                    'your site needs, such as "users.readonly" or "transactions.card.readonly".',
-                    id="brex_oauth.E005",
-                )
+    unknown = [s for s in scopes if not _is_known_scope(s)]
+    if unknown:
+        problems.append(
+            Warning(
+                "BREX_OAUTH['SCOPES'] has scopes Brex does not document: " + ", ".join(unknown),
+                hint="There are no bare accounts, transactions or payments scopes; see "
+                "Brex's scopes page for the exact names.",
+                id="brex_oauth.W002",
             )
-        unknown = [s for s in scopes if not _is_known_scope(s)]
-        if unknown:
-            errors.append(
-                Warning(
-                    "BREX_OAUTH['SCOPES'] has scopes Brex does not document: "
-                    + ", ".join(unknown),
-                    hint="There are no bare accounts, transactions or payments scopes; see "
-                    "Brex's scopes page for the exact names.",
-                    id="brex_oauth.W002",
-                )
-            )
-    for name in ("ISSUER", "API_BASE_URL"):
-        if getattr(brex_settings, name):
-            problem = _url_problem(name, getattr(brex_settings, name))
-            if problem:
-                errors.append(problem)
-    errors.extend(_callback_url_problems())
+        )
+    return problems
+
+
+def _brex_urls() -> list:
+    """``ISSUER`` and ``API_BASE_URL``, when set, are absolute and https (or loopback)."""
+    overrides = (("ISSUER", brex_settings.ISSUER), ("API_BASE_URL", brex_settings.API_BASE_URL))
+    problems = [_url_problem(name, value) for name, value in overrides if value]
+    return [problem for problem in problems if problem]
+
+
+def _id_token_algorithms() -> list:
+    """``ID_TOKEN_ALGORITHMS`` is a non-empty list of asymmetric algorithms."""
     algorithms = brex_settings.ID_TOKEN_ALGORITHMS
     if (
-        not isinstance(algorithms, list | tuple)
-        or not algorithms
-        or any(not isinstance(a, str) or a in FORBIDDEN_ALGORITHMS for a in algorithms)
+        isinstance(algorithms, list | tuple)
+        and algorithms
+        and all(isinstance(a, str) and a not in FORBIDDEN_ALGORITHMS for a in algorithms)
     ):
-        errors.append(
-            Error(
-                "BREX_OAUTH['ID_TOKEN_ALGORITHMS'] must be a list of asymmetric algorithms.",
-                hint='Brex signs id_tokens with RS256; use ["RS256"]. "none" and HMAC '
-                "algorithms are never accepted.",
-                id="brex_oauth.E009",
-            )
+        return []
+    return [
+        Error(
+            "BREX_OAUTH['ID_TOKEN_ALGORITHMS'] must be a list of asymmetric algorithms.",
+            hint='Brex signs id_tokens with RS256; use ["RS256"]. "none" and HMAC '
+            "algorithms are never accepted.",
+            id="brex_oauth.E009",
         )
+    ]
+
+
+@sensitive_variables("conf")
+def _declared_types(conf: dict) -> list:
+    """Every setting declared with a type (a number, say) holds a value of that type."""
+    problems = [
+        setting.problem(conf[name]) for name, setting in SETTINGS.items() if name in conf
+    ]
+    return [
+        Error(
+            problem,
+            hint="Set it as a number (a string of digits read from the environment is "
+            "converted), or leave it out for the default.",
+            id="brex_oauth.E012",
+        )
+        for problem in problems
+        if problem
+    ]
+
+
+def _atomic_requests() -> list:
+    """No database wraps requests in a transaction that could roll back a refresh."""
     atomic = sorted(
         alias for alias, db in connections.settings.items() if db.get("ATOMIC_REQUESTS")
     )
-    if atomic:
-        errors.append(
-            Warning(
-                "ATOMIC_REQUESTS is on for database(s) {}: a Brex token refreshed during a "
-                "request is lost if that request's transaction rolls back.".format(
-                    ", ".join(atomic)
-                ),
-                hint="Brex rotates the refresh token on every refresh, so the new one must "
-                "be committed at once. Decorate views that call BrexClient with "
-                "django.db.transaction.non_atomic_requests, or silence this check "
-                "(SILENCED_SYSTEM_CHECKS) if none does.",
-                id="brex_oauth.W003",
-            )
+    if not atomic:
+        return []
+    return [
+        Warning(
+            "ATOMIC_REQUESTS is on for database(s) {}: a Brex token refreshed during a "
+            "request is lost if that request's transaction rolls back.".format(", ".join(atomic)),
+            hint="Brex rotates the refresh token on every refresh, so the new one must "
+            "be committed at once. Decorate views that call BrexClient with "
+            "django.db.transaction.non_atomic_requests, or silence this check "
+            "(SILENCED_SYSTEM_CHECKS) if none does.",
+            id="brex_oauth.W003",
         )
+    ]
+
+
+@sensitive_variables("conf", "key")
+def _encryption_key(conf: dict) -> list:
+    """Tokens are encrypted with a key of their own, not ``SECRET_KEY``."""
     key = conf.get("ENCRYPTION_KEY")
-    if not key or key == settings.SECRET_KEY:
-        errors.append(
-            Warning(
-                "Brex tokens are encrypted with a key derived from SECRET_KEY.",
-                hint="Set BREX_OAUTH['ENCRYPTION_KEY'] to its own secret so rotating "
-                "SECRET_KEY does not make stored tokens unreadable. Tokens already stored stay "
-                "readable if you list the current SECRET_KEY in ENCRYPTION_KEY_FALLBACKS, then "
-                "run manage.py brex_oauth_rotate_key.",
-                id="brex_oauth.W001",
-            )
+    if key and key != settings.SECRET_KEY:
+        return []
+    return [
+        Warning(
+            "Brex tokens are encrypted with a key derived from SECRET_KEY.",
+            hint="Set BREX_OAUTH['ENCRYPTION_KEY'] to its own secret so rotating "
+            "SECRET_KEY does not make stored tokens unreadable. Tokens already stored stay "
+            "readable if you list the current SECRET_KEY in ENCRYPTION_KEY_FALLBACKS, then "
+            "run manage.py brex_oauth_rotate_key.",
+            id="brex_oauth.W001",
         )
-    return errors
+    ]
+
+
+@register(Tags.security, "brex_oauth")
+@sensitive_variables("conf")  # the raw settings, CLIENT_SECRET included
+def check_settings(app_configs=None, **kwargs):
+    """Validate ``BREX_OAUTH``, one function per concern, in the order they are reported;
+    none of them runs while the dict itself is refused (``brex_oauth.E000``)."""
+    try:
+        conf = brex_settings._user_settings()
+    except ImproperlyConfigured as err:
+        return [Error(str(err), id="brex_oauth.E000")]
+    return [
+        *_credentials(conf),
+        *_environment(),
+        *_scopes(),
+        *_brex_urls(),
+        *_callback_url_problems(),
+        *_id_token_algorithms(),
+        *_declared_types(conf),
+        *_atomic_requests(),
+        *_encryption_key(conf),
+    ]
 
 
 @register(Tags.security, "brex_oauth")

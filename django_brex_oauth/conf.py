@@ -1,4 +1,5 @@
-"""The ``BREX_OAUTH`` settings dict: defaults, lookup and the documented Brex URLs.
+"""The ``BREX_OAUTH`` settings dict: each setting's type and default, lookup and the
+documented Brex URLs.
 
 Settings are read from :data:`django.conf.settings` on every access, so
 ``override_settings(BREX_OAUTH=...)`` takes effect immediately in tests.
@@ -6,7 +7,8 @@ Settings are read from :data:`django.conf.settings` on every access, so
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from django.conf import settings
 from django.urls import reverse
@@ -35,150 +37,225 @@ REQUIRED_SCOPES = ("openid", "offline_access")
 
 DAY = 24 * 3600
 
-DEFAULTS: dict[str, Any] = {
-    # Credentials issued by Brex developer support.
-    "CLIENT_ID": None,
-    "CLIENT_SECRET": None,
-    # "production" or "staging": picks the documented auth and API base URLs.
-    "ENVIRONMENT": PRODUCTION,
-    # API scopes to request; openid and offline_access are always added.
-    "SCOPES": ["users.readonly", "companies.readonly"],
-    # API scopes every connection must keep holding: a refresh after which Brex no longer
-    # grants one of them marks the connection needs_reauth. "users" also counts for
-    # "users.readonly".
-    "REQUIRED_API_SCOPES": [],
-    # Override the auth base URL (discovery is read at ISSUER/.well-known/openid-configuration).
-    "ISSUER": None,
-    # Override the API server.
-    "API_BASE_URL": None,
-    # Absolute callback URL registered with Brex. When None, SITE_URL is joined to the
-    # callback's path; the request's Host header is never used.
-    "REDIRECT_URI": None,
-    # This site's public address (scheme, host and port, no path), e.g.
-    # "https://partner.example.com"; the callback URL is this plus the callback's path in
-    # the URLconf. Used when REDIRECT_URI is None.
-    "SITE_URL": None,
-    # Always add prompt=login so the person signs in to Brex again.
-    "FORCE_LOGIN": False,
-    # Where to send the person after connecting when no safe ``next`` was given (a URL or
-    # a URL pattern name; the default is the page listing their connections).
-    "CONNECT_REDIRECT_URL": "brex_oauth:connections",
-    # Where to send the person after disconnecting when no safe ``next`` was given.
-    "DISCONNECT_REDIRECT_URL": "brex_oauth:connections",
-    # Token encryption key, and older keys still accepted for reading (rotation).
-    "ENCRYPTION_KEY": None,
-    "ENCRYPTION_KEY_FALLBACKS": [],
-    # Seconds a pending authorization request (state, PKCE verifier, nonce) lives.
-    "AUTHORIZATION_REQUEST_TTL": 600,
-    # id_token signature algorithms accepted; "none" is never accepted.
-    "ID_TOKEN_ALGORITHMS": ["RS256"],
-    # Seconds of clock skew tolerated when checking id_token times.
-    "ID_TOKEN_LEEWAY": 60,
-    # Seconds an id_token may have been issued before it is checked (its ``iat`` at most this
-    # far in the past, plus ID_TOKEN_LEEWAY); an older one is refused as stale.
-    "ID_TOKEN_MAX_AGE": 300,
-    # Seconds before an HTTP request to Brex gives up.
-    "HTTP_TIMEOUT": 10.0,
-    # Seconds the discovery document and JWKS stay cached.
-    "DISCOVERY_CACHE_TIMEOUT": 3600,
-    # Django cache alias used for discovery, JWKS and client-credentials tokens.
-    "CACHE_ALIAS": "default",
-    # Access-token lifetime assumed when Brex omits ``expires_in``.
-    "DEFAULT_ACCESS_TOKEN_LIFETIME": 3600,
-    # Brex forgets a refresh token this many seconds after it was first issued.
-    "REFRESH_TOKEN_LIFETIME": 90 * DAY,
-    # Refresh when the access token expires within this many seconds.
-    "REFRESH_MARGIN": 600,
-    # Refresh when the stored refresh token has not been used for this many seconds (an
-    # idle connection is still refreshed long before Brex would forget its refresh token).
-    "REFRESH_TOKEN_REFRESH_AGE": 60 * DAY,
-    # Seconds a worker's claim on a connection's refresh lasts before others may take over.
-    # At least HTTP_TIMEOUT + 5 is used; keep it under Brex's refresh-token grace period
-    # (Okta's default: 30 s) so a worker taking over from a killed one can still use the
-    # refresh token the killed worker had sent.
-    "REFRESH_LEASE_SECONDS": 25,
-    # Seconds to keep retrying the save of refreshed tokens while the database fails (a
-    # dropped connection, say), counted from Brex's answer. Keep it under Brex's grace
-    # period for a rotated-out refresh token (Okta's default: 30 s): past it, the old
-    # refresh token is dead too and an unsaved new one is lost.
-    "REFRESH_SAVE_RETRY_SECONDS": 20,
-    # The API client refreshes before a call when the access token expires within this
-    # many seconds.
-    "CLIENT_REFRESH_MARGIN": 60,
-    # Retries of the refresh task after a transient failure (timeout, 429, 5xx).
-    "REFRESH_TASK_MAX_RETRIES": 5,
-    # Base and cap, in seconds, of the refresh task's exponential backoff (with jitter).
-    "REFRESH_RETRY_BACKOFF": 15,
-    "REFRESH_RETRY_BACKOFF_MAX": 300,
-    # Refresh tasks the sweep sends per broker connection (the due ids are read in one query).
-    "SWEEP_BATCH_SIZE": 500,
-    # The sweep's shared rate budget: at most this many token requests per SWEEP_RATE_WINDOW
-    # seconds, counted in the database across every worker and host (Brex allows 1,000
-    # requests per 60 s per client and account; the rest is left for on-demand refreshes).
-    "SWEEP_RATE_LIMIT": 500,
-    "SWEEP_RATE_WINDOW": 60,
-    # The longest Retry-After honoured, in seconds (a longer one is taken as this).
-    "RETRY_AFTER_MAX": 3600,
-    # While Brex refuses the client credentials (invalid_client), refreshing is paused for
-    # every connection and the credentials are probed once per this many seconds.
-    "CLIENT_REJECTED_PROBE_INTERVAL": 300,
-    # Retries (after the first attempt) of an idempotent API call on 429 / 5xx / network errors.
-    "API_MAX_RETRIES": 3,
-    # Base seconds of the exponential backoff between retries of an API call, and its cap.
-    "RETRY_BACKOFF": 0.5,
-    "RETRY_BACKOFF_MAX": 20.0,
-    # Seconds before a client-credentials token's expiry at which a new one is fetched.
-    "CLIENT_CREDENTIALS_MARGIN": 300,
-    # Days events are kept before the cleanup task prunes them (None keeps them forever).
-    "EVENT_RETENTION_DAYS": 365,
-    # Days the routine "refreshed" events are kept (one per connection about every 50
-    # minutes); None keeps them as long as other events.
-    "REFRESH_EVENT_RETENTION_DAYS": 30,
-    # Retries of the revocation task while Brex cannot be reached; after the last one the
-    # revocation stays pending and the revocation sweep tries it again.
-    "REVOKE_TASK_MAX_RETRIES": 6,
-    # Base and cap, in seconds, of the revocation task's exponential backoff (with jitter).
-    # The sweep leaves a pending revocation alone until its last try is this cap old.
-    "REVOKE_RETRY_BACKOFF": 30,
-    "REVOKE_RETRY_BACKOFF_MAX": 900,
-    # The admin's "expiring soon" filter: refresh tokens within this many days of their end.
-    "EXPIRING_SOON_DAYS": 14,
-    # Brex webhook event types each connection subscribes to when it connects (in this
-    # order); empty subscribes to nothing.
-    "WEBHOOK_EVENT_TYPES": [],
-    # The public HTTPS URL of the webhook receiver (brex_oauth:webhook), sent to Brex as is.
-    "WEBHOOK_URL": None,
-    # Seconds a webhook's Webhook-Timestamp may be from now, in either direction.
-    "WEBHOOK_TOLERANCE": 300,
-    # Dotted path of the callable returning the current webhook signing secrets.
-    "WEBHOOK_SECRETS_FETCHER": "django_brex_oauth.webhooks.fetch_secrets_from_brex",
-    # Seconds the webhook signing secrets stay cached.
-    "WEBHOOK_SECRETS_CACHE_TIMEOUT": 3600,
-    # Run the webhook handlers (the app's own and the webhook_received signal) in a Celery
-    # task instead of in the request, right after the event is stored.
-    "WEBHOOK_PROCESS_IN_TASK": False,
-    # Retries of the subscription task while Brex cannot be reached, and the base and cap,
-    # in seconds, of its exponential backoff (with jitter).
-    "WEBHOOK_TASK_MAX_RETRIES": 6,
-    "WEBHOOK_RETRY_BACKOFF": 30,
-    "WEBHOOK_RETRY_BACKOFF_MAX": 900,
-    # Days webhook events are kept before the cleanup task prunes them (None keeps them).
-    "WEBHOOK_EVENT_RETENTION_DAYS": 90,
-    # With settings.BREX_OAUTH_TEAM_MODEL: dotted path of the class that says who may
-    # connect for a team, see its connections, reconnect and disconnect them.
-    "TEAM_POLICY": "django_brex_oauth.teams.TeamPolicy",
-    # The default policy's many-to-many relation from the team model to its members.
-    "TEAM_MEMBERS_ATTR": "members",
-}
+T = TypeVar("T")
+
+#: What a numeric setting's value must be, in the message that refuses it.
+_NOUNS: dict[Callable[[Any], Any], str] = {int: "a whole number", float: "a number"}
+
+
+class Setting(Generic[T]):
+    """One key of ``BREX_OAUTH``, declared once: its default and how a value is read.
+
+    Declared as an attribute of :class:`BrexOAuthSettings` (whose attribute name is the
+    key), it reads ``settings.BREX_OAUTH`` on every access and returns the value as ``T``:
+    ``cast`` converts it (``int``, ``float`` or ``bool``; ``None``, the default, passes the
+    value as it is and leaves its validation to the system checks), ``none`` lets ``None``
+    through unconverted, and ``minimum`` raises a smaller number to it. A value ``cast``
+    refuses raises :class:`~django_brex_oauth.exceptions.BrexOAuthConfigurationError`
+    when read; system check ``brex_oauth.E012`` reports it at start-up.
+    """
+
+    name: str
+
+    def __init__(
+        self,
+        default: T,
+        cast: Callable[[Any], T] | None = None,
+        *,
+        none: bool = False,
+        minimum: int | float | None = None,
+    ) -> None:
+        self.default = default
+        self.cast = cast
+        self.none = none
+        self.minimum = minimum
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> Setting[T]: ...
+
+    @overload
+    def __get__(self, instance: BrexOAuthSettings, owner: type | None = None) -> T: ...
+
+    def __get__(self, instance: BrexOAuthSettings | None, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return self.convert(instance._user_settings().get(self.name, self.default))
+
+    @property
+    def kind(self) -> str:
+        """What a value must be, for messages: "a whole number", "a number"; "" when any
+        value is read as it is."""
+        noun = _NOUNS.get(self.cast, "") if self.cast is not None else ""
+        return f"{noun} or None" if noun and self.none else noun
+
+    def convert(self, value: Any) -> T:
+        """``value``, set for this setting, as the app uses it."""
+        if self.cast is None or (value is None and self.none):
+            return value
+        try:
+            converted = self.cast(value)
+        except (TypeError, ValueError):
+            raise BrexOAuthConfigurationError(
+                f"BREX_OAUTH['{self.name}'] must be {self.kind}, not {value!r}."
+            ) from None
+        if self.minimum is not None and converted < self.minimum:  # type: ignore[operator]
+            return cast(T, self.minimum)
+        return converted
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` cannot be this setting's value, or None."""
+        try:
+            self.convert(value)
+        except BrexOAuthConfigurationError as err:
+            return str(err)
+        return None
 
 
 class BrexOAuthSettings:
-    """Attribute access to ``settings.BREX_OAUTH`` merged over :data:`DEFAULTS`.
+    """Attribute access to ``settings.BREX_OAUTH``, each key declared below as a
+    :class:`Setting` with its default and type.
 
     An unknown key in ``BREX_OAUTH`` raises
     :class:`~django_brex_oauth.exceptions.BrexOAuthConfigurationError` (an
     ``ImproperlyConfigured``), so a misspelt setting is caught instead of silently ignored.
     """
+
+    # Credentials issued by Brex developer support.
+    CLIENT_ID = Setting[str | None](None)
+    CLIENT_SECRET = Setting[str | None](None)
+    # "production" or "staging": picks the documented auth and API base URLs.
+    ENVIRONMENT = Setting(PRODUCTION)
+    # API scopes to request; openid and offline_access are always added.
+    SCOPES = Setting[Sequence[str]](["users.readonly", "companies.readonly"])
+    # API scopes every connection must keep holding: a refresh after which Brex no longer
+    # grants one of them marks the connection needs_reauth. "users" also counts for
+    # "users.readonly".
+    REQUIRED_API_SCOPES = Setting[Sequence[str]]([])
+    # Override the auth base URL (discovery is read at ISSUER/.well-known/openid-configuration).
+    ISSUER = Setting[str | None](None)
+    # Override the API server.
+    API_BASE_URL = Setting[str | None](None)
+    # Absolute callback URL registered with Brex. When None, SITE_URL is joined to the
+    # callback's path; the request's Host header is never used.
+    REDIRECT_URI = Setting[str | None](None)
+    # This site's public address (scheme, host and port, no path), e.g.
+    # "https://partner.example.com"; the callback URL is this plus the callback's path in
+    # the URLconf. Used when REDIRECT_URI is None.
+    SITE_URL = Setting[str | None](None)
+    # Always add prompt=login so the person signs in to Brex again.
+    FORCE_LOGIN = Setting(False, bool)
+    # Where to send the person after connecting when no safe ``next`` was given (a URL or
+    # a URL pattern name; the default is the page listing their connections).
+    CONNECT_REDIRECT_URL = Setting("brex_oauth:connections")
+    # Where to send the person after disconnecting when no safe ``next`` was given.
+    DISCONNECT_REDIRECT_URL = Setting("brex_oauth:connections")
+    # Token encryption key, and older keys still accepted for reading (rotation).
+    ENCRYPTION_KEY = Setting[str | None](None)
+    ENCRYPTION_KEY_FALLBACKS = Setting[Sequence[str]]([])
+    # Seconds a pending authorization request (state, PKCE verifier, nonce) lives.
+    AUTHORIZATION_REQUEST_TTL = Setting(600, int)
+    # id_token signature algorithms accepted; "none" is never accepted.
+    ID_TOKEN_ALGORITHMS = Setting[Sequence[str]](["RS256"])
+    # Seconds of clock skew tolerated when checking id_token times.
+    ID_TOKEN_LEEWAY = Setting(60, int)
+    # Seconds an id_token may have been issued before it is checked (its ``iat`` at most this
+    # far in the past, plus ID_TOKEN_LEEWAY); an older one is refused as stale.
+    ID_TOKEN_MAX_AGE = Setting(300, int)
+    # Seconds before an HTTP request to Brex gives up.
+    HTTP_TIMEOUT = Setting[float](10.0, float)
+    # Seconds the discovery document and JWKS stay cached.
+    DISCOVERY_CACHE_TIMEOUT = Setting(3600, int)
+    # Django cache alias used for discovery, JWKS and client-credentials tokens.
+    CACHE_ALIAS = Setting("default")
+    # Access-token lifetime assumed when Brex omits ``expires_in``.
+    DEFAULT_ACCESS_TOKEN_LIFETIME = Setting(3600, int)
+    # Brex forgets a refresh token this many seconds after it was first issued.
+    REFRESH_TOKEN_LIFETIME = Setting(90 * DAY, int)
+    # Refresh when the access token expires within this many seconds.
+    REFRESH_MARGIN = Setting[float](600, float)
+    # Refresh when the stored refresh token has not been used for this many seconds (an
+    # idle connection is still refreshed long before Brex would forget its refresh token).
+    REFRESH_TOKEN_REFRESH_AGE = Setting[float](60 * DAY, float)
+    # Seconds a worker's claim on a connection's refresh lasts before others may take over.
+    # At least HTTP_TIMEOUT + 5 is used; keep it under Brex's refresh-token grace period
+    # (Okta's default: 30 s) so a worker taking over from a killed one can still use the
+    # refresh token the killed worker had sent.
+    REFRESH_LEASE_SECONDS = Setting[float](25, float)
+    # Seconds to keep retrying the save of refreshed tokens while the database fails (a
+    # dropped connection, say), counted from Brex's answer. Keep it under Brex's grace
+    # period for a rotated-out refresh token (Okta's default: 30 s): past it, the old
+    # refresh token is dead too and an unsaved new one is lost.
+    REFRESH_SAVE_RETRY_SECONDS = Setting[float](20, float)
+    # The API client refreshes before a call when the access token expires within this
+    # many seconds.
+    CLIENT_REFRESH_MARGIN = Setting[float](60, float)
+    # Retries of the refresh task after a transient failure (timeout, 429, 5xx).
+    REFRESH_TASK_MAX_RETRIES = Setting(5, int)
+    # Base and cap, in seconds, of the refresh task's exponential backoff (with jitter).
+    REFRESH_RETRY_BACKOFF = Setting[float](15, float)
+    REFRESH_RETRY_BACKOFF_MAX = Setting[float](300, float)
+    # Refresh tasks the sweep sends per broker connection (the due ids are read in one query).
+    SWEEP_BATCH_SIZE = Setting(500, int, minimum=1)
+    # The sweep's shared rate budget: at most this many token requests per SWEEP_RATE_WINDOW
+    # seconds, counted in the database across every worker and host (Brex allows 1,000
+    # requests per 60 s per client and account; the rest is left for on-demand refreshes).
+    SWEEP_RATE_LIMIT = Setting(500, int, minimum=1)
+    SWEEP_RATE_WINDOW = Setting[float](60, float)
+    # The longest Retry-After honoured, in seconds (a longer one is taken as this).
+    RETRY_AFTER_MAX = Setting[float](3600, float)
+    # While Brex refuses the client credentials (invalid_client), refreshing is paused for
+    # every connection and the credentials are probed once per this many seconds.
+    CLIENT_REJECTED_PROBE_INTERVAL = Setting[float](300, float)
+    # Retries (after the first attempt) of an idempotent API call on 429 / 5xx / network errors.
+    API_MAX_RETRIES = Setting(3, int)
+    # Base seconds of the exponential backoff between retries of an API call, and its cap.
+    RETRY_BACKOFF = Setting[float](0.5, float)
+    RETRY_BACKOFF_MAX = Setting[float](20.0, float)
+    # Seconds before a client-credentials token's expiry at which a new one is fetched.
+    CLIENT_CREDENTIALS_MARGIN = Setting[float](300, float)
+    # Days events are kept before the cleanup task prunes them (None keeps them forever).
+    EVENT_RETENTION_DAYS = Setting[int | None](365, int, none=True)
+    # Days the routine "refreshed" events are kept (one per connection about every 50
+    # minutes); None keeps them as long as other events.
+    REFRESH_EVENT_RETENTION_DAYS = Setting[int | None](30, int, none=True)
+    # Retries of the revocation task while Brex cannot be reached; after the last one the
+    # revocation stays pending and the revocation sweep tries it again.
+    REVOKE_TASK_MAX_RETRIES = Setting(6, int)
+    # Base and cap, in seconds, of the revocation task's exponential backoff (with jitter).
+    # The sweep leaves a pending revocation alone until its last try is this cap old.
+    REVOKE_RETRY_BACKOFF = Setting[float](30, float)
+    REVOKE_RETRY_BACKOFF_MAX = Setting[float](900, float)
+    # The admin's "expiring soon" filter: refresh tokens within this many days of their end.
+    EXPIRING_SOON_DAYS = Setting(14, int)
+    # Brex webhook event types each connection subscribes to when it connects (in this
+    # order); empty subscribes to nothing.
+    WEBHOOK_EVENT_TYPES = Setting[Sequence[str]]([])
+    # The public HTTPS URL of the webhook receiver (brex_oauth:webhook), sent to Brex as is.
+    WEBHOOK_URL = Setting[str | None](None)
+    # Seconds a webhook's Webhook-Timestamp may be from now, in either direction.
+    WEBHOOK_TOLERANCE = Setting[float](300, float)
+    # Dotted path of the callable returning the current webhook signing secrets.
+    WEBHOOK_SECRETS_FETCHER = Setting[Any]("django_brex_oauth.webhooks.fetch_secrets_from_brex")
+    # Seconds the webhook signing secrets stay cached.
+    WEBHOOK_SECRETS_CACHE_TIMEOUT = Setting(3600, int)
+    # Run the webhook handlers (the app's own and the webhook_received signal) in a Celery
+    # task instead of in the request, right after the event is stored.
+    WEBHOOK_PROCESS_IN_TASK = Setting(False, bool)
+    # Retries of the subscription task while Brex cannot be reached, and the base and cap,
+    # in seconds, of its exponential backoff (with jitter).
+    WEBHOOK_TASK_MAX_RETRIES = Setting(6, int)
+    WEBHOOK_RETRY_BACKOFF = Setting[float](30, float)
+    WEBHOOK_RETRY_BACKOFF_MAX = Setting[float](900, float)
+    # Days webhook events are kept before the cleanup task prunes them (None keeps them).
+    WEBHOOK_EVENT_RETENTION_DAYS = Setting[int | None](90, int, none=True)
+    # With settings.BREX_OAUTH_TEAM_MODEL: dotted path of the class that says who may
+    # connect for a team, see its connections, reconnect and disconnect them.
+    TEAM_POLICY = Setting("django_brex_oauth.teams.TeamPolicy")
+    # The default policy's many-to-many relation from the team model to its members.
+    TEAM_MEMBERS_ATTR = Setting("members")
 
     # The dict holds CLIENT_SECRET, and an unknown key raises with it in this frame.
     @sensitive_variables("value")
@@ -195,10 +272,10 @@ class BrexOAuthSettings:
             )
         return value
 
-    def __getattr__(self, name: str) -> Any:
-        if name not in DEFAULTS:
+    if not TYPE_CHECKING:  # so that mypy reports a misspelt setting
+
+        def __getattr__(self, name: str) -> Any:
             raise AttributeError(f"Invalid BREX_OAUTH setting: {name!r}")
-        return self._user_settings().get(name, DEFAULTS[name])
 
     # Derived values -----------------------------------------------------------------
 
@@ -280,5 +357,12 @@ class BrexOAuthSettings:
         primary = self.ENCRYPTION_KEY or settings.SECRET_KEY
         return [primary, *(self.ENCRYPTION_KEY_FALLBACKS or [])]
 
+
+# Every setting's declaration, by name (documented in docs/reference.rst).
+SETTINGS: dict[str, Setting[Any]] = {
+    name: value for name, value in vars(BrexOAuthSettings).items() if isinstance(value, Setting)
+}
+
+DEFAULTS: dict[str, Any] = {name: setting.default for name, setting in SETTINGS.items()}
 
 brex_settings = BrexOAuthSettings()

@@ -486,7 +486,9 @@ def client_credentials(scopes: list[str]) -> TokenResponse:
     """A client-credentials token (the onboarding API) for ``scopes``."""
     from oauthlib.oauth2 import BackendApplicationClient
 
-    session = _BrexOAuth2Session(client=BackendApplicationClient(brex_settings.CLIENT_ID))
+    # CLIENT_ID may be unset (None), which check brex_oauth.E001 refuses at start-up.
+    client = BackendApplicationClient(brex_settings.CLIENT_ID)  # type: ignore[arg-type]
+    session = _BrexOAuth2Session(client=client)
     body, received_at = _call_token_endpoint(
         lambda url: session.fetch_token(
             url,

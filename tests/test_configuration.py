@@ -144,3 +144,64 @@ def test_a_broken_setting_raises_the_apps_configuration_error(settings):
     # An ImproperlyConfigured, outside the runtime errors that code may catch and retry.
     assert isinstance(caught.value, ImproperlyConfigured)
     assert not isinstance(caught.value, BrexOAuthError)
+
+
+def test_numbers_are_read_as_their_declared_type(settings):
+    settings.BREX_OAUTH = {
+        **BASE,
+        "REFRESH_MARGIN": "300",  # from the environment, uncast
+        "HTTP_TIMEOUT": 4,
+        "ID_TOKEN_LEEWAY": "30",
+        "EVENT_RETENTION_DAYS": None,
+        "REFRESH_EVENT_RETENTION_DAYS": "7",
+    }
+    assert brex_settings.REFRESH_MARGIN == 300.0
+    assert type(brex_settings.REFRESH_MARGIN) is float
+    assert type(brex_settings.HTTP_TIMEOUT) is float
+    assert brex_settings.ID_TOKEN_LEEWAY == 30
+    assert type(brex_settings.ID_TOKEN_LEEWAY) is int
+    assert brex_settings.EVENT_RETENTION_DAYS is None
+    assert brex_settings.REFRESH_EVENT_RETENTION_DAYS == 7
+    assert ids(settings, REFRESH_MARGIN="300", HTTP_TIMEOUT=4) == []
+
+
+def test_a_rate_limit_below_one_counts_as_one(settings):
+    settings.BREX_OAUTH = {**BASE, "SWEEP_RATE_LIMIT": 0, "SWEEP_BATCH_SIZE": "-5"}
+    assert brex_settings.SWEEP_RATE_LIMIT == 1
+    assert brex_settings.SWEEP_BATCH_SIZE == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("HTTP_TIMEOUT", "ten", "BREX_OAUTH['HTTP_TIMEOUT'] must be a number, not 'ten'."),
+        ("REFRESH_MARGIN", None, "BREX_OAUTH['REFRESH_MARGIN'] must be a number, not None."),
+        ("API_MAX_RETRIES", "1.5", "must be a whole number, not '1.5'"),
+        ("EVENT_RETENTION_DAYS", [], "must be a whole number or None, not []"),
+    ],
+)
+def test_a_value_that_is_not_of_its_settings_type_is_refused(settings, name, value, message):
+    from django_brex_oauth.exceptions import BrexOAuthConfigurationError
+
+    assert ids(settings, **{name: value}) == ["brex_oauth.E012"]
+    assert message in check_settings()[0].msg
+    with pytest.raises(BrexOAuthConfigurationError) as caught:
+        getattr(brex_settings, name)
+    assert message in str(caught.value)
+
+
+def test_every_default_is_of_its_settings_type():
+    from django_brex_oauth.conf import SETTINGS
+
+    for name, setting in SETTINGS.items():
+        assert setting.problem(setting.default) is None, name
+        assert setting.convert(setting.default) == setting.default, name
+
+
+def test_the_secret_is_never_converted_nor_shown(settings):
+    # Only numbers and flags are converted; a bad one's message names that value only.
+    from django_brex_oauth.conf import SETTINGS
+
+    assert SETTINGS["CLIENT_SECRET"].cast is None
+    settings.BREX_OAUTH = {**BASE, "CLIENT_SECRET": "s3cret-value", "HTTP_TIMEOUT": "x"}
+    assert all("s3cret-value" not in m.msg for m in check_settings())

@@ -103,3 +103,16 @@ def test_the_documented_environment_variable_is_the_example_projects(name):
     # checks that it does).
     fields = documented_settings()[name]
     assert re.match(rf"``BREX_{name}``", fields.get("Environment variable", "")), fields
+
+
+def test_every_system_check_is_documented():
+    checks = (PACKAGE_DIR / "checks.py").read_text(encoding="utf-8")
+    docs = "\n".join(
+        path.read_text(encoding="utf-8")
+        for path in (REPO_DIR / "docs").glob("*.rst")
+        if path.name != "changelog.rst"
+    )
+    ids = set(re.findall(r"\b[EW]0\d\d\b", checks))
+    assert {"E000", "E001", "E010", "E012", "W004"} <= ids
+    missing = {check_id for check_id in ids if not re.search(rf"\b{check_id}\b", docs)}
+    assert not missing, f"system checks no page of docs/ mentions: {sorted(missing)}"
