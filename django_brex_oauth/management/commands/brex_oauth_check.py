@@ -25,6 +25,28 @@ class Command(BaseCommand):
     requires_system_checks: list[str] = []
 
     def handle(self, *args, **options):
+        self._check_settings()
+        self.stdout.write(f"environment:  {brex_settings.environment}")
+        self.stdout.write(f"issuer:       {brex_settings.issuer}")
+        self.stdout.write(f"API server:   {brex_settings.api_base_url}")
+        self.stdout.write(f"scopes:       {' '.join(brex_settings.scopes)}")
+        try:
+            metadata = discovery.get_provider_metadata(force_refresh=True)
+            jwks = discovery.get_jwks(force_refresh=True)
+        except BrexOAuthError as err:
+            raise CommandError(f"Discovery failed: {err}") from err
+        problems = [
+            *self._discovery_problems(metadata),
+            *self._signing_key_problems(jwks),
+            *self._client_problems(),
+            *self._pause_problems(),
+        ]
+        if problems:
+            raise CommandError("Brex configuration problems:\n  " + "\n  ".join(problems))
+        self.stdout.write(self.style.SUCCESS("Brex OAuth configuration OK."))
+
+    def _check_settings(self) -> None:
+        """The BREX_OAUTH system checks: warnings printed, errors raised together."""
         problems: list[str] = []
         for message in check_settings():
             line = f"{message.id}: {message.msg}"
@@ -35,16 +57,9 @@ class Command(BaseCommand):
         if problems:
             raise CommandError("Configuration errors:\n  " + "\n  ".join(problems))
 
-        self.stdout.write(f"environment:  {brex_settings.environment}")
-        self.stdout.write(f"issuer:       {brex_settings.issuer}")
-        self.stdout.write(f"API server:   {brex_settings.api_base_url}")
-        self.stdout.write(f"scopes:       {' '.join(brex_settings.scopes)}")
-        try:
-            metadata = discovery.get_provider_metadata(force_refresh=True)
-            jwks = discovery.get_jwks(force_refresh=True)
-        except BrexOAuthError as err:
-            raise CommandError(f"Discovery failed: {err}") from err
-
+    def _discovery_problems(self, metadata: dict) -> list[str]:
+        """Prints the endpoints; what the discovery document lacks that the app needs."""
+        problems: list[str] = []
         for name in ("authorization_endpoint", "token_endpoint", "jwks_uri",
                      "revocation_endpoint", "userinfo_endpoint"):
             value = metadata.get(name)
@@ -63,41 +78,45 @@ class Command(BaseCommand):
         supports("response_types_supported", "code")
         for alg in brex_settings.ID_TOKEN_ALGORITHMS:
             supports("id_token_signing_alg_values_supported", alg)
+        return problems
+
+    def _signing_key_problems(self, jwks: dict) -> list[str]:
         usable = [k for k in jwks["keys"] if k.get("kty") == "RSA" and k.get("use", "sig") == "sig"]
         if not usable:
-            problems.append("the JWKS holds no RSA signing key")
-        else:
-            kids = ", ".join(str(k.get("kid")) for k in usable)
-            self.stdout.write(f"{'signing keys:':<25} {len(usable)} ({kids})")
+            return ["the JWKS holds no RSA signing key"]
+        kids = ", ".join(str(k.get("kid")) for k in usable)
+        self.stdout.write(f"{'signing keys:':<25} {len(usable)} ({kids})")
+        return []
 
+    def _client_problems(self) -> list[str]:
+        """Asks the token endpoint whether it accepts the client id and secret, and records
+        the answer in the site-wide refresh pause."""
         try:
             oauth.verify_client_credentials()
         except InvalidClient as err:
-            problems.append(
-                f"the token endpoint refused CLIENT_ID / CLIENT_SECRET ({err.error})"
-            )
             refused = err
             self._shared_state(lambda: throttle.client_rejected(refused))
+            return [f"the token endpoint refused CLIENT_ID / CLIENT_SECRET ({err.error})"]
         except TokenError as err:
-            problems.append(f"the token endpoint refused a refresh: {err.error}")
+            return [f"the token endpoint refused a refresh: {err.error}"]
         except BrexOAuthError as err:
-            problems.append(f"the token endpoint could not be asked: {err}")
-        else:
-            self.stdout.write(f"{'client credentials:':<25} accepted by the token endpoint")
-            if self._shared_state(throttle.client_accepted):
-                self.stdout.write(
-                    f"{'refreshing:':<25} was paused for the client credentials; resumes now"
-                )
-        pause = self._shared_state(throttle.client_pause)
-        if pause is not None:
-            since = f" since {pause.since:%Y-%m-%d %H:%M:%S} UTC" if pause.since else ""
-            problems.append(
-                f"refreshing is paused for every connection{since}: {pause.detail}; "
-                "connections stay active and resume once the credentials work"
+            return [f"the token endpoint could not be asked: {err}"]
+        self.stdout.write(f"{'client credentials:':<25} accepted by the token endpoint")
+        if self._shared_state(throttle.client_accepted):
+            self.stdout.write(
+                f"{'refreshing:':<25} was paused for the client credentials; resumes now"
             )
-        if problems:
-            raise CommandError("Brex configuration problems:\n  " + "\n  ".join(problems))
-        self.stdout.write(self.style.SUCCESS("Brex OAuth configuration OK."))
+        return []
+
+    def _pause_problems(self) -> list[str]:
+        pause = self._shared_state(throttle.client_pause)
+        if pause is None:
+            return []
+        since = f" since {pause.since:%Y-%m-%d %H:%M:%S} UTC" if pause.since else ""
+        return [
+            f"refreshing is paused for every connection{since}: {pause.detail}; "
+            "connections stay active and resume once the credentials work"
+        ]
 
     def _shared_state(self, read):
         """Read or write the client pause in the database; a site not migrated yet (or
