@@ -1,5 +1,5 @@
-"""The Django admin: Brex connections, their event log, pending authorizations, and the
-webhook events and subscriptions.
+"""The Django admin: Brex connections, their event log and pending authorizations; the
+webhook events and subscriptions (:mod:`~django_brex_oauth.admin_webhooks`).
 
 No token value is ever loaded into a page: :class:`~django_brex_oauth.models.BrexToken` is not
 registered, and the token columns of the connection list are annotations of its expiry
@@ -8,12 +8,9 @@ fields, so the encrypted columns are not even read. Actions call the service lay
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 
 from django.contrib import admin, messages
-from django.contrib.auth import get_user_model
-from django.core.exceptions import FieldDoesNotExist
 from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
@@ -24,64 +21,30 @@ from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
+from .admin_support import (
+    ReadOnlyAdminMixin,
+    brex_notices,
+    user_search_fields,
+)
+from .admin_support import connection_label as _connection_label
+from .admin_support import days as _days
+from .admin_support import may_see_connections as _may_see_connections
+from .admin_support import when as _when
+from .admin_webhooks import BrexWebhookEventAdmin, BrexWebhookSubscriptionAdmin
 from .conf import brex_settings
 from .exceptions import BrexOAuthError
 from .models import (
     AuthorizationRequest,
     BrexConnection,
-    BrexWebhookEvent,
-    BrexWebhookSubscription,
     ConnectionEvent,
     ConnectionStatus,
     RevocationStatus,
-    ThrottleReason,
 )
 from .services import revoke as revoke_service
-from .services import throttle, webhook_events
 from .teams import can_manage, can_refresh, teams_enabled
 
 #: Events shown inline on a connection's page; the rest are one click away.
 INLINE_EVENTS = 50
-
-
-def _user_search_fields(prefix: str) -> list[str]:
-    """Search fields for the user model's username and email, whatever the user model."""
-    user_model = get_user_model()
-    names = [user_model.USERNAME_FIELD]
-    email = user_model.get_email_field_name()
-    if email not in names:
-        try:
-            user_model._meta.get_field(email)
-        except FieldDoesNotExist:
-            pass
-        else:
-            names.append(email)
-    return [f"{prefix}__{name}" for name in names]
-
-
-def _may_see_connections(user) -> bool:
-    """The event log is part of a connection: whoever may see connections may read it."""
-    return user.has_perm("brex_oauth.view_brexconnection") or user.has_perm(
-        "brex_oauth.change_brexconnection"
-    )
-
-
-class ReadOnlyAdminMixin:
-    """Nothing can be added, changed or deleted here: the services write these rows."""
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
-
-def _connection_label(connection: BrexConnection) -> str:
-    who = connection.brex_company_name or connection.brex_user_email or connection.brex_user_id
-    return f"{who} (#{connection.pk})"
 
 
 class ExpiringSoonFilter(admin.SimpleListFilter):
@@ -247,7 +210,7 @@ class BrexConnectionAdmin(admin.ModelAdmin):
 
     def get_search_fields(self, request: HttpRequest):
         return (
-            *_user_search_fields("owner"),
+            *user_search_fields("owner"),
             "brex_user_id",
             "brex_user_email",
             "brex_company_name",
@@ -509,55 +472,6 @@ class BrexConnectionAdmin(admin.ModelAdmin):
                 )
 
 
-def brex_notices() -> list[tuple[str, str]]:
-    """What staff must know about talking to Brex right now, as (level, text) for the
-    connections list: the client pause (an error) and any Retry-After still running."""
-    notices: list[tuple[str, str]] = []
-    api_waits = []
-    for wait in throttle.active_waits():
-        kind = wait.scope.split(":", 1)[0]
-        if wait.reason == ThrottleReason.CLIENT_REJECTED:
-            notices.append((
-                "error",
-                f"Refreshing is paused for every connection since {_when(wait.since)}: "
-                f"{wait.detail}. Connections stay active and customers need not reconnect. "
-                "Fix CLIENT_ID / CLIENT_SECRET in BREX_OAUTH; refreshing resumes by itself "
-                f"once they work (next check {_when(wait.not_before)}, or run "
-                "manage.py brex_oauth_check).",
-            ))
-        elif kind == "api":
-            api_waits.append(wait)
-        else:
-            what = {"token": "refresh tokens", "revocation": "revoke tokens"}.get(kind, kind)
-            notices.append((
-                "warning",
-                f"Brex asked this site to slow down (Retry-After): nothing asks Brex to {what} "
-                f"before {_when(wait.not_before)}.",
-            ))
-    if api_waits:
-        # A Retry-After wait always has its end (active_waits() asks for one to come).
-        latest = max(
-            (wait.not_before for wait in api_waits if wait.not_before is not None),
-            default=None,
-        )
-        notices.append((
-            "warning",
-            f"Brex asked this site to slow down (Retry-After) for {len(api_waits)} Brex "
-            f"account(s): their API calls wait until {_when(latest)} at the latest.",
-        ))
-    return notices
-
-
-def _when(value) -> str:
-    if value is None:
-        return "-"
-    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M %Z")
-
-
-def _days(days: int) -> str:
-    return f"{days} day" if days == 1 else f"{days} days"
-
-
 @admin.register(ConnectionEvent)
 class ConnectionEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """The event log of every connection, read-only."""
@@ -574,7 +488,7 @@ class ConnectionEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             "connection__brex_user_email",
             "connection__brex_company_name",
             "connection__brex_user_id",
-            *_user_search_fields("connection__owner"),
+            *user_search_fields("connection__owner"),
         )
 
     @admin.display(description="connection", ordering="connection")
@@ -605,7 +519,7 @@ class AuthorizationRequestAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_per_page = 100
 
     def get_search_fields(self, request: HttpRequest):
-        return tuple(_user_search_fields("user"))
+        return tuple(user_search_fields("user"))
 
     @admin.display(description="outcome")
     def outcome(self, obj: AuthorizationRequest) -> str:
@@ -613,61 +527,12 @@ class AuthorizationRequestAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             return "used"
         return "expired" if obj.is_expired else "pending"
 
-
-# --- Webhooks ------------------------------------------------------------------------------
-
-
-@admin.register(BrexWebhookEvent)
-class BrexWebhookEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    """Webhook events as received, newest first."""
-
-    list_display = ("webhook_id", "event_type", "company_id", "status", "received_at",
-                    "processed_at", "attempts")
-    list_filter = ("event_type", "status", "company_id")
-    search_fields = ("webhook_id", "company_id")
-    date_hierarchy = "received_at"
-    readonly_fields = ("webhook_id", "event_type", "company_id", "status", "received_at",
-                       "processing_since", "processed_at", "attempts", "last_error",
-                       "connection_list", "payload_json")
-    exclude = ("payload", "connections")
-    actions = ["process_again"]
-
-    @admin.display(description="Connections")
-    def connection_list(self, obj: BrexWebhookEvent) -> str:
-        return ", ".join(str(c) for c in obj.connections.all()) or "-"
-
-    @admin.display(description="Payload")
-    def payload_json(self, obj: BrexWebhookEvent) -> str:
-        return format_html("<pre>{}</pre>", json.dumps(obj.payload, indent=2, sort_keys=True))
-
-    def has_process_permission(self, request: HttpRequest) -> bool:
-        """Staff who may change webhook events may run their handlers again."""
-        return request.user.has_perm("brex_oauth.change_brexwebhookevent")
-
-    @admin.action(description="Process again", permissions=["process"])
-    def process_again(self, request: HttpRequest, queryset: QuerySet) -> None:
-        """Run the handlers (and ``webhook_received``) once more for each selected event."""
-        for event in queryset.order_by("received_at", "pk"):
-            result = webhook_events.process(event, again=True)
-            if result is None:
-                self.message_user(request, f"{event.webhook_id}: being processed right now; "
-                                  "left alone.", messages.WARNING)
-            else:
-                level = messages.ERROR if result.last_error else messages.SUCCESS
-                detail = f" ({result.last_error})" if result.last_error else ""
-                self.message_user(request, f"{event.webhook_id}: "
-                                  f"{result.get_status_display().lower()}{detail}.", level)
-
-
-@admin.register(BrexWebhookSubscription)
-class BrexWebhookSubscriptionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    """Each connection's webhook subscription at Brex."""
-
-    list_display = ("brex_webhook_id", "connection", "status", "url", "created_at",
-                    "updated_at")
-    list_filter = ("status",)
-    search_fields = ("brex_webhook_id", "connection__brex_company_id",
-                     "connection__brex_user_email")
-    readonly_fields = ("connection", "brex_webhook_id", "url", "event_types", "status",
-                       "attempts", "last_error", "created_at", "updated_at")
-    exclude = ("idempotency_key",)
+# The webhook admins live in admin_webhooks; importing it (above) registers them.
+__all__ = [
+    "AuthorizationRequestAdmin",
+    "BrexConnectionAdmin",
+    "BrexWebhookEventAdmin",
+    "BrexWebhookSubscriptionAdmin",
+    "ConnectionEventAdmin",
+    "brex_notices",
+]

@@ -1,0 +1,104 @@
+"""What the app's admin pages share: how times and empty values read, how a connection is
+named in a message, read-only model admins, search over the user model, and the notices
+about talking to Brex (the client pause, Retry-After waits) shown above the lists.
+"""
+
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from django.core.exceptions import FieldDoesNotExist
+
+from .models import BrexConnection, ThrottleReason
+from .services import throttle
+
+
+def user_search_fields(prefix: str) -> list[str]:
+    """Search fields for the user model's username and email, whatever the user model."""
+    user_model = get_user_model()
+    names = [user_model.USERNAME_FIELD]
+    email = user_model.get_email_field_name()
+    if email not in names:
+        try:
+            user_model._meta.get_field(email)
+        except FieldDoesNotExist:
+            pass
+        else:
+            names.append(email)
+    return [f"{prefix}__{name}" for name in names]
+
+
+def may_see_connections(user) -> bool:
+    """The event log is part of a connection: whoever may see connections may read it."""
+    return user.has_perm("brex_oauth.view_brexconnection") or user.has_perm(
+        "brex_oauth.change_brexconnection"
+    )
+
+
+class ReadOnlyAdminMixin:
+    """Nothing can be added, changed or deleted here: the services write these rows."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+def connection_label(connection: BrexConnection) -> str:
+    """A connection as messages name it: "Acme Rockets, Inc. (#12)"."""
+    who = connection.brex_company_name or connection.brex_user_email or connection.brex_user_id
+    return f"{who} (#{connection.pk})"
+
+
+def brex_notices() -> list[tuple[str, str]]:
+    """What staff must know about talking to Brex right now, as (level, text) for the
+    connections list: the client pause (an error) and any Retry-After still running."""
+    notices: list[tuple[str, str]] = []
+    api_waits = []
+    for wait in throttle.active_waits():
+        kind = wait.scope.split(":", 1)[0]
+        if wait.reason == ThrottleReason.CLIENT_REJECTED:
+            notices.append((
+                "error",
+                f"Refreshing is paused for every connection since {when(wait.since)}: "
+                f"{wait.detail}. Connections stay active and customers need not reconnect. "
+                "Fix CLIENT_ID / CLIENT_SECRET in BREX_OAUTH; refreshing resumes by itself "
+                f"once they work (next check {when(wait.not_before)}, or run "
+                "manage.py brex_oauth_check).",
+            ))
+        elif kind == "api":
+            api_waits.append(wait)
+        else:
+            what = {"token": "refresh tokens", "revocation": "revoke tokens"}.get(kind, kind)
+            notices.append((
+                "warning",
+                f"Brex asked this site to slow down (Retry-After): nothing asks Brex to {what} "
+                f"before {when(wait.not_before)}.",
+            ))
+    if api_waits:
+        # A Retry-After wait always has its end (active_waits() asks for one to come).
+        latest = max(
+            (wait.not_before for wait in api_waits if wait.not_before is not None),
+            default=None,
+        )
+        notices.append((
+            "warning",
+            f"Brex asked this site to slow down (Retry-After) for {len(api_waits)} Brex "
+            f"account(s): their API calls wait until {when(latest)} at the latest.",
+        ))
+    return notices
+
+
+def when(value) -> str:
+    from django.utils import timezone
+
+    if value is None:
+        return "-"
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def days(count: int) -> str:
+    return f"{count} day" if count == 1 else f"{count} days"
