@@ -15,12 +15,13 @@ from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
-from django.urls import reverse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
+from . import admin_health
 from .admin_support import (
     ReadOnlyAdminMixin,
     brex_notices,
@@ -345,6 +346,23 @@ class BrexConnectionAdmin(admin.ModelAdmin):
             '<a href="{}?connection__id__exact={}">All {} events of this connection</a>',
             url, obj.pk, obj.events.count(),
         )
+
+    # The health page ----------------------------------------------------------------------
+
+    def get_urls(self):
+        # Before the model's own URLs, whose "<object_id>/" would take "health/".
+        return [
+            path(
+                "health/",
+                self.admin_site.admin_view(self.health_view),
+                name=f"{self.opts.app_label}_health",
+            ),
+            *super().get_urls(),
+        ]
+
+    def health_view(self, request: HttpRequest):
+        """Every connection at a glance (:mod:`django_brex_oauth.admin_health`)."""
+        return admin_health.health_view(self, request)
 
     # Actions ------------------------------------------------------------------------------
 

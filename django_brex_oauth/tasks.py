@@ -83,7 +83,7 @@ def refresh_due_connections(all_active: bool = False) -> int:
 
     from .conf import brex_settings
     from .exceptions import RefreshPaused
-    from .services import refresh, throttle
+    from .services import health, refresh, throttle
 
     logger = logging.getLogger("django_brex_oauth")
     # Per Brex environment: a wait or a refused client at one Brex holds back only the
@@ -94,6 +94,7 @@ def refresh_due_connections(all_active: bool = False) -> int:
         log("Refresh sweep: nothing queued: %s (for the connections made in %s)", err,
             environment)
     if len(held) == len(throttle.environments()):
+        health.record_sweep(0, "Celery beat sweep, held back")
         return 0
     limit = max(1, int(brex_settings.SWEEP_RATE_LIMIT))
     window = float(brex_settings.SWEEP_RATE_WINDOW)
@@ -119,6 +120,8 @@ def refresh_due_connections(all_active: bool = False) -> int:
             "%s of %s token requests used in this window (%s deferred).",
             queued, (queued - 1) // limit + 1, window, used, limit, refused,
         )
+    # For the admin's health page: when the sweep last ran.
+    health.record_sweep(queued, "Celery beat sweep")
     return queued
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, time, timedelta
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -11,7 +11,7 @@ from django.contrib.messages import get_messages
 from django.db import connection as db_connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
-from django.utils import timezone
+from django.utils import formats, timezone
 
 from django_brex_oauth.models import (
     AuthorizationRequest,
@@ -19,6 +19,7 @@ from django_brex_oauth.models import (
     BrexToken,
     ConnectionEvent,
     ConnectionStatus,
+    DetachedRevocation,
     RevocationStatus,
 )
 from django_brex_oauth.services.connect import start_authorization
@@ -474,3 +475,269 @@ def test_get_actions_names_djangos_action_location_argument():
     from django_brex_oauth.admin import BrexConnectionAdmin
 
     assert "action_location" in inspect.signature(BrexConnectionAdmin.get_actions).parameters
+
+
+# The health page ---------------------------------------------------------------------------
+
+HEALTH = "admin:brex_oauth_health"
+
+#: Queries of the health page, whatever the number of connections: the session, the user,
+#: connections by status, refreshes per day, the oldest refresh tokens, the pending
+#: revocations, the deleted connections' revocations and their count, the last sweep, the
+#: lag, and the waits Brex asked for (the banner).
+HEALTH_QUERIES = 11
+
+
+def bulk_connections(django_user_model, count: int, *, prefix: str = "bulk") -> list[int]:
+    """``count`` connections in a few queries: active ones with token bookkeeping (no token
+    value), every tenth revoked and pending at Brex, every twentieth needing re-auth."""
+    now = timezone.now()
+    django_user_model.objects.bulk_create(
+        [django_user_model(username=f"{prefix}{i}") for i in range(count)]
+    )
+    owners = list(django_user_model.objects.filter(username__startswith=prefix).order_by("pk"))
+    connections = BrexConnection.objects.bulk_create(
+        BrexConnection(
+            owner=owner, environment="staging", brex_user_id=f"cuuser_{prefix}{i}",
+            brex_company_name=f"Company {i}",
+            status=("revoked" if i % 10 == 0 else "needs_reauth" if i % 20 == 5 else "active"),
+            revocation_status="pending" if i % 10 == 0 else "",
+            revoked_at=now - timedelta(hours=i) if i % 10 == 0 else None,
+        )
+        for i, owner in enumerate(owners)
+    )
+    BrexToken.objects.bulk_create(
+        BrexToken(
+            connection=connection,
+            access_token_expires_at=(
+                now + timedelta(minutes=30) if connection.status == "active" else None
+            ),
+            refresh_token_issued_at=now - timedelta(days=30),
+            refresh_token_used_at=now - timedelta(days=i % 80),
+            refresh_token_expires_at=now + timedelta(days=90 - i % 80),
+        )
+        for i, connection in enumerate(connections)
+    )
+    ConnectionEvent.objects.bulk_create(
+        ConnectionEvent(
+            connection=connection,
+            kind="refreshed" if i % 7 else "refresh_failed",
+            created_at=now - timedelta(days=i % 40),
+        )
+        for i, connection in enumerate(connections)
+    )
+    DetachedRevocation.objects.bulk_create(
+        DetachedRevocation(
+            token=f"t{i}", environment="staging", former_connection_id=100000 + i,
+            brex_user_id=f"cuuser_gone{i}",
+        )
+        for i in range(max(1, count // 100))
+    )
+    return [connection.pk for connection in connections]
+
+
+def test_the_health_page_is_linked_from_the_app_index_and_the_list(admin_client):
+    url = reverse(HEALTH)
+    assert url == "/admin/brex_oauth/brexconnection/health/"
+    app_index = admin_client.get(reverse("admin:app_list", args=["brex_oauth"]))
+    assert f'href="{url}"' in app_index.content.decode()
+    assert f'href="{url}"' in changelist(admin_client).content.decode()
+
+
+@pytest.mark.parametrize("rows", [20, 2000])
+def test_the_health_page_runs_a_fixed_number_of_queries(admin_client, django_user_model, rows):
+    bulk_connections(django_user_model, rows)
+    admin_client.get(reverse(HEALTH))  # warm the content-type and permission caches
+    with CaptureQueriesContext(db_connection) as queries:
+        response = admin_client.get(reverse(HEALTH))
+    assert response.status_code == 200
+    assert response.context["snapshot"].total == rows
+    assert len(queries) == HEALTH_QUERIES, "\n".join(q["sql"] for q in queries)
+
+
+def health_page(client) -> str:
+    response = client.get(reverse(HEALTH))
+    assert response.status_code == 200
+    return response.content.decode()
+
+
+def section(page: str, element_id: str) -> str:
+    """The text of the module ``element_id`` of the health page, tags and spaces squeezed."""
+    html = re.search(rf'<div class="module" id="{element_id}">(.*?)\n  </div>', page, re.S)
+    assert html, element_id
+    return " ".join(re.sub(r"<[^>]+>", " ", html.group(1)).split())
+
+
+def test_the_health_page_needs_staff_and_the_view_permission(
+    client, django_user_model, user
+):
+    url = reverse(HEALTH)
+    # Not signed in, or signed in without is_staff: the admin's login page.
+    response = client.get(url)
+    assert response.status_code == 302 and response["Location"].startswith("/admin/login/")
+    client.force_login(user)
+    response = client.get(url)
+    assert response.status_code == 302 and response["Location"].startswith("/admin/login/")
+    # Staff who may not see connections: refused.
+    staff_with(django_user_model, client)
+    assert client.get(url).status_code == 403
+    staff_with(django_user_model, client, "view_connectionevent")
+    assert client.get(url).status_code == 403
+    # The view or the change permission of connections opens it.
+    for codename in ("view_brexconnection", "change_brexconnection"):
+        staff_with(django_user_model, client, codename)
+        assert "Health of the Brex connections" in health_page(client)
+
+
+def test_the_health_page_counts_connections_by_status_and_lists_what_needs_care(
+    admin_client, django_user_model, user, fake_brex, brex_settings
+):
+    now = timezone.now()
+    active = make_connection(user, fake=fake_brex)
+    BrexToken.objects.filter(pk=active.pk).update(
+        refresh_token_used_at=now - timedelta(days=85),
+        refresh_token_expires_at=now + timedelta(days=5, hours=1),
+    )
+    fresh = make_connection(user, fake=fake_brex, brex_user="grace.hopper@example.com")
+    make_connection(user, status="needs_reauth", brex_user="cuuser_broken")
+    pending = make_connection(user, status="revoked", brex_user="cuuser_pending")
+    BrexConnection.objects.filter(pk=pending.pk).update(
+        revocation_status=RevocationStatus.PENDING, revocation_attempts=3,
+        last_error="Revocation at Brex failed: HTTP 503",
+    )
+    make_connection(user, status="revoked", brex_user="cuuser_done")
+    DetachedRevocation.objects.create(
+        token="a-secret-refresh-token", environment="staging", former_connection_id=4242,
+        brex_user_id="cuuser_deleted", attempts=2, last_error="HTTP 502",
+    )
+
+    page = health_page(admin_client)
+
+    assert section(page, "brex-health-status") == (
+        "Connections by status (5 connections) Status Connections "
+        "Active 2 Needs re-authorization 1 Revoked 2"
+    )
+    # Active connections only, the one nearest the end of its refresh token first.
+    oldest_html = re.search(r'id="brex-health-oldest">(.*?)</table>', page, re.S).group(1)
+    listed = [int(pk) for pk in re.findall(r"/brexconnection/(\d+)/change/", oldest_html)]
+    assert listed == [active.pk, fresh.pk]
+    oldest = section(page, "brex-health-oldest")
+    assert "(5 days left)" in oldest and "(89 days left)" in oldest
+    revocations = section(page, "brex-health-revocations")
+    assert "Revoked here, pending at Brex 1" in revocations
+    assert "Revoked here, Brex could not be told 0" in revocations
+    assert "Deleted connections whose token is still to revoke 1" in revocations
+    assert f"Example Company, Inc. (#{pending.pk}) (Staging)" in revocations
+    assert "Revocation at Brex failed: HTTP 503" in revocations
+    assert "Deleted connection #4242 (cuuser_deleted)" in revocations
+    assert "a-secret-refresh-token" not in page
+    for secret in BrexToken.objects.values_list("refresh_token", flat=True):
+        assert not secret or secret not in page
+
+
+def test_the_health_chart_shows_refreshes_and_failures_per_day(admin_client, user):
+    connection = make_connection(user)
+    today = timezone.localtime().date()
+
+    def early_on(days_ago: int):
+        """A second after the local midnight that began the day ``days_ago`` days ago."""
+        day = today - timedelta(days=days_ago)
+        return timezone.make_aware(datetime.combine(day, time(0, 0, 1)))
+
+    for days_ago, kind, count in (
+        (0, "refreshed", 4), (0, "refresh_failed", 1), (2, "refreshed", 10),
+        (2, "needs_reauth", 2), (29, "refreshed", 1), (30, "refreshed", 50),  # too old
+        (1, "connected", 7),  # not a refresh
+    ):
+        ConnectionEvent.objects.bulk_create(
+            ConnectionEvent(connection=connection, kind=kind,
+                            created_at=early_on(days_ago))
+            for _ in range(count)
+        )
+
+    page = health_page(admin_client)
+    svg = re.search(r'<svg class="brex-chart".*?</svg>', page, re.S).group(0)
+
+    bars = {
+        (kind, day): int(count)
+        for kind, day, count in re.findall(
+            r'<rect class="(\w+)"[^>]* data-day="([\d-]+)" data-count="(\d+)"', svg
+        )
+    }
+    assert len(bars) == 60  # 30 days, two bars each
+    day = lambda n: (today - timedelta(days=n)).isoformat()  # noqa: E731
+    assert bars[("refreshed", day(0))] == 4 and bars[("failed", day(0))] == 1
+    assert bars[("refreshed", day(2))] == 10 and bars[("failed", day(2))] == 2
+    assert bars[("refreshed", day(29))] == 1
+    assert bars[("refreshed", day(1))] == bars[("failed", day(1))] == 0
+    assert day(30) not in {bar_day for _kind, bar_day in bars}
+    assert sum(bars[key] for key in bars if key[0] == "refreshed") == 15
+    assert sum(bars[key] for key in bars if key[0] == "failed") == 3
+    # The tallest bar reaches the top of the scale (10), the others in proportion.
+    heights = {
+        (kind, bar_day): float(height)
+        for kind, height, bar_day in re.findall(
+            r'<rect class="(\w+)"[^>]* height="([\d.]+)" data-day="([\d-]+)"', svg
+        )
+    }
+    assert heights[("refreshed", day(2))] == pytest.approx(2.5 * heights[("refreshed", day(0))])
+    assert heights[("refreshed", day(1))] == 0
+    # Accessible: a title, a description with the totals, a tooltip per bar, a table.
+    assert 'role="img"' in svg and "<title id=\"brex-chart-title\">" in svg
+    assert "15 refreshes and 3 failures" in svg
+    two_days_ago = formats.date_format(today - timedelta(days=2), "M j")
+    assert f"<title>{two_days_ago}: 10 refreshes</title>" in svg
+    table = re.search(r'<table id="brex-health-days">.*?</table>', page, re.S).group(0)
+    cells = [" ".join(re.sub(r"<[^>]+>", " ", row).split())
+             for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]]
+    assert len(cells) == 30
+    assert cells[-1].endswith(" 4 1 0")
+    assert cells[-3].endswith(" 10 2 2")
+    assert "Refreshes (15)" in page and "Failures (3)" in page
+
+
+def test_the_health_page_shows_when_the_sweep_last_ran_and_its_lag(
+    admin_client, user, fake_brex, brex_settings
+):
+    from django_brex_oauth import tasks
+    from django_brex_oauth.services.refresh import sweep
+
+    make_connection(user, fake=fake_brex)
+    sweep_section = section(health_page(admin_client), "brex-health-sweep")
+    assert "No sweep has run since this version was installed" in sweep_section
+    assert "Lag none: no active connection is overdue for a refresh" in sweep_section
+
+    # An access token past its refresh margin: due for 15 minutes, nobody refreshed it.
+    stale = make_connection(user, fake=fake_brex, brex_user="grace.hopper@example.com")
+    BrexToken.objects.filter(pk=stale.pk).update(
+        access_token_expires_at=timezone.now() - timedelta(minutes=5)
+    )
+    page = health_page(admin_client)
+    assert "became due 15 minutes ago" in section(page, "brex-health-sweep")
+    assert 'class="level-error">the most overdue' in page  # past REFRESH_MARGIN: expired
+
+    # The Celery sweep records its run (here it refreshes the stale one eagerly) ...
+    assert tasks.refresh_due_connections.apply().get() == 1
+    sweep_section = section(health_page(admin_client), "brex-health-sweep")
+    assert "Celery beat sweep; 1 connection(s) queued or refreshed" in sweep_section
+    assert "0 seconds ago" in sweep_section or "1 second ago" in sweep_section
+    assert "Lag none" in sweep_section
+    # ... and so does the synchronous one (manage.py brex_oauth_refresh).
+    sweep()
+    sweep_section = section(health_page(admin_client), "brex-health-sweep")
+    assert "synchronous sweep (manage.py brex_oauth_refresh); 0 connection(s)" in sweep_section
+
+
+def test_the_health_page_shows_the_banner_when_brex_refuses_the_client(
+    admin_client, brex_settings
+):
+    from django_brex_oauth.exceptions import TokenError
+    from django_brex_oauth.services import throttle
+
+    assert "brex-oauth-notices" not in health_page(admin_client)
+    throttle.client_rejected(TokenError("invalid_client", status=401))
+    page = health_page(admin_client)
+    banner = re.search(r'<ul class="messagelist brex-oauth-notices">(.*?)</ul>', page, re.S)
+    assert banner and 'class="error"' in banner.group(1)
+    assert "Refreshing is paused for every connection since" in banner.group(1)
+    assert "customers need not reconnect" in banner.group(1)

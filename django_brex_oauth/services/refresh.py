@@ -66,7 +66,7 @@ from ..models import (
     connection_pk,
     team_note,
 )
-from . import throttle, unreadable
+from . import health, throttle, unreadable
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -909,6 +909,8 @@ def sweep(
     if report.held_back:
         logger.warning("Refresh sweep: %s connection(s) deferred: %s", report.deferred,
                        report.held_back)
+    # For the admin's health page: when the sweep last ran.
+    health.record_sweep(report.total, "synchronous sweep (manage.py brex_oauth_refresh)")
     return report
 
 
