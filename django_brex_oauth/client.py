@@ -34,10 +34,11 @@ from typing import Any
 import requests
 from django.views.decorators.debug import sensitive_variables
 
+from . import http
 from .backoff import backoff_delay
 from .conf import brex_settings
 from .exceptions import BrexAPIError, BrexAPIUnavailable, ConnectionNotUsable
-from .http import is_transient_status, new_session, retry_after_of, unavailable
+from .http import NOT_JSON, is_transient_status, json_body, json_object, retry_after_of, unavailable
 
 #: Methods that are safe to send again; POST joins them because it always carries an
 #: Idempotency-Key.
@@ -47,12 +48,7 @@ RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST"
 def _error_from_response(response: requests.Response, method: str, path: str) -> BrexAPIError:
     """The typed error for an answer of 400 or more: :class:`BrexAPIUnavailable` for 429 and
     5xx, :class:`BrexAPIError` otherwise."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
+    body = json_object(response)
     transient = is_transient_status(response.status_code)
     error_class = BrexAPIUnavailable if transient else BrexAPIError
     return error_class(
@@ -69,10 +65,8 @@ def _error_from_response(response: requests.Response, method: str, path: str) ->
 def _json_or_none(response: requests.Response) -> Any:
     if response.status_code == 204 or not response.content:
         return None
-    try:
-        return response.json()
-    except ValueError:
-        return None
+    body = json_body(response)
+    return None if body is NOT_JSON else body
 
 
 @sensitive_variables()
@@ -85,7 +79,7 @@ def get_with_token(access_token: str, path: str, *, session=None) -> Any:
     :class:`BrexAPIUnavailable` (a ``BrexUnavailable``) for 429 and 5xx.
     """
     url = brex_settings.api_base_url + path
-    session = session or new_session()
+    session = session or http.session()
     try:
         response = session.get(
             url,
@@ -111,7 +105,7 @@ class _APIClient:
         timeout: float | None = None,
         max_retries: int | None = None,
     ) -> None:
-        self.session = session or new_session(timeout)
+        self.session = session or http.session()
         self.timeout = timeout
         self.max_retries = (
             int(brex_settings.API_MAX_RETRIES) if max_retries is None else int(max_retries)

@@ -19,7 +19,7 @@ from django.core.cache import caches
 
 from .conf import brex_settings
 from .exceptions import DiscoveryError
-from .http import new_session, unavailable
+from .http import NOT_JSON, json_body, session, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,14 @@ def discovery_url(issuer: str | None = None) -> str:
 
 def _fetch_json(url: str, what: str) -> dict[str, Any]:
     try:
-        response = new_session().get(url, headers={"Accept": "application/json"})
+        response = session().get(url, headers={"Accept": "application/json"})
     except requests.RequestException as err:
         raise DiscoveryError(f"Could not fetch the {what}: {unavailable(err)}") from err
     if response.status_code != 200:
         raise DiscoveryError(f"The {what} at {url} answered HTTP {response.status_code}.")
-    try:
-        data = response.json()
-    except ValueError as err:
-        raise DiscoveryError(f"The {what} at {url} is not JSON.") from err
+    data = json_body(response)
+    if data is NOT_JSON:
+        raise DiscoveryError(f"The {what} at {url} is not JSON.")
     if not isinstance(data, dict):
         raise DiscoveryError(f"The {what} at {url} is not a JSON object.")
     return data

@@ -1,16 +1,29 @@
-"""The one door to HTTP: sessions with a timeout and User-Agent, loopback-only
-insecure transport, and logging that cannot leak a token."""
+"""The one door to HTTP for every call to Brex (token endpoint, revocation, discovery, API).
+
+- :func:`session`: the process's one :class:`requests.Session` (keep-alive), with a timeout
+  and our User-Agent; :func:`send` sends through it and turns a network error into
+  :class:`~django_brex_oauth.exceptions.BrexUnavailable` without leaking the URL.
+- :func:`is_transient_status`: the one rule for "try again later" (429 or any 5xx), and
+  :func:`outage` / :func:`retry_after_of` for Brex's ``Retry-After``.
+- :func:`json_body`: an answer's JSON, decoded once, or :data:`NOT_JSON`.
+- loopback-only insecure transport for a local fake Brex, and logging that cannot leak a token.
+
+Everything above this module (``oauth``, ``discovery``, ``client``) sends through here, so a
+change such as "treat 408 as transient" is made in :func:`is_transient_status` alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import http.cookiejar
 import ipaddress
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from email.utils import parsedate_to_datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -44,25 +57,106 @@ def silence_secret_logging() -> None:
 
 
 class TimeoutSession(requests.Session):
-    """A :class:`requests.Session` that always sends a timeout and our User-Agent."""
+    """A :class:`requests.Session` that always sends a timeout and our User-Agent.
+
+    Without a ``timeout`` of its own it sends ``HTTP_TIMEOUT`` as the setting is at the time
+    of each request, so a long-lived session follows the settings.
+    """
 
     def __init__(self, timeout: float | None = None) -> None:
         super().__init__()
-        self.timeout = timeout if timeout is not None else float(brex_settings.HTTP_TIMEOUT)
+        self._timeout = timeout
         self.headers["User-Agent"] = USER_AGENT
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=16)
         self.mount("https://", adapter)
         self.mount("http://", adapter)
 
+    @property
+    def timeout(self) -> float:
+        if self._timeout is not None:
+            return self._timeout
+        return float(brex_settings.HTTP_TIMEOUT)
+
     def request(self, method, url, *args, **kwargs):
-        kwargs.setdefault("timeout", self.timeout)
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
         return super().request(method, url, *args, **kwargs)
 
 
 def new_session(timeout: float | None = None) -> TimeoutSession:
-    """A fresh HTTP session for talking to Brex."""
+    """A fresh HTTP session for talking to Brex (most code wants :func:`session`)."""
     silence_secret_logging()
     return TimeoutSession(timeout)
+
+
+# The process's session. requests documents no thread-safety for a Session, so this one is
+# never changed after it is made and keeps no cookies (a cookie from one customer's call must
+# not ride along on another's); what remains shared, urllib3's connection pool, is
+# thread-safe. A forked child (a Celery prefork pool process, a gunicorn worker) must not
+# write to its parent's sockets, so it forgets the session and makes its own.
+_shared_session: TimeoutSession | None = None
+_shared_session_lock = threading.Lock()
+
+
+def session() -> TimeoutSession:
+    """The process's one HTTP session for talking to Brex: connections are kept alive and
+    reused by every call (token endpoint, revocation, discovery, API), from any thread."""
+    global _shared_session
+    # Again on every call: a LOGGING dictConfig run later may have reset the loggers.
+    silence_secret_logging()
+    shared = _shared_session
+    if shared is None:
+        with _shared_session_lock:
+            if _shared_session is None:
+                made = TimeoutSession()
+                made.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+                _shared_session = made
+            shared = _shared_session
+    return shared
+
+
+def _forget_session_after_fork() -> None:
+    global _shared_session, _shared_session_lock
+    # Not closed: its sockets are the parent's, still in use there.
+    _shared_session = None
+    # Another thread may have held the lock at the fork; in the child it never lets go.
+    _shared_session_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork either
+    os.register_at_fork(after_in_child=_forget_session_after_fork)
+
+
+def send(
+    method: str, url: str, *, on_unreachable: Callable[[], None] | None = None, **kwargs: Any
+) -> requests.Response:
+    """Send one request through :func:`session`. A network error or timeout is raised as
+    :class:`BrexUnavailable` naming the host only (``on_unreachable`` runs first, e.g. to
+    forget a cached discovery document); any HTTP answer is returned as it is."""
+    try:
+        return session().request(method, url, **kwargs)
+    except requests.RequestException as err:
+        if on_unreachable is not None:
+            on_unreachable()
+        raise unavailable(err) from err
+
+
+#: What :func:`json_body` gives for an answer that is not JSON.
+NOT_JSON: Any = object()
+
+
+def json_body(response: requests.Response) -> Any:
+    """The decoded JSON of ``response`` (any JSON value), or :data:`NOT_JSON`."""
+    try:
+        return response.json()
+    except ValueError:
+        return NOT_JSON
+
+
+def json_object(response: requests.Response) -> dict[str, Any]:
+    """The JSON object ``response`` holds, or ``{}`` when it holds anything else."""
+    body = json_body(response)
+    return body if isinstance(body, dict) else {}
 
 
 def is_loopback_url(url: str) -> bool:

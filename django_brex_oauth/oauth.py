@@ -1,8 +1,9 @@
 """The protocol layer: the only code that speaks OAuth 2.0 / OpenID Connect to Brex.
 
 Plain arguments in, plain data out: no ORM, no ``HttpRequest``. Endpoints come from
-discovery; token requests go through requests-oauthlib with the client credentials
-in the form body (``client_secret_post``, as Brex documents).
+discovery; oauthlib builds the token requests, with the client credentials in the form body
+(``client_secret_post``, as Brex documents), and every request goes through the process's
+one HTTP session (:mod:`django_brex_oauth.http`).
 
 Every function here that holds a token, a code, a verifier or the client secret is marked
 ``@sensitive_variables()`` with no names: Django's error reports (and the trackers that use
@@ -20,17 +21,22 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import jwt
 import requests
 from django.views.decorators.debug import sensitive_variables
-from oauthlib.oauth2 import OAuth2Error
-from requests_oauthlib import OAuth2Session
+from oauthlib.common import urldecode
+from oauthlib.oauth2 import (
+    BackendApplicationClient,
+    Client,
+    OAuth2Error,
+    WebApplicationClient,
+)
 
 from . import discovery
 from .conf import REQUIRED_SCOPES, brex_settings
@@ -47,14 +53,7 @@ from .exceptions import (
     RefreshIdTokenError,
     TokenError,
 )
-from .http import (
-    USER_AGENT,
-    allow_insecure_loopback,
-    is_transient_status,
-    outage,
-    silence_secret_logging,
-    unavailable,
-)
+from .http import NOT_JSON, allow_insecure_loopback, is_transient_status, json_body, outage, send
 
 #: Token endpoint errors that refuse this site's client rather than one customer's grant:
 #: a wrong client id or secret, or a client Brex does not allow to use the grant.
@@ -302,80 +301,6 @@ class TokenResponse:
         )
 
 
-class _TokenAnswer(Exception):  # noqa: N818 (not an error: carries the answer out of the hook)
-    """The decoded body of a successful token answer, raised out of requests-oauthlib's
-    response hook so that oauthlib never parses it (it loses a rotated refresh token when
-    anything else in the answer is wrong, and stores ``null`` as the string "None")."""
-
-    def __init__(self, body: Any, received_at: datetime) -> None:
-        super().__init__("token answer")
-        self.body = body
-        self.received_at = received_at
-
-
-_NOT_JSON = object()
-
-
-class _BrexOAuth2Session(OAuth2Session):
-    """requests-oauthlib's session with our timeout, User-Agent and error mapping."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        silence_secret_logging()
-        super().__init__(client_id=brex_settings.CLIENT_ID, **kwargs)
-        self.headers["User-Agent"] = USER_AGENT
-        # One hook: requests-oauthlib keeps hooks in a set, so two would run in any order.
-        for hook in ("access_token_response", "refresh_token_response"):
-            self.register_compliance_hook(hook, _take_answer)
-
-    @sensitive_variables()
-    def request(self, method, url, *args, **kwargs):
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = float(brex_settings.HTTP_TIMEOUT)
-        return super().request(method, url, *args, **kwargs)
-
-
-def _raise_for_outage(response: requests.Response) -> requests.Response:
-    # 429 and 5xx bodies are not token responses; oauthlib would misreport them.
-    if is_transient_status(response.status_code):
-        raise outage("Brex token endpoint", response)
-    if response.status_code >= 400:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or "error" not in body:
-            raise TokenError("invalid_response", "", status=response.status_code)
-    elif response.status_code == 200:
-        try:
-            response.json()
-        except ValueError:
-            # A proxy's or a maintenance page, not Brex's answer: worth trying again later
-            # (oauthlib would report it as a missing token, as if Brex had answered 400).
-            content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-            raise BrexUnavailable(
-                "Brex token endpoint answered HTTP 200 with a page that is not JSON"
-                + (f" ({content_type})" if content_type else ""),
-                status=200,
-            ) from None
-    return response
-
-
-@sensitive_variables()
-def _take_answer(response: requests.Response) -> requests.Response:
-    # Outages first; then a 2xx answer is read here, the moment it arrived, and an OAuth
-    # error is left to oauthlib.
-    _raise_for_outage(response)
-    if 200 <= response.status_code < 300:
-        received_at = _received_now()
-        try:
-            body = response.json()
-        except ValueError:
-            body = _NOT_JSON
-        if not (isinstance(body, dict) and "error" in body):
-            raise _TokenAnswer(body, received_at)
-    return response
-
-
 def _token_error(err: OAuth2Error) -> TokenError:
     error = getattr(err, "error", "") or "invalid_request"
     description = getattr(err, "description", "") or ""
@@ -387,24 +312,74 @@ def _token_error(err: OAuth2Error) -> TokenError:
     return TokenError(error, description, status)
 
 
+def _not_json(response: requests.Response) -> BrexUnavailable:
+    # A proxy's or a maintenance page, not Brex's answer: worth trying again later (oauthlib
+    # would report it as a missing token, as if Brex had answered 400).
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+    return BrexUnavailable(
+        "Brex token endpoint answered HTTP 200 with a page that is not JSON"
+        + (f" ({content_type})" if content_type else ""),
+        status=200,
+    )
+
+
 @sensitive_variables()
-def _call_token_endpoint(call, issuer: str | None = None) -> tuple[Any, datetime]:
-    """Send a token request; the decoded answer (any JSON value) and when it arrived."""
-    token_url = discovery.get_endpoint("token_endpoint", issuer=issuer)
+def _read_token_answer(response: requests.Response, client: Client) -> Any:
+    """The decoded body of a successful token answer (any JSON value but an error), read
+    here rather than by oauthlib: oauthlib loses a rotated refresh token when anything else
+    in the answer is wrong, and stores ``null`` as the string "None". Anything else is
+    raised: :class:`BrexUnavailable` for 429, 5xx or a 200 that is not JSON, and the
+    :class:`TokenError` oauthlib makes of an OAuth error."""
+    status = response.status_code
+    # 429 and 5xx bodies are not token responses; oauthlib would misreport them.
+    if is_transient_status(status):
+        raise outage("Brex token endpoint", response)
+    body = json_body(response)
+    is_error = isinstance(body, dict) and "error" in body
+    if status >= 400 and not is_error:
+        raise TokenError("invalid_response", "", status=status)
+    if status == 200 and body is NOT_JSON:
+        raise _not_json(response)
+    if 200 <= status < 300 and not is_error:
+        return body
     try:
-        with allow_insecure_loopback(token_url):
-            call(token_url)
-    except _TokenAnswer as answer:
-        return answer.body, answer.received_at
+        client.parse_request_body_response(response.text)
     except OAuth2Error as err:
         raise _token_error(err) from None
     except Warning as err:  # oauthlib's "scope has changed" and similar
         raise TokenError("invalid_response", str(err)) from None
-    except requests.RequestException as err:
-        discovery.invalidate(issuer)
-        raise unavailable(err) from err
-    # oauthlib accepted an answer the hook did not see as one: nothing usable arrived.
+    # oauthlib accepted an answer that is not one (a 3xx, say): nothing usable arrived.
     raise TokenError("invalid_response", "the token endpoint sent no answer to read")
+
+
+@sensitive_variables()
+def _call_token_endpoint(
+    client: Client, prepare: Callable[[str], tuple[str, dict, str]], issuer: str | None = None
+) -> tuple[Any, datetime]:
+    """Send the token request ``prepare(token_url)`` builds with ``client`` (oauthlib: the
+    form body, and its refusal of a plain ``http://`` endpoint not on loopback) through the
+    process's HTTP session; the decoded answer (any JSON value) and when it arrived."""
+    token_url = discovery.get_endpoint("token_endpoint", issuer=issuer)
+    try:
+        with allow_insecure_loopback(token_url):
+            url, headers, body = prepare(token_url)
+    except OAuth2Error as err:
+        raise _token_error(err) from None
+    response = send(
+        "POST", url, data=dict(urldecode(body)), headers={**headers, **_ACCEPT_JSON},
+        on_unreachable=lambda: discovery.invalidate(issuer),
+    )
+    received_at = _received_now()
+    return _read_token_answer(response, client), received_at
+
+
+_ACCEPT_JSON = {"Accept": "application/json"}
+
+
+def _client_id() -> str:
+    # May be unset (None), which check brex_oauth.E001 refuses at start-up; oauthlib then
+    # leaves client_id out of the form, as it always has.
+    return cast(str, brex_settings.CLIENT_ID)
 
 
 @sensitive_variables()
@@ -420,15 +395,17 @@ def exchange_code(
     A malformed answer is returned with its ``problems``, not raised, so that the caller
     can revoke what Brex issued before raising it (``raise_for_problems()``).
     """
-    session = _BrexOAuth2Session(redirect_uri=redirect_uri)
+    client = WebApplicationClient(_client_id())
     body, received_at = _call_token_endpoint(
-        lambda url: session.fetch_token(
+        client,
+        lambda url: client.prepare_token_request(
             url,
             code=code,
+            redirect_url=redirect_uri,
             code_verifier=code_verifier,
             client_secret=brex_settings.CLIENT_SECRET,
             include_client_id=True,
-        )
+        ),
     )
     return TokenResponse.from_dict(
         body, requested_scopes=granted_scopes, received_at=received_at
@@ -445,9 +422,10 @@ def refresh(refresh_token: str, *, issuer: str | None = None) -> TokenResponse:
     Brex may have rotated the refresh token anyway, and the new one (``refresh_token``, when
     it is a token) is then the only one that will keep working.
     """
-    session = _BrexOAuth2Session()
+    client = WebApplicationClient(_client_id())
     body, received_at = _call_token_endpoint(
-        lambda url: session.refresh_token(
+        client,
+        lambda url: client.prepare_refresh_token_request(
             url,
             refresh_token=refresh_token,
             client_id=brex_settings.CLIENT_ID,
@@ -484,18 +462,15 @@ def verify_client_credentials(*, issuer: str | None = None) -> None:
 @sensitive_variables()
 def client_credentials(scopes: list[str]) -> TokenResponse:
     """A client-credentials token (the onboarding API) for ``scopes``."""
-    from oauthlib.oauth2 import BackendApplicationClient
-
-    # CLIENT_ID may be unset (None), which check brex_oauth.E001 refuses at start-up.
-    client = BackendApplicationClient(brex_settings.CLIENT_ID)  # type: ignore[arg-type]
-    session = _BrexOAuth2Session(client=client)
+    client = BackendApplicationClient(_client_id())
     body, received_at = _call_token_endpoint(
-        lambda url: session.fetch_token(
+        client,
+        lambda url: client.prepare_token_request(
             url,
             scope=scopes,
             client_secret=brex_settings.CLIENT_SECRET,
             include_client_id=True,
-        )
+        ),
     )
     answer = TokenResponse.from_dict(body, requested_scopes=scopes, received_at=received_at)
     answer.raise_for_problems()
@@ -519,23 +494,20 @@ def revoke(
         "client_id": brex_settings.CLIENT_ID,
         "client_secret": brex_settings.CLIENT_SECRET,
     }
-    from .http import new_session
-
-    try:
-        response = new_session().post(url, data=data, headers={"Accept": "application/json"})
-    except requests.RequestException as err:
-        discovery.invalidate(issuer)
-        raise unavailable(err) from err
+    response = send(
+        "POST", url, data=data, headers=_ACCEPT_JSON,
+        on_unreachable=lambda: discovery.invalidate(issuer),
+    )
     if response.status_code == 200:
         return
     if is_transient_status(response.status_code):
         raise outage("Brex revocation endpoint", response)
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    error = str(body.get("error") or "invalid_request") if isinstance(body, dict) else ""
-    description = str(body.get("error_description") or "") if isinstance(body, dict) else ""
+    body = json_body(response)
+    if isinstance(body, dict):
+        error = str(body.get("error") or "invalid_request")
+        description = str(body.get("error_description") or "")
+    else:
+        error = description = ""
     if error in CLIENT_REJECTED_ERRORS:
         raise InvalidClient(error, description, response.status_code)
     raise TokenError(error, description, response.status_code)

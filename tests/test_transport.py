@@ -1,0 +1,174 @@
+"""The one HTTP session per process (django_brex_oauth.http): every call to Brex (token
+endpoint, revocation, discovery, API) goes through it, keeps its connection alive, shares it
+across threads, and a forked child makes its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from django_brex_oauth import http, oauth
+from django_brex_oauth.client import get_with_token
+from django_brex_oauth.exceptions import BrexUnavailable
+
+
+class _KeepAliveBrex(ThreadingHTTPServer):
+    """A token, revocation and API server on loopback that speaks HTTP/1.1 with keep-alive
+    (the fake Brex closes every connection) and counts the TCP connections it accepts."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _KeepAliveHandler)
+        self.connections = 0
+        self.paths: list[str] = []
+        self.cookies: list[str | None] = []
+        self.issuer = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _KeepAliveHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _KeepAliveBrex
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 (BaseHTTPRequestHandler's name)
+        pass
+
+    def _answer(self, body: dict, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 (BaseHTTPRequestHandler's name)
+        self.server.paths.append(self.path)
+        self.server.cookies.append(self.headers.get("Cookie"))
+        issuer = self.server.issuer
+        if self.path == "/.well-known/openid-configuration":
+            self._answer({
+                "issuer": issuer,
+                "authorization_endpoint": issuer + "/authorize",
+                "token_endpoint": issuer + "/token",
+                "revocation_endpoint": issuer + "/revoke",
+                "jwks_uri": issuer + "/keys",
+            })
+        else:
+            # An API answer that also tries to set a cookie.
+            self._answer({"id": "u1"}, {"Set-Cookie": "tracking=customer-1; Path=/"})
+
+    def do_POST(self) -> None:  # noqa: N802 (BaseHTTPRequestHandler's name)
+        self.server.paths.append(self.path)
+        self.server.cookies.append(self.headers.get("Cookie"))
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path == "/token":
+            self._answer({"access_token": "access-1", "token_type": "Bearer",
+                          "expires_in": 3600, "refresh_token": "refresh-2"})
+        else:
+            self._answer({})
+
+
+@pytest.fixture
+def keep_alive_brex(settings) -> Iterator[_KeepAliveBrex]:
+    server = _KeepAliveBrex()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "ISSUER": server.issuer,
+                           "API_BASE_URL": server.issuer}
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_one_session_per_process_shared_by_threads():
+    seen: list[requests.Session] = []
+    threads = [threading.Thread(target=lambda: seen.append(http.session())) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == 8
+    assert all(session is http.session() for session in seen)
+    assert isinstance(http.session(), http.TimeoutSession)
+
+
+def test_token_revocation_and_api_calls_reuse_one_connection(keep_alive_brex, db):
+    for _ in range(3):
+        answer = oauth.refresh("refresh-1")
+        assert answer.refresh_token == "refresh-2"
+    oauth.revoke("refresh-2")
+    assert get_with_token("access-1", "/v2/users/me") == {"id": "u1"}
+    assert keep_alive_brex.paths == [
+        "/.well-known/openid-configuration", "/token", "/token", "/token", "/revoke",
+        "/v2/users/me",
+    ]
+    # Discovery, three refreshes, a revocation and an API call: one TCP connection.
+    assert keep_alive_brex.connections == 1
+
+
+def test_the_shared_session_keeps_no_cookie_between_calls(keep_alive_brex, db):
+    get_with_token("access-1", "/v2/users/me")
+    get_with_token("access-2", "/v2/users/me")
+    assert keep_alive_brex.cookies == [None, None]
+    assert len(http.session().cookies) == 0
+
+
+def test_the_session_follows_http_timeout_as_it_changes(settings):
+    session = http.session()
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "HTTP_TIMEOUT": 3.5}
+    assert session.timeout == 3.5
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "HTTP_TIMEOUT": 7}
+    assert session.timeout == 7.0
+    assert http.new_session(2.0).timeout == 2.0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_makes_its_own_session():
+    parent = http.session()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, and leave without running pytest's teardown
+        try:
+            child = http.session()
+            verdict = b"own" if child is not parent and child is http.session() else b"shared"
+        except BaseException:
+            verdict = b"error"
+        os.write(write_end, verdict)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        verdict = os.read(read_end, 16)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert verdict == b"own"
+    assert http.session() is parent
+
+
+def test_send_reports_a_network_error_without_the_url(db):
+    with pytest.raises(BrexUnavailable) as caught:
+        http.send("POST", "http://127.0.0.1:9/token?code=secret-code", data={"a": "b"})
+    assert "secret-code" not in str(caught.value)
+    assert "127.0.0.1:9" in str(caught.value)
+
+
+@pytest.mark.parametrize(("status", "transient"), [
+    (200, False), (400, False), (401, False), (404, False), (408, False),
+    (429, True), (500, True), (502, True), (503, True), (599, True),
+])
+def test_the_one_transient_rule(status, transient):
+    assert http.is_transient_status(status) is transient
