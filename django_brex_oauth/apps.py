@@ -1,10 +1,11 @@
 from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
 
 
 class BrexOAuthConfig(AppConfig):
     name = "django_brex_oauth"
     label = "brex_oauth"
-    verbose_name = "Brex connections"
+    verbose_name = _("Brex connections")
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:

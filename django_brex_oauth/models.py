@@ -7,28 +7,29 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from .conf import REQUIRED_SCOPES, brex_settings
 from .fields import EncryptedTextField
 
 
 class Environment(models.TextChoices):
-    PRODUCTION = "production", "Production"
-    STAGING = "staging", "Staging"
+    PRODUCTION = "production", _("Production")
+    STAGING = "staging", _("Staging")
 
 
 class ConnectionStatus(models.TextChoices):
-    ACTIVE = "active", "Active"
-    NEEDS_REAUTH = "needs_reauth", "Needs re-authorization"
-    REVOKED = "revoked", "Revoked"
+    ACTIVE = "active", _("Active")
+    NEEDS_REAUTH = "needs_reauth", _("Needs re-authorization")
+    REVOKED = "revoked", _("Revoked")
 
 
 class RevocationStatus(models.TextChoices):
-    NOT_REQUESTED = "", "Not requested"
-    PENDING = "pending", "Pending at Brex"
-    DONE = "done", "Revoked at Brex"
+    NOT_REQUESTED = "", _("Not requested")
+    PENDING = "pending", _("Pending at Brex")
+    DONE = "done", _("Revoked at Brex")
     #: The stored tokens could not be decrypted, so Brex could not be asked.
-    NOT_POSSIBLE = "not_possible", "Brex could not be told"
+    NOT_POSSIBLE = "not_possible", _("Brex could not be told")
 
 
 def team_model_setting() -> str | None:
@@ -108,6 +109,7 @@ class BrexConnection(models.Model):
             settings.AUTH_USER_MODEL,
             on_delete=models.CASCADE,
             related_name="brex_connections",
+            verbose_name=_("owner"),
         )
     else:
         # Kept (as null) when the user who connected a team's connection is deleted.
@@ -117,6 +119,7 @@ class BrexConnection(models.Model):
             null=True,
             blank=True,
             related_name="brex_connections",
+            verbose_name=_("owner"),
         )
         # A team deleted: its connections are deleted with it, and the pre_delete
         # receiver revokes each at Brex before the rows go.
@@ -126,39 +129,50 @@ class BrexConnection(models.Model):
             null=True,
             blank=True,
             related_name="brex_connections",
+            verbose_name=_("team"),
         )
-    environment = models.CharField(max_length=16, choices=Environment.choices)
-    brex_user_id = models.CharField(
-        "Brex user id", max_length=255, help_text="The id_token subject (sub)."
+    environment = models.CharField(
+        max_length=16, choices=Environment.choices, verbose_name=_("environment")
     )
-    brex_user_email = models.EmailField("Brex user email", blank=True)
-    brex_company_id = models.CharField("Brex company id", max_length=255, blank=True)
-    brex_company_name = models.CharField("Brex company", max_length=255, blank=True)
+    brex_user_id = models.CharField(
+        _("Brex user id"), max_length=255, help_text=_("The id_token subject (sub).")
+    )
+    brex_user_email = models.EmailField(_("Brex user email"), blank=True)
+    brex_company_id = models.CharField(_("Brex company id"), max_length=255, blank=True)
+    brex_company_name = models.CharField(_("Brex company"), max_length=255, blank=True)
     granted_scopes = models.TextField(
-        blank=True, help_text="Space-separated scopes the customer granted."
+        verbose_name=_("granted scopes"),
+        blank=True, help_text=_("Space-separated scopes the customer granted.")
     )
     status = models.CharField(
+        verbose_name=_("status"),
         max_length=16, choices=ConnectionStatus.choices, default=ConnectionStatus.ACTIVE
     )
-    connected_at = models.DateTimeField(default=timezone.now)
-    updated_at = models.DateTimeField(auto_now=True)
-    last_refreshed_at = models.DateTimeField(null=True, blank=True)
-    revoked_at = models.DateTimeField(null=True, blank=True)
+    connected_at = models.DateTimeField(default=timezone.now, verbose_name=_("connected at"))
+    updated_at = models.DateTimeField(auto_now=True, verbose_name=_("updated at"))
+    last_refreshed_at = models.DateTimeField(
+        null=True, blank=True, verbose_name=_("last refreshed at")
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True, verbose_name=_("revoked at"))
     revocation_status = models.CharField(
+        verbose_name=_("revocation status"),
         max_length=16, choices=RevocationStatus.choices, blank=True, default=""
     )
     revocation_attempts = models.PositiveIntegerField(
-        default=0, help_text="Requests sent to Brex to revoke this connection so far."
+        verbose_name=_("revocation attempts"),
+        default=0, help_text=_("Requests sent to Brex to revoke this connection so far.")
     )
     revocation_attempted_at = models.DateTimeField(
-        null=True, blank=True, help_text="When Brex was last asked to revoke this connection."
+        verbose_name=_("revocation attempted at"),
+        null=True, blank=True, help_text=_("When Brex was last asked to revoke this connection.")
     )
-    last_error = models.TextField(blank=True)
+    last_error = models.TextField(blank=True, verbose_name=_("last error"))
 
     objects = BrexConnectionQuerySet.as_manager()
 
     class Meta:
-        verbose_name = "Brex connection"
+        verbose_name = _("Brex connection")
+        verbose_name_plural = _("Brex connections")
         ordering = ["-connected_at"]
         constraints = [
             models.UniqueConstraint(
@@ -278,12 +292,12 @@ class BrexToken(models.Model):
     access_token_expires_at = models.DateTimeField(null=True, blank=True)
     refresh_token_issued_at = models.DateTimeField(
         null=True, blank=True, db_index=True,
-        help_text="When Brex first issued this refresh token chain; it dies 90 days later.",
+        help_text=_("When Brex first issued this refresh token chain; it dies 90 days later."),
     )
     refresh_token_expires_at = models.DateTimeField(null=True, blank=True)
     refresh_token_used_at = models.DateTimeField(
         default=timezone.now,
-        help_text="When the stored refresh token was last received from or used at Brex.",
+        help_text=_("When the stored refresh token was last received from or used at Brex."),
     )
     # A worker refreshing this connection holds a lease until this time; another
     # worker may take over once it has passed (a killed worker leaves nothing stuck).
@@ -293,7 +307,7 @@ class BrexToken(models.Model):
         # In the database too, so rows inserted by raw SQL (bulk loads, benchmarks) get it.
         default=0,
         db_default=0,
-        help_text=(
+        help_text=_(
             "Goes up each time the tokens are replaced (a refresh saved, a reconnect). A "
             "refresh saves its tokens only over the generation it started from."
         ),
@@ -303,7 +317,8 @@ class BrexToken(models.Model):
     objects = BrexTokenQuerySet.as_manager()
 
     class Meta:
-        verbose_name = "Brex token"
+        verbose_name = _("Brex token")
+        verbose_name_plural = _("Brex tokens")
         indexes = [
             # The two arms of the refresh sweep (due_for_refresh). Rows without an access
             # token expiry (revoked, or needing re-authorization) are left out of both.
@@ -366,20 +381,21 @@ class DetachedRevocation(models.Model):
     token_type_hint = models.CharField(max_length=32, default="refresh_token")
     environment = models.CharField(max_length=16, choices=Environment.choices)
     former_connection_id = models.PositiveBigIntegerField(
-        help_text="The id the deleted connection had (for the log)."
+        help_text=_("The id the deleted connection had (for the log).")
     )
-    brex_user_id = models.CharField("Brex user id", max_length=255, blank=True)
+    brex_user_id = models.CharField(_("Brex user id"), max_length=255, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     attempts = models.PositiveIntegerField(
-        default=0, help_text="Requests sent to Brex to revoke this token so far."
+        default=0, help_text=_("Requests sent to Brex to revoke this token so far.")
     )
     attempted_at = models.DateTimeField(
-        null=True, blank=True, help_text="When Brex was last asked to revoke this token."
+        null=True, blank=True, help_text=_("When Brex was last asked to revoke this token.")
     )
     last_error = models.TextField(blank=True)
 
     class Meta:
-        verbose_name = "revocation of a deleted Brex connection"
+        verbose_name = _("revocation of a deleted Brex connection")
+        verbose_name_plural = _("revocations of deleted Brex connections")
         indexes = [
             models.Index(fields=["attempted_at"], name="brex_oauth_detached_attempted"),
         ]
@@ -399,24 +415,28 @@ class AuthorizationRequest(models.Model):
 
     state = models.CharField(max_length=128, unique=True)
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+",
+        verbose_name=_("user"),
     )
-    environment = models.CharField(max_length=16, choices=Environment.choices)
+    environment = models.CharField(
+        max_length=16, choices=Environment.choices, verbose_name=_("environment")
+    )
     code_verifier = EncryptedTextField()
     nonce = models.CharField(max_length=128)
-    redirect_uri = models.URLField(max_length=1000)
-    requested_scopes = models.TextField()
-    next_url = models.CharField(max_length=2000, blank=True)
-    prompt_login = models.BooleanField(default=False)
+    redirect_uri = models.URLField(max_length=1000, verbose_name=_("redirect URI"))
+    requested_scopes = models.TextField(verbose_name=_("requested scopes"))
+    next_url = models.CharField(max_length=2000, blank=True, verbose_name=_("next URL"))
+    prompt_login = models.BooleanField(default=False, verbose_name=_("prompt login"))
     # The team the connection is made for (its primary key as text, so that this table
     # does not change with BREX_OAUTH_TEAM_MODEL); empty for a personal connection.
     team_key = models.CharField(max_length=255, blank=True)
-    created_at = models.DateTimeField(default=timezone.now)
-    expires_at = models.DateTimeField(db_index=True)
-    consumed_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, verbose_name=_("created at"))
+    expires_at = models.DateTimeField(db_index=True, verbose_name=_("expires at"))
+    consumed_at = models.DateTimeField(null=True, blank=True, verbose_name=_("consumed at"))
 
     class Meta:
-        verbose_name = "pending Brex authorization"
+        verbose_name = _("pending Brex authorization")
+        verbose_name_plural = _("pending Brex authorizations")
 
     def __repr__(self) -> str:
         return f"<AuthorizationRequest pk={self.pk} user={self.user_id} expires={self.expires_at}>"
@@ -427,20 +447,20 @@ class AuthorizationRequest(models.Model):
 
 
 class EventKind(models.TextChoices):
-    CONNECTED = "connected", "Connected"
-    RECONNECTED = "reconnected", "Reconnected"
-    REFRESHED = "refreshed", "Tokens refreshed"
-    REFRESH_FAILED = "refresh_failed", "Refresh failed"
-    REFRESH_DISCARDED = "refresh_discarded", "Refreshed tokens discarded"
-    SCOPES_CHANGED = "scopes_changed", "Granted scopes changed"
-    NEEDS_REAUTH = "needs_reauth", "Needs re-authorization"
-    DISCONNECTED = "disconnected", "Disconnected"
-    REVOKED = "revoked", "Revoked at Brex"
-    REVOKE_FAILED = "revoke_failed", "Revocation at Brex failed"
-    WEBHOOK_SUBSCRIBED = "webhook_subscribed", "Subscribed to Brex webhooks"
-    WEBHOOK_SUBSCRIBE_FAILED = "webhook_subscribe_failed", "Webhook subscription failed"
-    WEBHOOK_UNSUBSCRIBED = "webhook_unsubscribed", "Unsubscribed from Brex webhooks"
-    WEBHOOK_UNSUBSCRIBE_FAILED = "webhook_unsubscribe_failed", "Webhook unsubscription failed"
+    CONNECTED = "connected", _("Connected")
+    RECONNECTED = "reconnected", _("Reconnected")
+    REFRESHED = "refreshed", _("Tokens refreshed")
+    REFRESH_FAILED = "refresh_failed", _("Refresh failed")
+    REFRESH_DISCARDED = "refresh_discarded", _("Refreshed tokens discarded")
+    SCOPES_CHANGED = "scopes_changed", _("Granted scopes changed")
+    NEEDS_REAUTH = "needs_reauth", _("Needs re-authorization")
+    DISCONNECTED = "disconnected", _("Disconnected")
+    REVOKED = "revoked", _("Revoked at Brex")
+    REVOKE_FAILED = "revoke_failed", _("Revocation at Brex failed")
+    WEBHOOK_SUBSCRIBED = "webhook_subscribed", _("Subscribed to Brex webhooks")
+    WEBHOOK_SUBSCRIBE_FAILED = "webhook_subscribe_failed", _("Webhook subscription failed")
+    WEBHOOK_UNSUBSCRIBED = "webhook_unsubscribed", _("Unsubscribed from Brex webhooks")
+    WEBHOOK_UNSUBSCRIBE_FAILED = "webhook_unsubscribe_failed", _("Webhook unsubscription failed")
 
 
 class ConnectionEvent(models.Model):
@@ -449,21 +469,26 @@ class ConnectionEvent(models.Model):
     Kind = EventKind
 
     connection = models.ForeignKey(
-        BrexConnection, on_delete=models.CASCADE, related_name="events"
+        BrexConnection, on_delete=models.CASCADE, related_name="events",
+        verbose_name=_("connection"),
     )
-    kind = models.CharField(max_length=32, choices=EventKind.choices)
-    detail = models.TextField(blank=True)
+    kind = models.CharField(max_length=32, choices=EventKind.choices, verbose_name=_("kind"))
+    detail = models.TextField(blank=True, verbose_name=_("detail"))
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.SET_NULL,
         null=True,
         blank=True,
         related_name="+",
+        verbose_name=_("actor"),
     )
-    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    created_at = models.DateTimeField(
+        default=timezone.now, db_index=True, verbose_name=_("created at")
+    )
 
     class Meta:
-        verbose_name = "Brex connection event"
+        verbose_name = _("Brex connection event")
+        verbose_name_plural = _("Brex connection events")
         ordering = ["-created_at", "-pk"]
 
     def __str__(self) -> str:
@@ -471,11 +496,11 @@ class ConnectionEvent(models.Model):
 
 
 class WebhookEventStatus(models.TextChoices):
-    RECEIVED = "received", "Received, not processed yet"
-    PROCESSING = "processing", "Processing"
-    PROCESSED = "processed", "Processed"
-    IGNORED = "ignored", "Ignored: no active connection for its company"
-    FAILED = "failed", "A handler failed"
+    RECEIVED = "received", _("Received, not processed yet")
+    PROCESSING = "processing", _("Processing")
+    PROCESSED = "processed", _("Processed")
+    IGNORED = "ignored", _("Ignored: no active connection for its company")
+    FAILED = "failed", _("A handler failed")
 
 
 class BrexWebhookEvent(models.Model):
@@ -484,31 +509,38 @@ class BrexWebhookEvent(models.Model):
 
     Status = WebhookEventStatus
 
-    webhook_id = models.CharField("Webhook-Id", max_length=255, unique=True)
-    event_type = models.CharField(max_length=64, db_index=True)
-    company_id = models.CharField("Brex company id", max_length=255, blank=True, db_index=True)
-    payload = models.JSONField()
+    webhook_id = models.CharField(_("Webhook-Id"), max_length=255, unique=True)
+    event_type = models.CharField(max_length=64, db_index=True, verbose_name=_("event type"))
+    company_id = models.CharField(_("Brex company id"), max_length=255, blank=True, db_index=True)
+    payload = models.JSONField(verbose_name=_("payload"))
     status = models.CharField(
+        verbose_name=_("status"),
         max_length=16, choices=WebhookEventStatus.choices, default=WebhookEventStatus.RECEIVED
     )
-    received_at = models.DateTimeField(default=timezone.now, db_index=True)
-    processed_at = models.DateTimeField(null=True, blank=True)
+    received_at = models.DateTimeField(
+        default=timezone.now, db_index=True, verbose_name=_("received at")
+    )
+    processed_at = models.DateTimeField(null=True, blank=True, verbose_name=_("processed at"))
     processing_since = models.DateTimeField(
-        null=True, blank=True, help_text="When the handlers now running were started."
+        verbose_name=_("processing since"),
+        null=True, blank=True, help_text=_("When the handlers now running were started.")
     )
     attempts = models.PositiveIntegerField(
-        default=0, help_text="Times the handlers were run for this event."
+        verbose_name=_("attempts"),
+        default=0, help_text=_("Times the handlers were run for this event.")
     )
-    last_error = models.TextField(blank=True)
+    last_error = models.TextField(blank=True, verbose_name=_("last error"))
     connections = models.ManyToManyField(
         BrexConnection,
         blank=True,
         related_name="webhook_events",
-        help_text="The active connections of the event's Brex company when it was processed.",
+        help_text=_("The active connections of the event's Brex company when it was processed."),
+        verbose_name=_("connections"),
     )
 
     class Meta:
-        verbose_name = "Brex webhook event"
+        verbose_name = _("Brex webhook event")
+        verbose_name_plural = _("Brex webhook events")
         ordering = ["-received_at", "-pk"]
 
     def __str__(self) -> str:
@@ -519,11 +551,11 @@ class BrexWebhookEvent(models.Model):
 
 
 class SubscriptionStatus(models.TextChoices):
-    SUBSCRIBING = "subscribing", "Being created at Brex"
-    ACTIVE = "active", "Active at Brex"
-    UNSUBSCRIBING = "unsubscribing", "Being deleted at Brex"
-    DELETED = "deleted", "Deleted at Brex"
-    ABANDONED = "abandoned", "Could not be deleted: no live grant left"
+    SUBSCRIBING = "subscribing", _("Being created at Brex")
+    ACTIVE = "active", _("Active at Brex")
+    UNSUBSCRIBING = "unsubscribing", _("Being deleted at Brex")
+    DELETED = "deleted", _("Deleted at Brex")
+    ABANDONED = "abandoned", _("Could not be deleted: no live grant left")
 
 
 class BrexWebhookSubscription(models.Model):
@@ -532,24 +564,27 @@ class BrexWebhookSubscription(models.Model):
     Status = SubscriptionStatus
 
     connection = models.ForeignKey(
-        BrexConnection, on_delete=models.CASCADE, related_name="webhook_subscriptions"
+        BrexConnection, on_delete=models.CASCADE, related_name="webhook_subscriptions",
+        verbose_name=_("connection"),
     )
     brex_webhook_id = models.CharField(
-        "Brex webhook id", max_length=255, blank=True, db_index=True
+        _("Brex webhook id"), max_length=255, blank=True, db_index=True
     )
-    url = models.URLField(max_length=1000)
-    event_types = models.JSONField(default=list)
+    url = models.URLField(max_length=1000, verbose_name=_("URL"))
+    event_types = models.JSONField(default=list, verbose_name=_("event types"))
     status = models.CharField(
+        verbose_name=_("status"),
         max_length=16, choices=SubscriptionStatus.choices, default=SubscriptionStatus.SUBSCRIBING
     )
     idempotency_key = models.CharField(max_length=128)
-    attempts = models.PositiveIntegerField(default=0)
-    last_error = models.TextField(blank=True)
-    created_at = models.DateTimeField(default=timezone.now)
-    updated_at = models.DateTimeField(auto_now=True)
+    attempts = models.PositiveIntegerField(default=0, verbose_name=_("attempts"))
+    last_error = models.TextField(blank=True, verbose_name=_("last error"))
+    created_at = models.DateTimeField(default=timezone.now, verbose_name=_("created at"))
+    updated_at = models.DateTimeField(auto_now=True, verbose_name=_("updated at"))
 
     class Meta:
-        verbose_name = "Brex webhook subscription"
+        verbose_name = _("Brex webhook subscription")
+        verbose_name_plural = _("Brex webhook subscriptions")
         ordering = ["-created_at", "-pk"]
 
     def __str__(self) -> str:
@@ -557,9 +592,9 @@ class BrexWebhookSubscription(models.Model):
 
 
 class ThrottleReason(models.TextChoices):
-    NONE = "", "None"
-    RETRY_AFTER = "retry_after", "Brex asked to wait (Retry-After)"
-    CLIENT_REJECTED = "client_rejected", "Brex refused the client credentials"
+    NONE = "", _("None")
+    RETRY_AFTER = "retry_after", _("Brex asked to wait (Retry-After)")
+    CLIENT_REJECTED = "client_rejected", _("Brex refused the client credentials")
 
 
 class BrexThrottle(models.Model):
@@ -573,20 +608,21 @@ class BrexThrottle(models.Model):
 
     scope = models.CharField(max_length=200, unique=True)
     not_before = models.DateTimeField(
-        null=True, blank=True, help_text="No request in this scope before this time."
+        null=True, blank=True, help_text=_("No request in this scope before this time.")
     )
     reason = models.CharField(
         max_length=32, choices=ThrottleReason.choices, blank=True, default=""
     )
     detail = models.TextField(blank=True)
-    since = models.DateTimeField(null=True, blank=True, help_text="When the wait began.")
+    since = models.DateTimeField(null=True, blank=True, help_text=_("When the wait began."))
     window_started_at = models.DateTimeField(null=True, blank=True)
     window_used = models.PositiveIntegerField(default=0)
     window_refused = models.PositiveIntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        verbose_name = "Brex rate limit"
+        verbose_name = _("Brex rate limit")
+        verbose_name_plural = _("Brex rate limits")
 
     def __str__(self) -> str:
         return self.scope
