@@ -13,6 +13,9 @@ swallow a broken deployment.
 from __future__ import annotations
 
 from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
+from django.utils import translation
+from django.utils.translation import gettext
+from django.utils.translation import gettext_lazy as _
 
 
 class BrexOAuthConfigurationError(ImproperlyConfigured):
@@ -23,16 +26,24 @@ class BrexOAuthError(Exception):
     """Base class of every runtime error raised by django_brex_oauth."""
 
     #: Short title shown on the error page.
-    title = "Brex connection failed"
+    title = _("Brex connection failed")
     #: What happened and what to do, in words for the person in front of the screen.
-    user_message = "Something went wrong while talking to Brex. Please try again."
+    user_message = _("Something went wrong while talking to Brex. Please try again.")
     #: HTTP status of the error page the views render.
     http_status = 400
 
     def __init__(self, message: str = "", *, user_message: str | None = None) -> None:
-        super().__init__(message or self.user_message)
+        # The exception's own text is for logs and engineers: English, whatever language
+        # the person's page is in (user_message is translated when the page shows it).
+        super().__init__(message or untranslated(self.user_message))
         if user_message is not None:
             self.user_message = user_message
+
+
+def untranslated(text) -> str:
+    """``text`` (a string or a lazy translation) in the source language, English."""
+    with translation.override(None):
+        return str(text)
 
 
 # Authorization (the redirect back from Brex) ---------------------------------------------
@@ -46,8 +57,8 @@ class RedirectURINotConfigured(AuthorizationError):
     """Neither ``REDIRECT_URI`` nor ``SITE_URL`` is set, so there is no callback URL to give
     Brex (it is never taken from the request's ``Host`` header)."""
 
-    title = "Connecting Brex is not set up on this site yet"
-    user_message = (
+    title = _("Connecting Brex is not set up on this site yet")
+    user_message = _(
         "This site has not been told the address Brex should send you back to, so "
         "connecting was not started and nothing was stored. The site's administrators need "
         "to set BREX_OAUTH['SITE_URL'] (or BREX_OAUTH['REDIRECT_URI'])."
@@ -58,8 +69,8 @@ class RedirectURINotConfigured(AuthorizationError):
 class StateError(AuthorizationError, SuspiciousOperation):
     """The ``state`` is missing, unknown, used already, expired or bound to someone else."""
 
-    title = "This Brex sign-in link is no longer valid"
-    user_message = (
+    title = _("This Brex sign-in link is no longer valid")
+    user_message = _(
         "The link that brought you back from Brex is not valid for this session: it may "
         "have been used already, have expired, or have been started in another browser. "
         "Nothing was connected. Please start connecting again."
@@ -70,8 +81,8 @@ class RepeatedParameter(AuthorizationError):
     """The redirect back from Brex repeats ``state``, ``code``, ``iss`` or ``error``, which
     RFC 6749 section 3.1 forbids: which value counts cannot be known, so none is used."""
 
-    title = "This Brex sign-in link is not valid"
-    user_message = (
+    title = _("This Brex sign-in link is not valid")
+    user_message = _(
         "The link that brought you back from Brex was malformed (it named a value more than "
         "once), so nothing was connected. Please start connecting again."
     )
@@ -80,8 +91,8 @@ class RepeatedParameter(AuthorizationError):
 class AccessDenied(AuthorizationError):
     """Brex redirected back with an ``error`` (usually ``access_denied``)."""
 
-    title = "Brex access was not granted"
-    user_message = (
+    title = _("Brex access was not granted")
+    user_message = _(
         "You cancelled or declined access at Brex, so nothing was connected. You can "
         "connect again at any time."
     )
@@ -92,10 +103,10 @@ class AccessDenied(AuthorizationError):
         if error != "access_denied":
             super().__init__(
                 f"Brex returned error {error!r}",
-                user_message=(
-                    f"Brex could not complete the request ({error}). Nothing was connected. "
+                user_message=gettext(
+                    "Brex could not complete the request (%(error)s). Nothing was connected. "
                     "Please try again, or contact support if this keeps happening."
-                ),
+                ) % {"error": error},
             )
         else:
             super().__init__(f"Brex returned error {error!r}")
@@ -104,8 +115,8 @@ class AccessDenied(AuthorizationError):
 class TeamNotFound(AuthorizationError):
     """``connect?team=`` names no team (a malformed or forged id, or a deleted team)."""
 
-    title = "That team does not exist"
-    user_message = (
+    title = _("That team does not exist")
+    user_message = _(
         "The team to connect Brex for could not be found, so nothing was started. "
         "Please go back to your team and use its Connect button."
     )
@@ -116,8 +127,8 @@ class TeamNotAllowed(AuthorizationError):
     """The user may not connect a Brex account for this team (or no longer may: they left
     it, or it was deleted, between connect and the callback)."""
 
-    title = "You cannot connect Brex for this team"
-    user_message = (
+    title = _("You cannot connect Brex for this team")
+    user_message = _(
         "You are not allowed to connect a Brex account for this team, so nothing was "
         "connected. Ask one of the team's members to connect it."
     )
@@ -128,8 +139,8 @@ class IssuerMismatch(AuthorizationError, SuspiciousOperation):
     """The redirect back names another issuer in ``iss`` than the one the request went to, or
     names none although the issuer says it always does (RFC 9207, the mix-up defence)."""
 
-    title = "Brex sign-in could not be verified"
-    user_message = (
+    title = _("Brex sign-in could not be verified")
+    user_message = _(
         "The answer that brought you back to this site did not come from the Brex sign-in "
         "this site uses, so it was refused and nothing was connected. Please start "
         "connecting again."
@@ -140,8 +151,8 @@ class NoScopesGranted(AuthorizationError):
     """The person consented to none of the requested API scopes, or not to one that
     ``REQUIRED_API_SCOPES`` names."""
 
-    title = "No Brex permissions were granted"
-    user_message = (
+    title = _("No Brex permissions were granted")
+    user_message = _(
         "You did not grant any of the permissions this site needs, so nothing was "
         "connected. Connect again and leave the permissions you want to share ticked."
     )
@@ -150,8 +161,8 @@ class NoScopesGranted(AuthorizationError):
 class OfflineAccessNotGranted(AuthorizationError):
     """Brex returned no refresh token, so the connection could not be kept alive."""
 
-    title = "Brex did not allow a lasting connection"
-    user_message = (
+    title = _("Brex did not allow a lasting connection")
+    user_message = _(
         "Brex did not allow this site to stay connected (no offline access was granted). "
         "Nothing was connected. Please connect again and allow offline access."
     )
@@ -163,8 +174,8 @@ class OfflineAccessNotGranted(AuthorizationError):
 class TokenError(BrexOAuthError):
     """The token endpoint refused a request with an OAuth error."""
 
-    title = "Brex refused the request"
-    user_message = (
+    title = _("Brex refused the request")
+    user_message = _(
         "Brex refused to complete the connection. Nothing was connected. Please start "
         "connecting again."
     )
@@ -185,8 +196,8 @@ class InvalidClient(TokenError):
     id or secret, or does not let this client use the grant. A fault of the site's
     configuration, never of one customer's connection."""
 
-    title = "This site's Brex credentials were refused"
-    user_message = (
+    title = _("This site's Brex credentials were refused")
+    user_message = _(
         "Brex did not accept this site's credentials, so nothing was connected. Please "
         "tell the site's administrators."
     )
@@ -196,8 +207,8 @@ class InvalidClient(TokenError):
 class IdTokenError(BrexOAuthError, SuspiciousOperation):
     """The id_token failed validation (signature, issuer, audience, times or nonce)."""
 
-    title = "Brex sign-in could not be verified"
-    user_message = (
+    title = _("Brex sign-in could not be verified")
+    user_message = _(
         "The sign-in answer from Brex could not be verified, so nothing was connected. "
         "Please start connecting again."
     )
@@ -213,7 +224,7 @@ class RefreshIdTokenError(TokenError, IdTokenError):
     """
 
     title = IdTokenError.title
-    user_message = (
+    user_message = _(
         "Brex's answer to refreshing this connection could not be verified, so this site "
         "kept using the connection as it was. Please try again later."
     )
@@ -229,8 +240,8 @@ class RefreshIdTokenError(TokenError, IdTokenError):
 class DiscoveryError(BrexOAuthError):
     """The OpenID Connect discovery document or JWKS is unusable."""
 
-    title = "Brex is not reachable right now"
-    user_message = (
+    title = _("Brex is not reachable right now")
+    user_message = _(
         "This site could not read Brex's sign-in configuration. Nothing was connected. "
         "Please try again in a few minutes."
     )
@@ -244,8 +255,8 @@ class BrexUnavailable(BrexOAuthError):
     ``Retry-After`` header, or the rest of a wait another caller was asked for), or None.
     """
 
-    title = "Brex is not reachable right now"
-    user_message = (
+    title = _("Brex is not reachable right now")
+    user_message = _(
         "Brex did not answer in time, so nothing was connected. Please try again in a "
         "few minutes."
     )
@@ -270,8 +281,8 @@ class MalformedTokenResponse(BrexUnavailable):
     again. ``problems`` lists what was wrong, never quoting a value.
     """
 
-    title = "Brex sent an answer this site cannot use"
-    user_message = (
+    title = _("Brex sent an answer this site cannot use")
+    user_message = _(
         "Brex answered with something this site could not use, so nothing was connected. "
         "Please try again in a few minutes."
     )
@@ -288,8 +299,8 @@ class RefreshPaused(BrexUnavailable):
     credentials (``invalid_client``). The connection is fine; the site's configuration is
     not. ``retry_after`` is the time until the next probe of the credentials."""
 
-    title = "Brex refused this site's credentials"
-    user_message = (
+    title = _("Brex refused this site's credentials")
+    user_message = _(
         "This site cannot reach Brex right now because of a problem with its own "
         "configuration. Your connection is kept; please try again later."
     )
@@ -301,8 +312,8 @@ class RefreshPaused(BrexUnavailable):
 class ConnectionNotUsable(BrexOAuthError):
     """The connection is revoked or needs the customer to reconnect."""
 
-    title = "This Brex connection needs attention"
-    user_message = "This Brex connection is not active. Please reconnect your Brex account."
+    title = _("This Brex connection needs attention")
+    user_message = _("This Brex connection is not active. Please reconnect your Brex account.")
 
 
 class BrexAPIError(BrexOAuthError):
@@ -342,5 +353,5 @@ class BrexAPIUnavailable(BrexAPIError, BrexUnavailable):
     status: int
 
     title = BrexUnavailable.title
-    user_message = "Brex did not answer in time. Please try again in a few minutes."
+    user_message = _("Brex did not answer in time. Please try again in a few minutes.")
     http_status = BrexUnavailable.http_status

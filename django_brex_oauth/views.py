@@ -15,6 +15,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, QueryDi
 from django.shortcuts import get_object_or_404, render, resolve_url
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.translation import gettext
+from django.utils.translation import gettext_lazy as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.debug import sensitive_variables
@@ -107,8 +109,8 @@ def _safe_next(request: HttpRequest, value: str | None) -> str | None:
 
 
 class UnsafeNext(BrexOAuthError):
-    title = "That link cannot be followed"
-    user_message = (
+    title = _("That link cannot be followed")
+    user_message = _(
         "The address to return to after connecting Brex points outside this site, so it "
         "was refused. Nothing was started. Please use the Connect button on this site."
     )
@@ -211,7 +213,11 @@ def callback(request: HttpRequest) -> HttpResponse:
     name = connection.brex_company_name or connection.brex_user_email
     messages.success(
         request,
-        f"Your Brex account ({name}) is connected." if name else "Your Brex account is connected.",
+        (
+            gettext("Your Brex account (%(name)s) is connected.") % {"name": name}
+            if name
+            else gettext("Your Brex account is connected.")
+        ),
         fail_silently=True,
     )
     return HttpResponseRedirect(
@@ -222,7 +228,7 @@ def callback(request: HttpRequest) -> HttpResponse:
 def _managed_connection(request: HttpRequest, pk: int) -> BrexConnection:
     connection = get_object_or_404(BrexConnection.objects.select_related("owner"), pk=pk)
     if not can_manage(request.user, connection):
-        raise PermissionDenied("Not your Brex connection.")
+        raise PermissionDenied(gettext("Not your Brex connection."))
     return connection
 
 
@@ -261,7 +267,7 @@ def _team_groups(user, connections: list[BrexConnection], here: str) -> list[dic
 
 
 def _connection_name(connection: BrexConnection) -> str:
-    return connection.brex_company_name or connection.brex_user_email or "Brex account"
+    return connection.brex_company_name or connection.brex_user_email or gettext("Brex account")
 
 
 # Pages with connection details and the disconnect button: never cached, never framed
@@ -329,26 +335,34 @@ def disconnect(request: HttpRequest, pk: int) -> HttpResponse:
     result = disconnect_connection(connection, actor=request.user)
     name = _connection_name(connection)
     if not result.disconnected:
-        messages.info(request, f"{name} was already disconnected.", fail_silently=True)
+        messages.info(
+            request, gettext("%(name)s was already disconnected.") % {"name": name},
+            fail_silently=True,
+        )
     elif result.attempt.outcome == RevokeOutcome.NOT_POSSIBLE:
         messages.warning(
             request,
-            f"{name} is disconnected and this site no longer uses it. Brex could not be told "
-            "to revoke the access, because this site can no longer read its stored "
-            "credentials for it; the site's administrators can see this in its records.",
+            gettext(
+                "%(name)s is disconnected and this site no longer uses it. Brex could not be "
+                "told to revoke the access, because this site can no longer read its stored "
+                "credentials for it; the site's administrators can see this in its records."
+            ) % {"name": name},
             fail_silently=True,
         )
     elif result.revoked_at_brex:
         messages.success(
             request,
-            f"{name} is disconnected, and Brex has revoked this site's access to it.",
+            gettext("%(name)s is disconnected, and Brex has revoked this site's access to it.")
+            % {"name": name},
             fail_silently=True,
         )
     else:
         messages.warning(
             request,
-            f"{name} is disconnected and this site no longer uses it. Brex could not be "
-            "reached to revoke the access; this site will keep asking Brex until it does.",
+            gettext(
+                "%(name)s is disconnected and this site no longer uses it. Brex could not be "
+                "reached to revoke the access; this site will keep asking Brex until it does."
+            ) % {"name": name},
             fail_silently=True,
         )
     next_url = _safe_next(request, request.POST.get("next"))

@@ -14,6 +14,7 @@ from django.core.validators import validate_email
 from django.db import models, transaction
 from django.db.models import F
 from django.utils import timezone
+from django.utils.translation import gettext, ngettext
 from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth, signals
@@ -104,7 +105,7 @@ def consume_authorization_request(*, user, state: str | None, state_in_session: 
     if not state:
         raise StateError(
             "missing state",
-            user_message=(
+            user_message=gettext(
                 "The answer from Brex did not say which connection attempt it belongs to. "
                 "Nothing was connected. Please start connecting again."
             ),
@@ -120,7 +121,7 @@ def consume_authorization_request(*, user, state: str | None, state_in_session: 
     if not taken:
         raise StateError(
             "state used already",
-            user_message=(
+            user_message=gettext(
                 "This Brex sign-in link was used already, so it cannot connect anything "
                 "again. If your account is not connected yet, please start connecting again."
             ),
@@ -131,10 +132,13 @@ def consume_authorization_request(*, user, state: str | None, state_in_session: 
         minutes = max(1, int(brex_settings.AUTHORIZATION_REQUEST_TTL) // 60)
         raise StateError(
             "state expired",
-            user_message=(
-                f"You took longer than {minutes} minutes at Brex, so this attempt expired and "
-                "nothing was connected. Please start connecting again."
-            ),
+            user_message=ngettext(
+                "You took longer than %(minutes)d minute at Brex, so this attempt expired and "
+                "nothing was connected. Please start connecting again.",
+                "You took longer than %(minutes)d minutes at Brex, so this attempt expired and "
+                "nothing was connected. Please start connecting again.",
+                minutes,
+            ) % {"minutes": minutes},
         )
     return auth_request
 
@@ -204,11 +208,13 @@ def complete_authorization(
         if missing:
             raise NoScopesGranted(
                 "a required scope was not granted",
-                user_message=(
-                    "You did not grant a permission this site needs ("
-                    + ", ".join(missing)
-                    + "), so nothing was connected. Connect again and leave it ticked."
-                ),
+                user_message=ngettext(
+                    "You did not grant a permission this site needs (%(scopes)s), so nothing "
+                    "was connected. Connect again and leave it ticked.",
+                    "You did not grant permissions this site needs (%(scopes)s), so nothing "
+                    "was connected. Connect again and leave them ticked.",
+                    len(missing),
+                ) % {"scopes": ", ".join(missing)},
             )
         if not tokens.id_token:
             raise IdTokenError("Brex returned no id_token")
