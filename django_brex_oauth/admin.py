@@ -19,10 +19,14 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html
-from django.utils.text import Truncator
+from django.utils.text import Truncator, format_lazy
+from django.utils.translation import gettext, ngettext
+from django.utils.translation import gettext_lazy as _
 
 from . import admin_health
 from .admin_support import (
+    EMPTY,
+    REVOKED_STATUS,
     ReadOnlyAdminMixin,
     brex_notices,
     user_search_fields,
@@ -53,15 +57,22 @@ class ExpiringSoonFilter(admin.SimpleListFilter):
     ``EXPIRING_SOON_DAYS`` of the end of its 90 days, or the access token has expired.
     Revoked connections are left out."""
 
-    title = "expiring soon"
+    title = _("expiring soon")
     parameter_name = "expiring"
 
     def lookups(self, request, model_admin):
         days = int(brex_settings.EXPIRING_SOON_DAYS)
         return [
-            ("any", f"Refresh token ends within {days} days, or access token expired"),
-            ("refresh_token", f"Refresh token ends within {days} days"),
-            ("access_token", "Access token expired"),
+            ("any", ngettext(
+                "Refresh token ends within %(days)s day, or access token expired",
+                "Refresh token ends within %(days)s days, or access token expired",
+                days,
+            ) % {"days": days}),
+            ("refresh_token", ngettext(
+                "Refresh token ends within %(days)s day", "Refresh token ends within %(days)s days",
+                days,
+            ) % {"days": days}),
+            ("access_token", _("Access token expired")),
         ]
 
     def queryset(self, request, queryset):
@@ -101,7 +112,7 @@ class ConnectionEventInline(ReadOnlyAdminMixin, admin.TabularInline):
     ordering = ("-created_at", "-pk")
     extra = 0
     can_delete = False
-    verbose_name_plural = f"events (latest {INLINE_EVENTS})"
+    verbose_name_plural = format_lazy(_("events (latest {count})"), count=INLINE_EVENTS)
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("actor")
@@ -120,20 +131,19 @@ class BrexConnectionAdmin(admin.ModelAdmin):
     revocation.
     """
 
+    # What an operator scans for, in 1,280 px with the admin's navigation and the filters
+    # beside it: whose (and in which environment), how it stands and what went wrong last,
+    # how long its refresh token has left, when it was last refreshed. Scopes, the access
+    # token's expiry and the refresh token chain's age are on the connection's page.
     list_display = (
-        "connection",
+        "brex_account",
         "owner",
-        "company",
-        "environment",
-        "status_display",
-        "scopes",
-        "access_token_expiry",
-        "refresh_token_age",
+        "status_and_error",
         "refresh_token_days_left",
-        "last_refreshed_at",
-        "last_error_short",
+        "last_refreshed",
     )
-    list_display_links = ("connection",)
+    list_display_links = ("brex_account",)
+    empty_value_display = EMPTY
     list_filter = ("status", "environment", ExpiringSoonFilter, "revocation_status")
     ordering = ("-connected_at", "-pk")
     list_per_page = 100
@@ -150,7 +160,7 @@ class BrexConnectionAdmin(admin.ModelAdmin):
             },
         ),
         (
-            "Tokens (values are never shown)",
+            _("Tokens (values are never shown)"),
             {
                 "fields": (
                     "access_token_expiry", "refresh_token_issued", "refresh_token_expiry",
@@ -159,7 +169,7 @@ class BrexConnectionAdmin(admin.ModelAdmin):
             },
         ),
         (
-            "History",
+            _("History"),
             {
                 "fields": (
                     "connected_at", "last_refreshed_at", "last_error", "revoked_at",
@@ -257,95 +267,115 @@ class BrexConnectionAdmin(admin.ModelAdmin):
 
     # Columns ------------------------------------------------------------------------------
 
-    @admin.display(description="Brex user", ordering="brex_user_email")
-    def connection(self, obj: BrexConnection) -> str:
-        return obj.brex_user_email or obj.brex_user_id
+    @admin.display(description=_("Brex account"), ordering="brex_company_name")
+    def brex_account(self, obj: BrexConnection):
+        """The company; under it the environment and who connected it at Brex."""
+        who = obj.brex_user_email or obj.brex_user_id
+        below = [str(obj.get_environment_display())]
+        if obj.brex_company_name:
+            below.append(who)
+        return format_html(
+            '{}<br><span class="quiet">{}</span>', obj.brex_company_name or who,
+            " · ".join(below),
+        )
 
-    @admin.display(description="Brex company", ordering="brex_company_name")
-    def company(self, obj: BrexConnection) -> str:
-        return obj.brex_company_name or obj.brex_company_id or "-"
-
-    @admin.display(description="status", ordering="status")
+    @admin.display(description=_("status"), ordering="status")
     def status_display(self, obj: BrexConnection) -> str:
-        status = obj.get_status_display()
-        if obj.status == ConnectionStatus.REVOKED and obj.revocation_status:
-            detail = obj.get_revocation_status_display()
-            status += f" ({detail[:1].lower()}{detail[1:]})"
-        return status
+        if obj.status != ConnectionStatus.REVOKED:
+            return obj.get_status_display()
+        return str(REVOKED_STATUS.get(obj.revocation_status, obj.get_status_display()))
 
-    @admin.display(description="granted scopes")
-    def scopes(self, obj: BrexConnection) -> str:
-        return ", ".join(obj.api_scopes) or "-"
-
-    @admin.display(description="access token expires", ordering="access_token_expires")
+    @admin.display(description=_("access token expires"), ordering="access_token_expires")
     def access_token_expiry(self, obj: BrexConnection):
         expires = getattr(obj, "access_token_expires", None)
         if expires is None:
-            return "-"
+            return EMPTY
         if expires <= timezone.now():
             return format_html(
-                '<span class="brex-expired">{} (expired)</span>', _when(expires)
+                '<span class="brex-expired">{}</span>',
+                _("%(when)s (expired)") % {"when": _when(expires)},
             )
         return _when(expires)
 
-    @admin.display(description="refresh token age", ordering="-refresh_token_issued_at")
-    def refresh_token_age(self, obj: BrexConnection) -> str:
-        issued = getattr(obj, "refresh_token_issued_at", None)
-        if issued is None or obj.status == ConnectionStatus.REVOKED:
-            return "-"
-        return _days((timezone.now() - issued).days)
-
-    @admin.display(description="refresh token days left (estimate)",
-                   ordering="refresh_token_expires_at")
+    # An estimate (the value says "about"): the app's reckoning, Brex does not say.
+    @admin.display(description=_("refresh token ends"), ordering="refresh_token_expires_at")
     def refresh_token_days_left(self, obj: BrexConnection) -> str:
         # The app's reckoning (REFRESH_TOKEN_LIFETIME from the last refresh), not Brex's.
+        left = self._refresh_token_days_left(obj)
+        if left is None:
+            return EMPTY
+        return ngettext("in about %(days)s day", "in about %(days)s days", left) % {
+            "days": left
+        }
+
+    @staticmethod
+    def _refresh_token_days_left(obj: BrexConnection) -> int | None:
         expires = getattr(obj, "refresh_token_expires_at", None)
         if expires is None or obj.status == ConnectionStatus.REVOKED:
-            return "-"
-        return f"about {max(0, (expires - timezone.now()).days)}"
+            return None
+        return max(0, (expires - timezone.now()).days)
 
-    @admin.display(description="last error")
-    def last_error_short(self, obj: BrexConnection) -> str:
-        return Truncator(obj.last_error).chars(80) or "-"
+    @admin.display(description=_("last refreshed"), ordering="last_refreshed_at")
+    def last_refreshed(self, obj: BrexConnection) -> str:
+        return _when(obj.last_refreshed_at)
+
+    @admin.display(description=_("status"), ordering="status")
+    def status_and_error(self, obj: BrexConnection):
+        """The status, and under it the start of the last error, if any."""
+        if not obj.last_error:
+            return self.status_display(obj)
+        return format_html(
+            '{}<br><span class="quiet">{}</span>', self.status_display(obj),
+            Truncator(obj.last_error).chars(80),
+        )
 
     # Change page fields -------------------------------------------------------------------
 
-    @admin.display(description="refresh token chain issued")
+    @admin.display(description=_("refresh token chain issued"))
     def refresh_token_issued(self, obj: BrexConnection) -> str:
-        return _when(getattr(obj, "refresh_token_issued_at", None))
-
-    @admin.display(description="refresh token expires (estimate)")
-    def refresh_token_expiry(self, obj: BrexConnection) -> str:
-        expires = getattr(obj, "refresh_token_expires_at", None)
-        if expires is None:
-            return "-"
+        issued = getattr(obj, "refresh_token_issued_at", None)
+        if issued is None:
+            return EMPTY
         if obj.status == ConnectionStatus.REVOKED:
-            return _when(expires)
-        return (
-            f"{_when(expires)} ({self.refresh_token_days_left(obj)} days left, reckoned from "
-            "the last refresh; Brex does not say)"
-        )
+            return _when(issued)
+        return _("%(when)s (%(age)s ago, at the last connect)") % {
+            "when": _when(issued), "age": _days((timezone.now() - issued).days),
+        }
 
-    @admin.display(description="refresh token last used")
+    @admin.display(description=_("refresh token expires (estimate)"))
+    def refresh_token_expiry(self, obj: BrexConnection) -> str:
+        # A revoked connection's refresh token is gone: it has no end to show.
+        left = self._refresh_token_days_left(obj)
+        if left is None:
+            return EMPTY
+        return ngettext(
+            "%(when)s (%(days)s day left, reckoned from the last refresh; Brex does not say)",
+            "%(when)s (%(days)s days left, reckoned from the last refresh; Brex does not say)",
+            left,
+        ) % {"when": _when(getattr(obj, "refresh_token_expires_at", None)), "days": left}
+
+    @admin.display(description=_("refresh token last used"))
     def refresh_token_used(self, obj: BrexConnection) -> str:
         return _when(getattr(obj, "refresh_token_used_at", None))
 
-    @admin.display(description="refresh in progress until")
+    @admin.display(description=_("refresh in progress until"))
     def refresh_in_progress(self, obj: BrexConnection) -> str:
         until = getattr(obj, "refresh_claimed_until", None)
         if until is None or until <= timezone.now():
-            return "no refresh in progress"
+            return gettext("no refresh in progress")
         return _when(until)
 
-    @admin.display(description="event log")
+    @admin.display(description=_("event log"))
     def all_events(self, obj: BrexConnection):
         if obj.pk is None:
-            return "-"
+            return EMPTY
         url = reverse("admin:brex_oauth_connectionevent_changelist")
-        return format_html(
-            '<a href="{}?connection__id__exact={}">All {} events of this connection</a>',
-            url, obj.pk, obj.events.count(),
-        )
+        count = obj.events.count()
+        text = ngettext(
+            "All %(count)s event of this connection", "All %(count)s events of this connection",
+            count,
+        ) % {"count": count}
+        return format_html('<a href="{}?connection__id__exact={}">{}</a>', url, obj.pk, text)
 
     # The health page ----------------------------------------------------------------------
 
@@ -370,10 +400,16 @@ class BrexConnectionAdmin(admin.ModelAdmin):
     # once, not rolled back with the request under ATOMIC_REQUESTS.
     @method_decorator(transaction.non_atomic_requests)
     def changelist_view(self, request: HttpRequest, extra_context=None):
-        extra_context = {**(extra_context or {}), "brex_oauth_notices": brex_notices()}
+        extra_context = {
+            # Nothing on the list can be changed (the change permission allows "Refresh
+            # now"), so it reads "to view" whatever the permissions, in Django's words.
+            "title": gettext("Select %s to view") % self.opts.verbose_name,
+            "brex_oauth_notices": brex_notices(),
+            **(extra_context or {}),
+        }
         return super().changelist_view(request, extra_context)
 
-    @admin.action(description="Revoke at Brex", permissions=["revoke"])
+    @admin.action(description=_("Revoke at Brex"), permissions=["revoke"])
     def revoke_at_brex(self, request: HttpRequest, queryset: QuerySet) -> None:
         """Disconnect each selected connection and revoke it at Brex, reporting each one.
 
@@ -433,7 +469,7 @@ class BrexConnectionAdmin(admin.ModelAdmin):
                     messages.WARNING,
                 )
 
-    @admin.action(description="Refresh now", permissions=["change"])
+    @admin.action(description=_("Refresh now"), permissions=["change"])
     def refresh_now(self, request: HttpRequest, queryset: QuerySet) -> None:
         """Refresh each selected connection's tokens at once, reporting each one."""
         from .services.refresh import Outcome, refresh_connection
@@ -509,12 +545,12 @@ class ConnectionEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             *user_search_fields("connection__owner"),
         )
 
-    @admin.display(description="connection", ordering="connection")
+    @admin.display(description=_("connection"), ordering="connection")
     def connection_link(self, obj: ConnectionEvent):
         url = reverse("admin:brex_oauth_brexconnection_change", args=[obj.connection_id])
         return format_html('<a href="{}">{}</a>', url, _connection_label(obj.connection))
 
-    @admin.display(description="detail")
+    @admin.display(description=_("detail"))
     def detail_short(self, obj: ConnectionEvent) -> str:
         return Truncator(obj.detail).chars(120)
 
@@ -539,11 +575,11 @@ class AuthorizationRequestAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     def get_search_fields(self, request: HttpRequest):
         return tuple(user_search_fields("user"))
 
-    @admin.display(description="outcome")
+    @admin.display(description=_("outcome"))
     def outcome(self, obj: AuthorizationRequest) -> str:
         if obj.consumed_at is not None:
-            return "used"
-        return "expired" if obj.is_expired else "pending"
+            return gettext("used")
+        return gettext("expired") if obj.is_expired else gettext("pending")
 
 # The webhook admins live in admin_webhooks; importing it (above) registers them.
 __all__ = [

@@ -7,9 +7,26 @@ from __future__ import annotations
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import FieldDoesNotExist
+from django.utils import formats, timezone
+from django.utils.functional import Promise
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
-from .models import BrexConnection, ThrottleReason
+from .models import BrexConnection, RevocationStatus, ThrottleReason
 from .services import throttle
+
+StrOrPromise = str | Promise
+
+#: What an empty cell shows, on every page of the app's admin.
+EMPTY = "—"
+
+#: The status of a revoked connection, said once with where its revocation at Brex stands.
+REVOKED_STATUS: dict[str, StrOrPromise] = {
+    RevocationStatus.NOT_REQUESTED: _("Revoked"),
+    RevocationStatus.PENDING: _("Revoked, pending at Brex"),
+    RevocationStatus.DONE: _("Revoked at Brex"),
+    RevocationStatus.NOT_POSSIBLE: _("Revoked, Brex could not be told"),
+}
 
 
 def user_search_fields(prefix: str) -> list[str]:
@@ -36,6 +53,8 @@ def may_see_connections(user) -> bool:
 
 class ReadOnlyAdminMixin:
     """Nothing can be added, changed or deleted here: the services write these rows."""
+
+    empty_value_display = EMPTY
 
     def has_add_permission(self, request, obj=None):
         return False
@@ -93,12 +112,12 @@ def brex_notices() -> list[tuple[str, str]]:
 
 
 def when(value) -> str:
-    from django.utils import timezone
-
+    """A time as every page of the admin shows one: Django's localized ``DATETIME_FORMAT``
+    in the current time zone, as for the model's own date fields; :data:`EMPTY` for None."""
     if value is None:
-        return "-"
-    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M %Z")
+        return EMPTY
+    return formats.date_format(timezone.localtime(value), "DATETIME_FORMAT")
 
 
 def days(count: int) -> str:
-    return f"{count} day" if count == 1 else f"{count} days"
+    return ngettext("%(count)s day", "%(count)s days", count) % {"count": count}

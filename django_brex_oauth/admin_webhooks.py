@@ -9,8 +9,9 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
 
-from .admin_support import ReadOnlyAdminMixin
+from .admin_support import EMPTY, ReadOnlyAdminMixin
 from .models import BrexWebhookEvent, BrexWebhookSubscription
 from .services import webhook_events
 
@@ -30,11 +31,11 @@ class BrexWebhookEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     exclude = ("payload", "connections")
     actions = ["process_again"]
 
-    @admin.display(description="Connections")
+    @admin.display(description=_("Connections"))
     def connection_list(self, obj: BrexWebhookEvent) -> str:
-        return ", ".join(str(c) for c in obj.connections.all()) or "-"
+        return ", ".join(str(c) for c in obj.connections.all()) or EMPTY
 
-    @admin.display(description="Payload")
+    @admin.display(description=_("Payload"))
     def payload_json(self, obj: BrexWebhookEvent) -> str:
         return format_html("<pre>{}</pre>", json.dumps(obj.payload, indent=2, sort_keys=True))
 
@@ -42,7 +43,7 @@ class BrexWebhookEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         """Staff who may change webhook events may run their handlers again."""
         return request.user.has_perm("brex_oauth.change_brexwebhookevent")
 
-    @admin.action(description="Process again", permissions=["process"])
+    @admin.action(description=_("Process again"), permissions=["process"])
     def process_again(self, request: HttpRequest, queryset: QuerySet) -> None:
         """Run the handlers (and ``webhook_received``) once more for each selected event."""
         for event in queryset.order_by("received_at", "pk"):

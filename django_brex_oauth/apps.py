@@ -5,7 +5,9 @@ from django.utils.translation import gettext_lazy as _
 class BrexOAuthConfig(AppConfig):
     name = "django_brex_oauth"
     label = "brex_oauth"
-    verbose_name = _("Brex connections")
+    # The admin's heading and breadcrumb: "Brex OAuth › Brex connections", not the model's
+    # plural twice.
+    verbose_name = _("Brex OAuth")
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:

@@ -88,31 +88,105 @@ def test_the_changelist_shows_each_connection_and_its_tokens_state(
     admin_client, user, fake_brex, brex_settings
 ):
     connection = make_connection(user, fake=fake_brex)
+    refreshed_at = timezone.now() - timedelta(hours=3)
     BrexToken.objects.filter(pk=connection.pk).update(
         refresh_token_issued_at=timezone.now() - timedelta(days=12, hours=1),
         refresh_token_expires_at=timezone.now() + timedelta(days=77, hours=23),
     )
     BrexConnection.objects.filter(pk=connection.pk).update(
-        last_error="Refresh failed, will retry: Brex token endpoint answered HTTP 503"
+        last_error="Refresh failed, will retry: Brex token endpoint answered HTTP 503",
+        last_refreshed_at=refreshed_at,
     )
     response = changelist(admin_client)
     assert response.status_code == 200
     page = response.content.decode()
-    for header in ("Owner", "Brex company", "Environment", "Status", "Granted scopes",
-                   "Access token expires", "Refresh token age",
-                   "Refresh token days left (estimate)", "Last refreshed at", "Last error"):
+    # Five columns an operator needs, the environment and the last error merged in; scopes,
+    # the access token's expiry and the refresh token chain's age are on the connection's
+    # page.
+    headers = re.findall(r'<th scope="col" class="(?:sortable )?column-(\w+)', page)
+    assert headers == ["brex_account", "owner", "status_and_error",
+                       "refresh_token_days_left", "last_refreshed"]
+    for header in ("Brex account", "Owner", "Status", "Refresh token ends", "Last refreshed"):
         assert f">{header}</a>" in page or f">{header}</span>" in page, header
     row = re.search(r'<tr>\s*<td class="action-checkbox">.*?</tr>', page, re.S).group(0)
-    assert "ada" in row
-    assert "Acme Rockets, Inc." in row
-    assert "Staging" in row
-    assert "Active" in row
-    assert "users.readonly, companies.readonly" in row
-    assert "12 days" in row
-    assert "about 77" in row
-    assert "Refresh failed, will retry: Brex token endpoint answered HTTP 503" in row
+    cells = dict(re.findall(r'<t[hd] class="field-(\w+)[^"]*">(.*?)</t[hd]>', row, re.S))
+    assert re.sub(r"<a [^>]+>", "<a>", cells["brex_account"]) == (
+        '<a>Acme Rockets, Inc.<br><span class="quiet">Staging · ada.lovelace@example.com'
+        "</span></a>"
+    )
+    assert cells["owner"] == "ada"
+    assert cells["status_and_error"] == (
+        'Active<br><span class="quiet">Refresh failed, will retry: Brex token endpoint '
+        "answered HTTP 503</span>"
+    )
+    assert cells["refresh_token_days_left"] == "in about 77 days"
+    assert "users.readonly" not in row
+    # Times read as everywhere else in the admin: Django's localized DATETIME_FORMAT.
+    assert cells["last_refreshed"] == formats.date_format(
+        timezone.localtime(refreshed_at), "DATETIME_FORMAT"
+    )
+    # A view of the list, not an edit: the title says so, and the breadcrumb names the app.
+    assert "<h1>Select Brex connection to view</h1>" in page
+    assert "<title>Select Brex connection to view |" in page
+    breadcrumbs = re.search(r'<div class="breadcrumbs">(.*?)</div>', page, re.S).group(1)
+    assert " ".join(re.sub(r"<[^>]+>", " ", breadcrumbs).split()) == (
+        "Home &rsaquo; Brex OAuth &rsaquo; Brex connections"
+    )
+
+
+def test_the_connection_page_shows_one_time_format_and_the_tokens_state(
+    admin_client, user, fake_brex, brex_settings
+):
+    connection = make_connection(user, fake=fake_brex)
+    issued = timezone.now() - timedelta(days=12, hours=1)
+    ends = timezone.now() + timedelta(days=77, hours=23)
+    BrexToken.objects.filter(pk=connection.pk).update(
+        refresh_token_issued_at=issued, refresh_token_expires_at=ends
+    )
+    page = admin_client.get(
+        reverse("admin:brex_oauth_brexconnection_change", args=[connection.pk])
+    ).content.decode()
+    text = " ".join(re.sub(r"<[^>]+>", " ", page).split())
+    localized = lambda value: formats.date_format(  # noqa: E731
+        timezone.localtime(value), "DATETIME_FORMAT"
+    )
     expires = BrexToken.objects.get(pk=connection.pk).access_token_expires_at
-    assert timezone.localtime(expires).strftime("%Y-%m-%d %H:%M") in row
+    assert f"Access token expires: {localized(expires)}" in text
+    assert f"Refresh token chain issued: {localized(issued)} (12 days ago, at the last connect)" \
+        in text
+    assert (f"Refresh token expires (estimate): {localized(ends)} (77 days left, reckoned from "
+            "the last refresh; Brex does not say)") in text
+    assert f"Connected at: {localized(connection.connected_at)}" in text
+    assert "Granted scopes: openid offline_access users.readonly companies.readonly" in text
+    # One format: nothing in the ISO-like format the token fields used to have.
+    assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", text)
+
+
+def test_a_revoked_connection_shows_no_refresh_token_end(admin_client, user, fake_brex,
+                                                         brex_settings):
+    connection = make_connection(user, fake=fake_brex, status="revoked")
+    BrexToken.objects.filter(pk=connection.pk).update(
+        refresh_token_expires_at=timezone.now() + timedelta(days=60)
+    )
+    row = re.search(r'<tr>\s*<td class="action-checkbox">.*?</tr>',
+                    changelist(admin_client).content.decode(), re.S).group(0)
+    assert re.search(r'<td class="field-refresh_token_days_left">—</td>', row)
+    assert "Revoked at Brex" in row and "(revoked at Brex)" not in row
+    page = admin_client.get(
+        reverse("admin:brex_oauth_brexconnection_change", args=[connection.pk])
+    ).content.decode()
+    text = " ".join(re.sub(r"<[^>]+>", " ", page).split())
+    assert "Refresh token expires (estimate): —" in text
+    assert "Access token expires: —" in text
+
+
+def test_the_list_reads_to_view_whatever_the_permissions(client, django_user_model):
+    for codenames in (("view_brexconnection",), ("view_brexconnection",
+                                                  "change_brexconnection")):
+        staff_with(django_user_model, client, *codenames)
+        page = changelist(client).content.decode()
+        assert "<h1>Select Brex connection to view</h1>" in page
+        assert "to change" not in page
 
 
 @pytest.mark.parametrize("rows", [20, 200])
@@ -447,9 +521,15 @@ def test_status_column_says_where_the_revocation_stands(user):
 
     model_admin = site._registry[BrexConnection]
     connection = make_connection(user, status="revoked")
-    assert model_admin.status_display(connection) == "Revoked (revoked at Brex)"
+    assert model_admin.status_display(connection) == "Revoked at Brex"
     connection.revocation_status = RevocationStatus.PENDING
-    assert model_admin.status_display(connection) == "Revoked (pending at Brex)"
+    assert model_admin.status_display(connection) == "Revoked, pending at Brex"
+    connection.revocation_status = RevocationStatus.NOT_POSSIBLE
+    assert model_admin.status_display(connection) == "Revoked, Brex could not be told"
+    connection.revocation_status = RevocationStatus.NOT_REQUESTED
+    assert model_admin.status_display(connection) == "Revoked"
+    connection.status = ConnectionStatus.NEEDS_REAUTH
+    assert model_admin.status_display(connection) == "Needs re-authorization"
 
 
 def test_refresh_now_commits_at_once_under_atomic_requests(
