@@ -360,3 +360,63 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
     assert query(data_dir, "SELECT status FROM brex_oauth_brexconnection WHERE id = ?",
                  connection_pk) == [("active",)]
     shot.page = page
+
+
+# ------------------------------------------------------------------------- the fake's own pages
+
+#: Long words a phone has to fit: an email and the longest scopes.
+LONG_EMAIL = "katherine.coleman.goble.johnson@flight-research.example.com"
+MANY_SCOPES = (
+    "openid offline_access users.readonly companies.readonly expenses.card.readonly "
+    "transactions.card.readonly accounting.record.write incoming_transfers.readonly"
+)
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_fake_consent_page_fits_the_screen(playwright, width: int) -> None:
+    """The fake Brex's consent and sign-in pages at a laptop's and a phone's width: nothing
+    wider than the viewport, the fine print clear of the buttons, no failed request (the
+    icon included)."""
+    from urllib.parse import urlencode
+
+    from playwright.sync_api import expect
+
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    context = browser.new_context(viewport={"width": width, "height": 800}, locale="en-US")
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    failures: list[str] = []
+    page.on("response", lambda r: r.status >= 400 and failures.append(f"{r.status} {r.url}"))
+    page.on("console", lambda m: m.type == "error" and failures.append(m.text))
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with FakeBrex(users=[{"email": LONG_EMAIL}]) as fake:
+            for prompt in ("consent", "login"):
+                query = {
+                    "client_id": fake.client_id,
+                    "redirect_uri": "http://127.0.0.1:9/brex/callback/",
+                    "response_type": "code",
+                    "scope": MANY_SCOPES,
+                    "state": "state-0123456789",
+                    **({"prompt": "login"} if prompt == "login" else {}),
+                }
+                page.goto(f"{fake.issuer}/v1/authorize?{urlencode(query)}")
+                expect(page.locator("#consent-form")).to_be_visible()
+                expect(page.get_by_role("heading")).to_contain_text(
+                    "Ledgerline" if prompt == "consent" else "Sign in to Brex"
+                )
+                page.screenshot(
+                    path=str(SCREENSHOTS / f"fake-brex-{prompt}-{width}.png"), full_page=True
+                )
+                scroll_width, inner_width = page.evaluate(
+                    "[document.documentElement.scrollWidth, innerWidth]"
+                )
+                assert scroll_width <= inner_width, f"{prompt} page is {scroll_width} px wide"
+                note = page.locator(".note").bounding_box()
+                buttons = page.locator(".actions").bounding_box()
+                assert note is not None and buttons is not None
+                assert note["y"] + note["height"] + 8 <= buttons["y"], (note, buttons)
+        assert failures == []
+    finally:
+        context.close()
+        browser.close()

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from django_brex_oauth.testing import FakeBrex
 from django_brex_oauth.testing.fake_brex import (
+    DEFAULT_CLIENT_NAME,
     DROP,
     FOREIGN_ISSUER,
     ID_TOKEN_FAULTS,
@@ -186,7 +188,9 @@ def test_consent_page_shape_and_authorize_log(brex: FakeBrex, http: requests.Ses
     page = http.get(url, timeout=5)
     assert page.status_code == 200
     assert "text/html" in page.headers["Content-Type"]
-    assert f"<title>Authorize {brex.client_id}</title>" in page.text
+    assert f"<title>Authorize {DEFAULT_CLIENT_NAME}</title>" in page.text
+    assert f"<h1>Authorize {DEFAULT_CLIENT_NAME}</h1>" in page.text
+    assert f'<p class="client-id">Client ID <code>{brex.client_id}</code></p>' in page.text
     assert 'id="consent-form"' in page.text
     assert 'id="allow"' in page.text and 'id="deny"' in page.text
     assert 'name="scope" value="users.readonly" checked' in page.text
@@ -255,6 +259,61 @@ def test_consent_user_without_prompt_login(brex: FakeBrex, http: requests.Sessio
     third = brex.users[2]
     tokens = exchange(http, brex, brex.consent(authorize_url(brex), user=third["id"])).json()
     assert verify_id_token(brex, tokens["id_token"])["sub"] == third["id"]
+
+
+def test_consent_page_names_the_app_and_keeps_the_client_id_as_small_print(
+    http: requests.Session,
+) -> None:
+    with FakeBrex(client_name='Ledger & <Co>', redirect_uris=[REDIRECT_URI]) as fake:
+        assert fake.client_name == "Ledger & <Co>"
+        page = http.get(authorize_url(fake), timeout=5).text
+        login = http.get(authorize_url(fake, prompt="login"), timeout=5).text
+    name = "Ledger &amp; &lt;Co&gt;"
+    assert f"<title>Authorize {name}</title>" in page
+    assert f"<h1>Authorize {name}</h1>" in page
+    assert f"<strong>{name}</strong> wants to access your Brex account" in page
+    assert "<Co>" not in page and "<Co>" not in login
+    # The client id is still there, once, as a detail below the heading.
+    assert page.count(fake.client_id) == 2  # the detail, and the form's hidden client_id
+    assert f'<p class="client-id">Client ID <code>{fake.client_id}</code></p>' in page
+    assert f"to continue to <strong>{name}</strong>" in login
+    assert f'<p class="client-id">Client ID <code>{fake.client_id}</code></p>' in login
+
+
+def test_consent_page_lets_long_scopes_wrap_after_their_dots(
+    brex: FakeBrex, http: requests.Session
+) -> None:
+    page = http.get(authorize_url(brex, scope="openid accounting.record.write"), timeout=5).text
+    assert "<code>accounting.<wbr>record.<wbr>write</code>" in page
+    assert 'name="scope" value="accounting.record.write" checked' in page
+
+
+def _icon_of(page: str) -> bytes:
+    match = re.search(r'<link rel="icon" type="image/svg\+xml" href="data:image/svg\+xml;'
+                      r'base64,([A-Za-z0-9+/=]+)">', page)
+    assert match, "no inline icon in the page's head"
+    assert page.index(match.group(0)) < page.index("</head>")
+    return base64.b64decode(match.group(1))
+
+
+def test_every_page_has_an_icon_and_favicon_ico_answers(
+    brex: FakeBrex, http: requests.Session
+) -> None:
+    pages = [
+        http.get(authorize_url(brex), timeout=5),
+        http.get(authorize_url(brex, client_id="someone-else"), timeout=5),  # an error page
+        http.get(f"{brex.issuer}/v1/logout", timeout=5),
+        http.get(f"{brex.base_url}/account", timeout=5),  # the webhooks' page
+    ]
+    for response in pages:
+        assert "text/html" in response.headers["Content-Type"]
+        assert _icon_of(response.text).startswith(b'<svg xmlns="http://www.w3.org/2000/svg"')
+    icon = http.get(f"{brex.base_url}/favicon.ico", timeout=5)
+    assert icon.status_code == 200
+    assert icon.headers["Content-Type"] == "image/svg+xml"
+    assert icon.content == _icon_of(pages[0].text)
+    assert http.post(f"{brex.base_url}/favicon.ico", timeout=5).status_code == 405
+    assert brex.errors == []
 
 
 def test_unknown_client_and_redirect_mismatch_show_error_pages(
@@ -1104,6 +1163,8 @@ def test_command_line(http: requests.Session) -> None:
             "cli-secret",
             "--access-token-ttl",
             "60",
+            "--client-name",
+            "CLI App",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1123,6 +1184,12 @@ def test_command_line(http: requests.Session) -> None:
             timeout=5,
         )
         assert response.json()["expires_in"] == 60
+        consent = http.get(
+            f"{doc['authorization_endpoint']}?client_id=cli-id&redirect_uri="
+            "http%3A%2F%2F127.0.0.1%2Fcb&response_type=code&scope=openid&state=state-0123456789",
+            timeout=5,
+        )
+        assert "<h1>Authorize CLI App</h1>" in consent.text
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
         assert process.stderr is not None

@@ -37,6 +37,7 @@ and ``fake`` puts them together as :class:`FakeBrex`.
 from __future__ import annotations
 
 from .api import IDENTITY_FAULTS
+from .base import DEFAULT_CLIENT_NAME
 from .cli import main
 from .fake import FakeBrex
 from .faults import DROP, MALFORMED_TOKEN_ANSWERS, HeldAnswers
@@ -47,6 +48,7 @@ from .scopes import DEFAULT_SCOPES, REFERRALS_SCOPE, SUPPORTED_SCOPES
 
 __all__ = [
     "AUTHORIZATION_RESPONSE_FAULTS",
+    "DEFAULT_CLIENT_NAME",
     "DEFAULT_SCOPES",
     "DROP",
     "FOREIGN_ISSUER",

@@ -25,6 +25,9 @@ from .pages import page
 from .scopes import SUPPORTED_SCOPES
 from .tokens import AccessToken, TokenStore
 
+DEFAULT_CLIENT_NAME = "Ledgerline"
+"""The app name the consent page shows unless told another: the example project's site."""
+
 _STAT_KEYS = (
     "token_authorization_code",
     "token_refresh_token",
@@ -49,6 +52,7 @@ class FakeBrexBase:
         port: int = 0,
         client_id: str = "test-client-id",
         client_secret: str = "test-client-secret",
+        client_name: str = DEFAULT_CLIENT_NAME,
         redirect_uris: Iterable[str] | None = None,
         access_token_ttl: float = 3600,
         refresh_token_lifetime: float = 90 * 24 * 3600,
@@ -64,6 +68,7 @@ class FakeBrexBase:
     ) -> None:
         """Configure the fake; nothing listens until :meth:`start`.
 
+        ``client_name`` is the app's name as registered at Brex, which the consent page shows.
         ``redirect_uris=None`` accepts any absolute redirect URI, otherwise one must match exactly.
         ``users`` replaces the five default users (the first one is :attr:`default_user`);
         missing fields get defaults. ``company`` is merged over the default company.
@@ -77,6 +82,7 @@ class FakeBrexBase:
         self.port = port
         self.client_id = client_id
         self.client_secret = client_secret
+        self.client_name = client_name
         self.redirect_uris: list[str] | None = (
             None if redirect_uris is None else list(redirect_uris)
         )

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .base import DEFAULT_CLIENT_NAME
 from .fake import FakeBrex
 
 
@@ -23,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--public-url", help="base URL clients use, if not http://host:port")
     parser.add_argument("--client-id", default="test-client-id")
     parser.add_argument("--client-secret", default="test-client-secret")
+    parser.add_argument(
+        "--client-name",
+        default=DEFAULT_CLIENT_NAME,
+        help=f"the app name the consent page shows (default: {DEFAULT_CLIENT_NAME})",
+    )
     parser.add_argument(
         "--redirect-uri",
         action="append",
@@ -53,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port,
         client_id=args.client_id,
         client_secret=args.client_secret,
+        client_name=args.client_name,
         redirect_uris=args.redirect_uris,
         access_token_ttl=args.access_token_ttl,
         refresh_token_lifetime=args.refresh_token_lifetime,

@@ -11,7 +11,8 @@ from .api import IDENTITY_FAULTS, ApiEndpoints
 from .browser import walk_consent
 from .id_tokens import ID_TOKEN_FAULTS, new_signing_key
 from .messages import ISSUER_PATH, Request, Response, api_error, oauth_error, unique
-from .oauth import AUTHORIZATION_RESPONSE_FAULTS, OAuthEndpoints
+from .oauth import AUTHORIZATION_RESPONSE_FAULTS, OAuthEndpoints, Route
+from .pages import favicon
 from .scopes import DEFAULT_SCOPES
 from .server import Serving
 
@@ -237,22 +238,29 @@ class FakeBrex(Serving, OAuthEndpoints, ApiEndpoints):
     # ---------------------------------------------------------------------------- routing
 
     def _dispatch(self, request: Request) -> Response:
-        path = request.path
-        params: dict[str, str] = {}
-        if path == ISSUER_PATH or path.startswith(ISSUER_PATH + "/"):
-            route = self._oauth_routes().get(path[len(ISSUER_PATH) :])
-            if route is None:
-                return oauth_error(404, "not_found", f"No such endpoint: {path}")
-        else:
-            route, params = self._api_route(path)
-            if route is None:
-                return api_error(404, f"No such endpoint: {path}", "NOT_FOUND")
+        route, params = self._route(request.path)
+        if isinstance(route, Response):
+            return route
         handler = route.get(request.method)
         if handler is None:
             response = api_error(405, "Method not allowed", "METHOD_NOT_ALLOWED")
             response.headers["Allow"] = ", ".join(route)
             return response
         return handler(request, **params)
+
+    def _route(self, path: str) -> tuple[Route | Response, dict[str, str]]:
+        """The handlers of ``path`` by method and their arguments, or a 404 answer."""
+        if path == "/favicon.ico":
+            return {"GET": favicon}, {}
+        if path == ISSUER_PATH or path.startswith(ISSUER_PATH + "/"):
+            route = self._oauth_routes().get(path[len(ISSUER_PATH) :])
+            if route is None:
+                return oauth_error(404, "not_found", f"No such endpoint: {path}"), {}
+            return route, {}
+        api_route, params = self._api_route(path)
+        if api_route is None:
+            return api_error(404, f"No such endpoint: {path}", "NOT_FOUND"), {}
+        return api_route, params
 
 
 def _checked_fault(fault: str | None, known: tuple[str, ...], what: str) -> str | None:

@@ -60,7 +60,8 @@ _CLAIMS = [
     "family_name",
 ]
 
-Routes = dict[str, dict[str, Callable[..., Response]]]
+Route = dict[str, Callable[..., Response]]
+Routes = dict[str, Route]
 
 
 class OAuthEndpoints(FakeBrexBase):
@@ -208,7 +209,8 @@ class OAuthEndpoints(FakeBrexBase):
         return consent_page(
             params,
             action=f"{self.issuer}/v1/authorize",
-            client_name=self.client_id,
+            client_name=self.client_name,
+            client_id=self.client_id,
             company_name=self.company.get("legal_name", "your company"),
             email=(hint or self.default_user)["email"],
             error=error,
