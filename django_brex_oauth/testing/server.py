@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from django.conf import settings
+
 from .fake_brex import FakeBrex
 
 #: The address of Django's test client: the ``SITE_URL`` a site that sets no callback URL of
@@ -35,8 +37,6 @@ def brex_oauth_settings_for(
     the address of Django's test client.
     """
     if base is None:
-        from django.conf import settings
-
         base = getattr(settings, "BREX_OAUTH", None) or {}
     callback = {} if base.get("SITE_URL") or base.get("REDIRECT_URI") else {
         "SITE_URL": TEST_CLIENT_URL
@@ -59,6 +59,7 @@ def fake_brex_server(**fake_options: Any) -> Iterator[FakeBrex]:
     ``redirect_uris=[...]``, ``users=[...]``, ...). Settings are overridden with
     :class:`django.test.override_settings`, so they are restored on the way out.
     """
+    # Here, not at the top: the pytest plugin loads this module, and django.test the ORM.
     from django.test import override_settings
 
     with FakeBrex(**fake_options) as fake:
