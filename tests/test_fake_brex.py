@@ -1148,6 +1148,14 @@ def test_module_does_not_import_django() -> None:
     assert output.stdout.strip() == "False"
 
 
+def test_every_command_line_option_says_what_it_does() -> None:
+    from django_brex_oauth.testing.fake_brex.cli import _parser
+
+    options = [action for action in _parser()._actions if action.option_strings]
+    assert len(options) > 10
+    assert [action.option_strings for action in options if not action.help] == []
+
+
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGTERM")
 def test_command_line(http: requests.Session) -> None:
     process = subprocess.Popen(

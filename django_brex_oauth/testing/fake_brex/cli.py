@@ -19,11 +19,25 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m django_brex_oauth.testing.fake_brex",
         description="Serve a fake Brex OAuth server and API for local development.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8765, help="port to listen on (default: 8765; 0 picks one)"
+    )
     parser.add_argument("--public-url", help="base URL clients use, if not http://host:port")
-    parser.add_argument("--client-id", default="test-client-id")
-    parser.add_argument("--client-secret", default="test-client-secret")
+    parser.add_argument(
+        "--client-id",
+        default="test-client-id",
+        help="the registered client's id (default: test-client-id)",
+    )
+    parser.add_argument(
+        "--client-secret",
+        default="test-client-secret",
+        help="the registered client's secret (default: test-client-secret)",
+    )
     parser.add_argument(
         "--client-name",
         default=DEFAULT_CLIENT_NAME,
@@ -35,10 +49,30 @@ def _parser() -> argparse.ArgumentParser:
         dest="redirect_uris",
         help="allowed redirect URI (repeatable); default: any",
     )
-    parser.add_argument("--access-token-ttl", type=float, default=3600)
-    parser.add_argument("--refresh-token-lifetime", type=float, default=90 * 24 * 3600)
-    parser.add_argument("--refresh-grace-period", type=float, default=30.0)
-    parser.add_argument("--authorization-code-ttl", type=float, default=60)
+    parser.add_argument(
+        "--access-token-ttl",
+        type=float,
+        default=3600,
+        help="seconds an access token lasts (default: 3600)",
+    )
+    parser.add_argument(
+        "--refresh-token-lifetime",
+        type=float,
+        default=90 * 24 * 3600,
+        help="seconds a refresh token chain lasts (default: 90 days)",
+    )
+    parser.add_argument(
+        "--refresh-grace-period",
+        type=float,
+        default=30.0,
+        help="seconds a rotated-out refresh token still works (default: 30)",
+    )
+    parser.add_argument(
+        "--authorization-code-ttl",
+        type=float,
+        default=60,
+        help="seconds an authorization code stays valid (default: 60)",
+    )
     parser.add_argument("--no-rotate", action="store_true", help="keep refresh tokens on refresh")
     parser.add_argument(
         "--no-expires-in", action="store_true", help="omit expires_in from token responses"
