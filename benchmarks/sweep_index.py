@@ -109,7 +109,7 @@ def main() -> int:
 
     from django_brex_oauth.conf import brex_settings
     from django_brex_oauth.models import BrexToken
-    from django_brex_oauth.services import refresh
+    from django_brex_oauth.services import sweep
 
     server = psycopg.connect(
         host=admin_db.get("HOST") or None, port=admin_db.get("PORT") or None,
@@ -153,7 +153,7 @@ def main() -> int:
         with mock.patch("django.utils.timezone.now", return_value=now):
             for _ in range(5):
                 started = time.monotonic()
-                batches = list(refresh.batched_due_connection_ids())
+                batches = list(sweep.batched_due_connection_ids())
                 timings.append((time.monotonic() - started) * 1000)
         listed = sum(len(batch) for batch in batches)
         with transaction.atomic():

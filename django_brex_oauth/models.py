@@ -234,26 +234,54 @@ class BrexConnection(models.Model):
         return self.status == ConnectionStatus.ACTIVE
 
 
+# When are a connection's tokens due for a refresh? -------------------------------------------
+#
+# One rule, defined here and nowhere else: the sweep's query (refresh_candidates), its two
+# partial indexes, BrexToken.is_due_for_refresh() and the refresh service are built from
+# the three definitions below, and tests/test_due_rule.py proves the query and the method
+# agree row for row.
+
+#: The token rows the sweep looks at, and the condition of its two partial indexes: those
+#: with an access token expiry. The services wipe that expiry when a connection stops being
+#: active, which takes it out of the sweep (and of the indexes) without a join.
+SWEPT_TOKENS = models.Q(access_token_expires_at__isnull=False)
+
+
+def due_limits(now: datetime) -> tuple[datetime, datetime]:
+    """(expires by, idle since): tokens are due when the access token expires by the first
+    (``REFRESH_MARGIN`` seconds from ``now``) or the refresh token was last used at Brex by
+    the second (``REFRESH_TOKEN_REFRESH_AGE`` seconds before ``now``)."""
+    return (
+        now + timedelta(seconds=brex_settings.REFRESH_MARGIN),
+        now - timedelta(seconds=brex_settings.REFRESH_TOKEN_REFRESH_AGE),
+    )
+
+
+def due_condition(now: datetime) -> models.Q:
+    """The rule as a query condition on the token table (swept rows only)."""
+    expires_by, idle_since = due_limits(now)
+    return (
+        SWEPT_TOKENS
+        & models.Q(refresh_token__isnull=False)
+        & (
+            models.Q(access_token_expires_at__lte=expires_by)
+            | models.Q(refresh_token_used_at__lte=idle_since)
+        )
+    )
+
+
 class BrexTokenQuerySet(models.QuerySet):
     def refresh_candidates(self, now: datetime | None = None) -> BrexTokenQuerySet:
         """Tokens that are due for a refresh, read from this table alone.
 
         Due means the access token expires within ``REFRESH_MARGIN`` seconds, or the refresh
-        token has not been used for ``REFRESH_TOKEN_REFRESH_AGE`` seconds. Each arm is
-        answered by its own partial index (``brex_oauth_token_due``,
-        ``brex_oauth_token_idle``), so the cost follows the number of due rows, not the size
-        of the table. The connection's status is not checked here: see
-        :meth:`due_for_refresh`.
+        token has not been used for ``REFRESH_TOKEN_REFRESH_AGE`` seconds
+        (:func:`due_condition`). Each arm is answered by its own partial index
+        (``brex_oauth_token_due``, ``brex_oauth_token_idle``), so the cost follows the
+        number of due rows, not the size of the table. The connection's status is not
+        checked here: see :meth:`due_for_refresh`.
         """
-        now = now or timezone.now()
-        margin = timedelta(seconds=brex_settings.REFRESH_MARGIN)
-        age = timedelta(seconds=brex_settings.REFRESH_TOKEN_REFRESH_AGE)
-        return self.filter(
-            access_token_expires_at__isnull=False, refresh_token__isnull=False
-        ).filter(
-            models.Q(access_token_expires_at__lte=now + margin)
-            | models.Q(refresh_token_used_at__lte=now - age)
-        )
+        return self.filter(due_condition(now or timezone.now()))
 
     def due_for_refresh(self, now: datetime | None = None) -> BrexTokenQuerySet:
         """Tokens of active connections that are due for a refresh (one query, joined).
@@ -325,12 +353,12 @@ class BrexToken(models.Model):
             models.Index(
                 fields=["access_token_expires_at"],
                 name="brex_oauth_token_due",
-                condition=models.Q(access_token_expires_at__isnull=False),
+                condition=SWEPT_TOKENS,
             ),
             models.Index(
                 fields=["refresh_token_used_at"],
                 name="brex_oauth_token_idle",
-                condition=models.Q(access_token_expires_at__isnull=False),
+                condition=SWEPT_TOKENS,
             ),
         ]
 
@@ -347,16 +375,17 @@ class BrexToken(models.Model):
         return self.access_token_expires_at <= timezone.now() + timedelta(seconds=seconds)
 
     def is_due_for_refresh(self, now: datetime | None = None) -> bool:
-        """True when the sweep would refresh these tokens (see ``due_for_refresh``)."""
-        now = now or timezone.now()
+        """True when these tokens need a refresh by the sweep's rule (:func:`due_condition`),
+        or have a refresh token but no usable access token (which the sweep, reading only
+        rows with an access token expiry, leaves to an on-demand refresh)."""
         if not self.refresh_token:
             return False
         if not self.access_token or self.access_token_expires_at is None:
             return True
-        if self.access_token_expires_at <= now + timedelta(seconds=brex_settings.REFRESH_MARGIN):
-            return True
-        age = timedelta(seconds=brex_settings.REFRESH_TOKEN_REFRESH_AGE)
-        return self.refresh_token_used_at is not None and self.refresh_token_used_at <= now - age
+        expires_by, idle_since = due_limits(now or timezone.now())
+        return self.access_token_expires_at <= expires_by or (
+            self.refresh_token_used_at is not None and self.refresh_token_used_at <= idle_since
+        )
 
     @property
     def refresh_token_days_left(self) -> int | None:

@@ -35,7 +35,7 @@ def refresh_connection(self, connection_id: int, force: bool = False) -> str:
     from .backoff import backoff_delay, not_before_delay
     from .conf import brex_settings
     from .exceptions import BrexUnavailable, RefreshPaused
-    from .services import refresh
+    from .services import lease, refresh
 
     try:
         result = refresh.refresh_connection(connection_id, force=force, wait=False, budget=True)
@@ -63,7 +63,7 @@ def refresh_connection(self, connection_id: int, force: bool = False) -> str:
     if result.outcome == refresh.Outcome.BUSY and (self.request.delivery_info or {}).get(
         "redelivered"
     ):
-        countdown = refresh.claim_expires_in(connection_id) + 0.5
+        countdown = lease.claim_expires_in(connection_id) + 0.5
         self.apply_async((connection_id,), {"force": force}, countdown=countdown)
     return result.outcome.value
 
@@ -83,12 +83,12 @@ def refresh_due_connections(all_active: bool = False) -> int:
 
     from .conf import brex_settings
     from .exceptions import RefreshPaused
-    from .services import health, refresh, throttle
+    from .services import health, sweep, throttle
 
     logger = logging.getLogger("django_brex_oauth")
     # Per Brex environment: a wait or a refused client at one Brex holds back only the
     # connections made there.
-    held = refresh.held_environments()
+    held = sweep.held_environments()
     for environment, err in held.items():
         log = logger.error if isinstance(err, RefreshPaused) else logger.warning
         log("Refresh sweep: nothing queued: %s (for the connections made in %s)", err,
@@ -100,7 +100,7 @@ def refresh_due_connections(all_active: bool = False) -> int:
     window = float(brex_settings.SWEEP_RATE_WINDOW)
     queued = 0
     app = refresh_connection.app
-    for batch in refresh.batched_due_connection_ids(
+    for batch in sweep.batched_due_connection_ids(
         all_active=all_active, exclude_environments=held
     ):
         if not batch:

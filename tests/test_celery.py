@@ -23,7 +23,7 @@ from django_brex_oauth import tasks
 from django_brex_oauth.beat import BEAT_SCHEDULE
 from django_brex_oauth.exceptions import BrexUnavailable, RefreshPaused
 from django_brex_oauth.models import BrexToken, ConnectionEvent, ConnectionStatus, EventKind
-from django_brex_oauth.services import refresh, throttle
+from django_brex_oauth.services import refresh, sweep, throttle
 from django_brex_oauth.testing import FakeBrex
 from tests.conftest import require_postgres, require_service
 from tests.factories import create_connection, create_connections, stored_token
@@ -121,7 +121,7 @@ def test_refresh_task_gives_up_after_its_retries_and_loses_nothing(
     assert after.connection.status == ConnectionStatus.ACTIVE
     assert fake_brex.is_refresh_token_active(after.refresh_token)
     # Still due, so the next sweep tries again.
-    assert list(refresh.due_connection_ids()) == [connection.pk]
+    assert list(sweep.due_connection_ids()) == [connection.pk]
 
 
 def test_beat_schedule_runs_the_registered_sweep(celery_app):

@@ -44,7 +44,7 @@ from django_brex_oauth.models import (
     EventKind,
     RevocationStatus,
 )
-from django_brex_oauth.services import client_credentials, refresh, revoke, throttle
+from django_brex_oauth.services import client_credentials, refresh, revoke, sweep, throttle
 from django_brex_oauth.services.refresh import Outcome
 from django_brex_oauth.services.revoke import disconnect, pending_revocation_ids
 from django_brex_oauth.testing import FakeBrex
@@ -269,7 +269,7 @@ def test_a_malformed_answer_does_not_stop_the_sweep(brex_settings, fake_brex):
     before = {c.pk: stored_token(c) for c in due}
     fake_brex.tamper_next("/v1/token", body=[])  # the most urgent one, first
 
-    report = refresh.sweep()
+    report = sweep.sweep()
 
     assert (report.refreshed, report.failed) == (2, 1)
     first, *others = due
@@ -326,7 +326,7 @@ def test_losing_a_required_scope_on_refresh_needs_reauth(
     # disconnect can revoke it.
     assert after.access_token is None and after.access_token_expires_at is None
     assert fake_brex.is_refresh_token_active(after.refresh_token)
-    assert refresh.due_connection_ids() == []
+    assert sweep.due_connection_ids() == []
     assert event_kinds(connection) == [EventKind.SCOPES_CHANGED, EventKind.NEEDS_REAUTH]
     assert saving_signals["refreshed"] == []
     [failed] = saving_signals["failed"]
@@ -831,7 +831,7 @@ def test_each_refresh_restarts_the_refresh_tokens_estimated_end(brex_settings, f
         refresh_token_issued_at=timezone.now() - timedelta(days=100),
         refresh_token_expires_at=timezone.now() - timedelta(days=10),
     )
-    assert refresh.sweep().refreshed == 1
+    assert sweep.sweep().refreshed == 1
     token = stored_token(connection)
     assert token.connection.status == ConnectionStatus.ACTIVE
     expected = timezone.now() + timedelta(days=90)
@@ -885,8 +885,8 @@ def test_a_token_no_key_decrypts_needs_reauth_once_and_leaves_the_sweep(
         assert tasks.refresh_due_connections.delay().get() == 1
         # Taken out of the sweep: the next ones queue nothing, the cron sweep finds nothing.
         assert tasks.refresh_due_connections.delay().get() == 0
-        assert refresh.sweep().total == 0
-        assert refresh.sweep(all_active=True).total == 0
+        assert sweep.sweep().total == 0
+        assert sweep.sweep(all_active=True).total == 0
         with pytest.raises(ConnectionNotUsable):
             BrexClient(BrexConnection.objects.get(pk=connection.pk)).get_me()
     connection.refresh_from_db()
@@ -1023,7 +1023,7 @@ def test_switching_the_site_to_production_keeps_staging_connections_at_staging(
     )
 
     with SignalRecorder(refresh_failed=signals.refresh_failed) as received:
-        assert refresh.sweep().refreshed == 2
+        assert sweep.sweep().refreshed == 2
     assert received["refresh_failed"] == []
     for connection, fake in ((staging, fake_brex), (production, brex_production)):
         token = stored_token(connection)
@@ -1050,10 +1050,10 @@ def test_a_retry_after_from_one_environments_brex_holds_back_only_its_connection
     )
     brex_production.fail_next("/v1/token", status=429, retry_after=120)
 
-    first = refresh.sweep()
+    first = sweep.sweep()
     assert (first.refreshed, first.failed, first.deferred) == (1, 1, 0)
     _make_due()
-    second = refresh.sweep()
+    second = sweep.sweep()
     assert (second.refreshed, second.failed, second.deferred) == (1, 0, 1)
     assert "Retry-After" in second.held_back
     # The Celery sweep queues the staging connection alone.
@@ -1084,7 +1084,7 @@ def test_a_client_refused_by_one_environments_brex_pauses_only_its_connections(
     fake_brex.client_secret = "rotated-at-staging-only"
 
     with _rate_signals() as received:
-        report = refresh.sweep()
+        report = sweep.sweep()
     assert (report.refreshed, report.failed, report.paused) == (1, 1, True)
     [rejected] = received["rejected"]
     assert rejected["connection"] == staging

@@ -29,7 +29,7 @@ from django_brex_oauth.models import (
     ConnectionStatus,
     EventKind,
 )
-from django_brex_oauth.services import refresh
+from django_brex_oauth.services import lease, refresh, sweep
 from django_brex_oauth.services.refresh import Outcome
 from tests.conftest import require_postgres
 from tests.factories import (
@@ -139,7 +139,7 @@ def test_sweep_refreshes_what_is_due_and_nothing_else(brex, received, settings):
     inactive = [needs_reauth, revoked]  # left with an access token expiry, unlike the services
     before = {c.pk: stored_token(c) for c in [expiring, expired, idle, fresh, busy, *inactive]}
 
-    batches = list(refresh.batched_due_connection_ids())
+    batches = list(sweep.batched_due_connection_ids())
     assert batches == [[expired.pk, needs_reauth.pk], [revoked.pk, expiring.pk], [idle.pk]]
     assert BrexToken.objects.due_for_refresh().count() == 4  # the joined query: active only
 
@@ -245,7 +245,7 @@ def test_invalid_grant_marks_needs_reauth_once(brex, received, caplog):
 
     # No more attempts: not on demand, not from the sweep, not from the task.
     assert refresh.refresh_connection(connection, force=True).outcome == Outcome.NOT_ACTIVE
-    assert list(refresh.due_connection_ids()) == []
+    assert list(sweep.due_connection_ids()) == []
     assert tasks.refresh_connection.apply(args=[connection.pk]).get() == "not_active"
     assert brex.stats["token_refresh_token"] == 1
     assert len(received["failed"]) == 1
@@ -421,11 +421,11 @@ def test_sweep_mode_skips_a_connection_another_worker_is_refreshing(brex):
 def test_claim_of_a_dead_worker_expires_and_is_taken_over(brex, received):
     connection = create_connection(brex, expires_in=30)
     claimant = "host-that-died:4242:1:deadbeef"
-    assert refresh.claim(connection.pk, claimant)
+    assert lease.claim(connection.pk, claimant)
     BrexToken.objects.filter(pk=connection.pk).update(
         refresh_claimed_until=timezone.now() + timedelta(seconds=1)
     )
-    assert not refresh.claim(connection.pk, "someone-else")
+    assert not lease.claim(connection.pk, "someone-else")
 
     started = time.monotonic()
     result = refresh.refresh_connection(connection, min_validity=60)  # waits, on demand
@@ -440,12 +440,12 @@ def test_claim_of_a_dead_worker_expires_and_is_taken_over(brex, received):
 
 def test_claim_expires_in_reads_the_claim_by_the_databases_clock(brex):
     connection = create_connection(brex, expires_in=30)
-    assert refresh.claim_expires_in(connection.pk) == 0
-    assert refresh.claim(connection.pk, "a-worker")
-    lease = refresh.lease_seconds()
-    assert lease - 5 < refresh.claim_expires_in(connection.pk) <= lease
-    refresh.release_claim(connection.pk, "a-worker")
-    assert refresh.claim_expires_in(connection.pk) == 0
+    assert lease.claim_expires_in(connection.pk) == 0
+    assert lease.claim(connection.pk, "a-worker")
+    length = lease.lease_seconds()
+    assert length - 5 < lease.claim_expires_in(connection.pk) <= length
+    lease.release_claim(connection.pk, "a-worker")
+    assert lease.claim_expires_in(connection.pk) == 0
 
 
 def test_a_redelivered_task_that_finds_the_claim_held_comes_back_when_it_ends(
@@ -454,7 +454,7 @@ def test_a_redelivered_task_that_finds_the_claim_held_comes_back_when_it_ends(
     # The task of a worker that died mid-refresh is delivered again: it finds the dead
     # worker's claim and is sent again for when that claim runs out.
     connection = create_connection(brex, expires_in=30)
-    assert refresh.claim(connection.pk, "host-that-died:4242:1:deadbeef")
+    assert lease.claim(connection.pk, "host-that-died:4242:1:deadbeef")
     sent = []
     monkeypatch.setattr(
         tasks.refresh_connection, "apply_async", lambda *a, **kw: sent.append((a, kw))
@@ -467,7 +467,7 @@ def test_a_redelivered_task_that_finds_the_claim_held_comes_back_when_it_ends(
         task.pop_request()
     [(args, options)] = sent
     assert args == ((connection.pk,), {"force": False})
-    assert refresh.lease_seconds() - 5 < options["countdown"] <= refresh.lease_seconds() + 0.5
+    assert lease.lease_seconds() - 5 < options["countdown"] <= lease.lease_seconds() + 0.5
     # A first delivery that finds the claim held leaves it to the claim's holder.
     assert tasks.refresh_connection.apply(args=[connection.pk]).get() == "busy"
     assert len(sent) == 1

@@ -10,7 +10,6 @@ token is encrypted with the token encryption key, like the tokens in the databas
 from __future__ import annotations
 
 import hashlib
-import random
 import time
 import uuid
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ from django.utils.encoding import force_bytes, force_str
 from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth
+from ..backoff import jittered_waits
 from ..conf import brex_settings
 from ..exceptions import BrexUnavailable
 from ..fields import RotatingFernet, UndecryptableValue
@@ -102,26 +102,26 @@ def get_client_credentials_token(scopes: Iterable[str]) -> str:
     cache = _cache()
     lock_key = key + ":lock"
     holder = uuid.uuid4().hex
-    deadline = time.monotonic() + _lock_seconds()
-    pause = 0.02
-    while True:
-        if cache.add(lock_key, holder, timeout=_lock_seconds()):
-            try:
-                token = _cached_token(key)
-                if token is not None:
-                    return token
-                return _fetch_and_store(key, wanted)
-            finally:
-                if cache.get(lock_key) == holder:
-                    cache.delete(lock_key)
-        time.sleep(pause * random.uniform(0.5, 1.5))
-        pause = min(pause * 2, 0.25)
-        token = _cached_token(key)
+
+    def fetch_holding_the_lock() -> str | None:
+        # One fetcher at a time; None when another process holds the lock.
+        if not cache.add(lock_key, holder, timeout=_lock_seconds()):
+            return None
+        try:
+            return _cached_token(key) or _fetch_and_store(key, wanted)
+        finally:
+            if cache.get(lock_key) == holder:
+                cache.delete(lock_key)
+
+    token = fetch_holding_the_lock()
+    if token is not None:
+        return token
+    for _ in jittered_waits(first=0.02, cap=0.25, timeout=_lock_seconds()):
+        token = _cached_token(key) or fetch_holding_the_lock()
         if token is not None:
             return token
-        if time.monotonic() > deadline:
-            # The lock holder is gone or stuck; do not wait for it forever.
-            return _fetch_and_store(key, wanted)
+    # The lock holder is gone or stuck; do not wait for it forever.
+    return _fetch_and_store(key, wanted)
 
 
 @sensitive_variables()

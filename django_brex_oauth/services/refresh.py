@@ -14,36 +14,18 @@ and lose the only refresh token Brex still accepts).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import enum
+import itertools
 import logging
-import os
-import random
-import socket
-import threading
 import time
-import uuid
-from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from functools import partial
-from typing import Any
 
-from django.db import (
-    DatabaseError,
-    InterfaceError,
-    OperationalError,
-    connections,
-    router,
-    transaction,
-)
-from django.db.models import Case, F, Q, Value, When
-from django.db.models.functions import Now
+from django.db import transaction
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from .. import discovery, oauth, signals
+from ..backoff import jittered_waits
 from ..conf import brex_settings
 from ..db import write_transaction
 from ..exceptions import (
@@ -66,7 +48,7 @@ from ..models import (
     connection_pk,
     team_note,
 )
-from . import health, throttle, unreadable
+from . import lease, refresh_save, throttle, unreadable
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -111,66 +93,6 @@ class RefreshResult:
             and self.token is not None
             and bool(self.token.access_token)
         )
-
-
-def lease_seconds() -> float:
-    """How long a claim lasts: ``REFRESH_LEASE_SECONDS``, but always past the HTTP timeout."""
-    return max(float(brex_settings.REFRESH_LEASE_SECONDS), float(brex_settings.HTTP_TIMEOUT) + 5)
-
-
-def new_claimant_id() -> str:
-    """An id for one refresh attempt: host, process, thread and a random part (64 chars max)."""
-    host = socket.gethostname()[:30]
-    return f"{host}:{os.getpid()}:{threading.get_ident() % 1_000_000}:{uuid.uuid4().hex[:8]}"[:64]
-
-
-# The claim (an atomic lease on the token row) ---------------------------------------------
-
-
-def claim(connection_id: int, claimant: str) -> bool:
-    """Try to take the refresh claim of a connection; True when this caller won it.
-
-    One conditional ``UPDATE``: PostgreSQL re-checks the condition after waiting for a
-    concurrent writer's row lock, and SQLite serialises writers, so exactly one contender
-    gets a row count of 1. Times come from the database, so hosts' clocks do not matter.
-    """
-    lease = timedelta(seconds=lease_seconds())
-    taken = (
-        BrexToken.objects.filter(pk=connection_id)
-        .filter(Q(refresh_claimed_until__isnull=True) | Q(refresh_claimed_until__lt=Now()))
-        .update(refresh_claimed_until=Now() + lease, refresh_claimed_by=claimant)
-    )
-    return taken == 1
-
-
-def renew_claim(connection_id: int, claimant: str) -> bool:
-    """Extend a claim this caller holds by a full lease; False when it was lost."""
-    lease = timedelta(seconds=lease_seconds())
-    renewed = BrexToken.objects.filter(pk=connection_id, refresh_claimed_by=claimant).update(
-        refresh_claimed_until=Now() + lease
-    )
-    return renewed == 1
-
-
-def claim_expires_in(connection_id: int) -> float:
-    """Seconds until the current claim on a connection runs out (0 when there is none),
-    by the database's clock, at most one lease."""
-    remaining = (
-        BrexToken.objects.filter(pk=connection_id, refresh_claimed_until__isnull=False)
-        .annotate(left=F("refresh_claimed_until") - Now())
-        .values_list("left", flat=True)
-        .first()
-    )
-    if remaining is None:
-        return 0.0
-    return min(max(0.0, remaining.total_seconds()), lease_seconds())
-
-
-def release_claim(connection_id: int, claimant: str) -> None:
-    """Give up a claim if this caller still holds it."""
-    BrexToken.objects.filter(pk=connection_id, refresh_claimed_by=claimant).update(
-        refresh_claimed_until=None, refresh_claimed_by=""
-    )
 
 
 # Refreshing one connection ----------------------------------------------------------------
@@ -228,68 +150,111 @@ def refresh_connection(
         marked = unreadable.mark_unreadable(connection_id)
         return RefreshResult(Outcome.NEEDS_REAUTH if marked else Outcome.NOT_ACTIVE,
                              connection_id)
-    if token is None or token.connection.status != ConnectionStatus.ACTIVE:
+    if not _active(token):
         if token is not None and token.access_token_expires_at is not None:
             _forget_access_token(connection_id)
         return RefreshResult(Outcome.NOT_ACTIVE, connection_id, token)
+    assert token is not None  # for mypy: _active() said so
     if force and stale_access_token is None:
         stale_access_token = token.access_token or ""
-
-    def needs_refresh(current: BrexToken) -> bool:
-        if not current.refresh_token:
-            return False
-        if stale_access_token is not None:
-            return not current.access_token or current.access_token == stale_access_token
-        if min_validity is not None:
-            return current.access_token_expires_within(min_validity)
-        return current.is_due_for_refresh()
-
-    if token.connection.status == ConnectionStatus.ACTIVE and needs_refresh(token):
+    need = _Need(stale_access_token, min_validity)
+    if need(token):
         # Outside the claim: an on-demand caller may sleep through a short Retry-After.
         throttle.before_token_request(
             max_wait=float(brex_settings.RETRY_BACKOFF_MAX) if wait else 0.0,
             environment=token.connection.environment,
         )
-    claimant = new_claimant_id()
-    deadline = time.monotonic() + lease_seconds() + 5
-    pause = 0.05
-    while True:
-        if token is None or token.connection.status != ConnectionStatus.ACTIVE:
-            return RefreshResult(Outcome.NOT_ACTIVE, connection_id, token)
-        if not needs_refresh(token):
-            return RefreshResult(Outcome.NOT_DUE, connection_id, token)
-        if claim(connection_id, claimant):
-            claimed_at = time.monotonic()
-            break
+    claimant = lease.new_claimant_id()
+    settled = _take_claim(connection_id, claimant, token, need, wait)
+    if settled is not None:
+        return settled
+    return _refresh_under_claim(connection_id, claimant, need, budget)
+
+
+@dataclass(frozen=True)
+class _Need:
+    """Whether a connection's tokens need a refresh, for one caller:
+
+    * ``stale_access_token``: Brex rejected it, so refresh unless the stored one changed;
+    * ``min_validity``: the access token expires within that many seconds;
+    * neither: the sweep's rule (:meth:`BrexToken.is_due_for_refresh`).
+    """
+
+    stale_access_token: str | None = None
+    min_validity: float | None = None
+
+    def __call__(self, current: BrexToken) -> bool:
+        if not current.refresh_token:
+            return False
+        if self.stale_access_token is not None:
+            return not current.access_token or current.access_token == self.stale_access_token
+        if self.min_validity is not None:
+            return current.access_token_expires_within(self.min_validity)
+        return current.is_due_for_refresh()
+
+
+def _active(token: BrexToken | None) -> bool:
+    return token is not None and token.connection.status == ConnectionStatus.ACTIVE
+
+
+def _settled(connection_id: int, token: BrexToken | None, need: _Need) -> RefreshResult | None:
+    """The result when there is nothing (more) to do for this connection, else None."""
+    if not _active(token):
+        return RefreshResult(Outcome.NOT_ACTIVE, connection_id, token)
+    assert token is not None
+    if not need(token):
+        return RefreshResult(Outcome.NOT_DUE, connection_id, token)
+    return None
+
+
+def _take_claim(
+    connection_id: int, claimant: str, token: BrexToken | None, need: _Need, wait: bool
+) -> RefreshResult | None:
+    """Take the claim (None once this caller holds it), or the result when there is
+    nothing to do: the tokens need no refresh (any more), or another worker holds the
+    claim and ``wait`` is off. With ``wait``, a caller that loses the race waits for the
+    winner (and then finds its tokens) or for a dead winner's claim to run out."""
+    looks = itertools.chain([0], jittered_waits(first=0.05, cap=0.5,
+                                                timeout=lease.lease_seconds() + 5))
+    for look in looks:
+        if look:
+            token = _load(connection_id)
+        settled = _settled(connection_id, token, need)
+        if settled is not None:
+            return settled
+        if lease.claim(connection_id, claimant):
+            return None
         if not wait:
             return RefreshResult(Outcome.BUSY, connection_id, token)
-        if time.monotonic() > deadline:
-            raise BrexUnavailable("Another worker is still refreshing this Brex connection.")
-        time.sleep(pause * random.uniform(0.5, 1.5))
-        pause = min(pause * 2, 0.5)
-        token = _load(connection_id)
+    raise BrexUnavailable("Another worker is still refreshing this Brex connection.")
 
+
+@sensitive_variables()
+def _refresh_under_claim(
+    connection_id: int, claimant: str, need: _Need, budget: bool
+) -> RefreshResult:
+    claimed_at = time.monotonic()
     released = False
     try:
         # Read again under the claim: the previous holder may have finished in between.
         token = _load(connection_id)
-        if token is None or token.connection.status != ConnectionStatus.ACTIVE:
-            return RefreshResult(Outcome.NOT_ACTIVE, connection_id, token)
-        if not needs_refresh(token):
-            return RefreshResult(Outcome.NOT_DUE, connection_id, token)
+        settled = _settled(connection_id, token, need)
+        if settled is not None:
+            return settled
+        assert token is not None
         if budget:
             ticket = throttle.take_sweep_budget()
             if not ticket.granted:
                 return RefreshResult(
                     Outcome.DEFERRED, connection_id, token, retry_after=ticket.resets_in
                 )
-        result = _refresh_claimed(token, claimant, claimed_at, needs_refresh)
+        result = _refresh_claimed(token, claimant, claimed_at, need)
         # Saving the tokens (or marking the connection) cleared the claim already.
         released = result.outcome in (Outcome.REFRESHED, Outcome.NEEDS_REAUTH)
         return result
     finally:
         if not released:
-            release_claim(connection_id, claimant)
+            lease.release_claim(connection_id, claimant)
 
 
 @sensitive_variables()
@@ -297,7 +262,7 @@ def _refresh_claimed(
     token: BrexToken,
     claimant: str,
     claimed_at: float,
-    needs_refresh: Callable[[BrexToken], bool],
+    needs_refresh: _Need,
 ) -> RefreshResult:
     connection_id = token.connection_id
     sent = token.refresh_token or ""
@@ -311,7 +276,7 @@ def _refresh_claimed(
             # lease is left for the token call.
             discovery.get_endpoint("token_endpoint", issuer=issuer)
             if time.monotonic() - claimed_at > 1.0:
-                renew_claim(connection_id, claimant)
+                lease.renew_claim(connection_id, claimant)
             answer = oauth.refresh(sent, issuer=issuer)
             if not answer.problems:
                 # Tokens for another Brex user, or from another issuer, are never stored. (Of
@@ -359,22 +324,6 @@ def _refresh_claimed(
     raise BrexUnavailable("The stored refresh token kept changing while refreshing.")
 
 
-@dataclass
-class _Save:
-    """What saving one token answer writes: two conditional ``UPDATE`` statements (the
-    connection, only while it is active; the token row, only at the generation the refresh
-    started from) and one ``INSERT`` of its events, in one transaction."""
-
-    claimant: str
-    connection_fields: dict[str, Any]
-    token_fields: dict[str, Any]
-    #: (kind, detail) of each event to write.
-    events: list[tuple[str, str]]
-    outcome: Outcome
-    #: Sends the signal, after the commit, with the connection as saved.
-    on_commit: Callable[[BrexConnection], None] | None = None
-
-
 @sensitive_variables()
 def _save(
     started: BrexToken, claimant: str, sent: str, answer: oauth.TokenResponse
@@ -395,10 +344,10 @@ def _save(
         if not rotated:
             _record_transient_failure(connection_id, error)
             raise error
-        plan = _plan_malformed(started, claimant, answer, error)
+        plan = refresh_save.plan_malformed(started, claimant, answer, error)
     else:
-        plan = _plan_refreshed(started, claimant, answer, rotated)
-    token = _write_within_grace(started, plan, answer)
+        plan = refresh_save.plan_refreshed(started, claimant, answer, rotated)
+    token = refresh_save.write_within_grace(started, plan, answer)
     if token is None:
         return _discard(started, answer, rotated)
     if error is not None:
@@ -406,266 +355,14 @@ def _save(
             "Brex connection %s: %s The new refresh token was saved.", connection_id, error
         )
         raise error
-    if plan.outcome == Outcome.NEEDS_REAUTH:
+    outcome = Outcome.NEEDS_REAUTH if plan.needs_reauth else Outcome.REFRESHED
+    if plan.needs_reauth:
         logger.warning("Brex connection %s needs re-authorization: %s", connection_id,
                        plan.connection_fields["last_error"])
     else:
         logger.info("Refreshed Brex connection %s (refresh token %s).", connection_id,
                     "rotated" if rotated else "kept")
-    return RefreshResult(plan.outcome, connection_id, token, rotated=rotated)
-
-
-@sensitive_variables()
-def _applied(started: BrexToken, plan: _Save, now: datetime) -> BrexToken:
-    """A copy of ``started`` (token and connection) as :func:`_write` left the rows, so
-    that nothing is read again."""
-    token, connection = copy.copy(started), copy.copy(started.connection)
-    for name, value in plan.token_fields.items():
-        if not isinstance(value, Case):
-            setattr(token, name, value)
-    if token.refresh_claimed_by == plan.claimant:
-        token.refresh_claimed_until, token.refresh_claimed_by = None, ""
-    token.generation += 1
-    token.updated_at = connection.updated_at = now
-    for name, value in plan.connection_fields.items():
-        setattr(connection, name, value)
-    token.connection = connection
-    return token
-
-
-def _release_claim_fields(claimant: str) -> dict[str, Any]:
-    # Release the claim only if this worker still holds it: one that took over after the
-    # lease ran out keeps its own.
-    mine = Q(refresh_claimed_by=claimant)
-    return {
-        "refresh_claimed_until": Case(When(mine, then=Value(None)),
-                                      default=F("refresh_claimed_until")),
-        "refresh_claimed_by": Case(When(mine, then=Value("")), default=F("refresh_claimed_by")),
-    }
-
-
-def _refresh_token_end(exchanged_at: datetime) -> datetime:
-    # Brex's refresh tokens last 90 days from the last exchange and every refresh returns
-    # one (the same value when not rotated), so the estimated end moves with each refresh.
-    # It stays an estimate: Brex may also cap a chain's total lifetime.
-    return exchanged_at + timedelta(seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME))
-
-
-def _scope_change(old: list[str], new: list[str]) -> str:
-    lost = [s for s in old if s not in new]
-    gained = [s for s in new if s not in old]
-    parts = []
-    if lost:
-        parts.append("no longer granted: " + " ".join(lost))
-    if gained:
-        parts.append("newly granted: " + " ".join(gained))
-    return "; ".join(parts)
-
-
-@sensitive_variables()
-def _plan_refreshed(
-    started: BrexToken, claimant: str, answer: oauth.TokenResponse, rotated: bool
-) -> _Save:
-    connection = started.connection
-    team = connection.owning_team
-    old_scopes = connection.scopes
-    # No scope in the answer: what was granted before (RFC 6749 section 6).
-    new_scopes = list(answer.scopes) or old_scopes
-    received_at = answer.received_at
-    token_fields: dict[str, Any] = {
-        "refresh_token_used_at": received_at,
-        **_release_claim_fields(claimant),
-    }
-    if rotated:
-        token_fields["refresh_token"] = answer.refresh_token
-    token_fields["refresh_token_expires_at"] = _refresh_token_end(received_at)
-    connection_fields: dict[str, Any] = {
-        "last_refreshed_at": received_at,
-        "granted_scopes": " ".join(new_scopes),
-    }
-    events: list[tuple[str, str]] = []
-    scopes_changed = set(old_scopes) != set(new_scopes)
-    if scopes_changed:
-        change = _scope_change(old_scopes, new_scopes)
-        events.append(
-            (EventKind.SCOPES_CHANGED, f"On refresh, Brex changed the granted scopes ({change}).")
-        )
-    missing = oauth.missing_required_scopes(new_scopes)
-    if missing:
-        reason = (
-            "Brex no longer grants a scope this site requires: " + " ".join(missing) + "."
-        )
-        # Like a refused refresh token: no access token, the refresh token kept (encrypted)
-        # so that a disconnect can still revoke it, out of the sweep.
-        token_fields.update(access_token=None, access_token_expires_at=None)
-        connection_fields.update(status=ConnectionStatus.NEEDS_REAUTH, last_error=reason)
-        events.append((EventKind.NEEDS_REAUTH, " ".join(filter(None, (
-            reason, "The customer must connect again.", team_note(team)
-        )))))
-
-        def send_refresh_failed(connection: BrexConnection) -> None:
-            signals.refresh_failed.send(
-                sender=BrexConnection, connection=connection, error="insufficient_scope",
-                description=reason, team=team,
-            )
-
-        return _Save(
-            claimant, connection_fields, token_fields, events, Outcome.NEEDS_REAUTH,
-            send_refresh_failed,
-        )
-
-    token_fields.update(
-        access_token=answer.access_token,
-        token_type=answer.token_type,
-        access_token_expires_at=answer.expires_at,
-    )
-    connection_fields["last_error"] = ""
-    events.append((
-        EventKind.REFRESHED,
-        f"Access token valid until {answer.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
-        f"refresh token {'rotated' if rotated else 'kept'}."
-        + ("" if team is None else " " + team_note(team)),
-    ))
-
-    def send_token_refreshed(connection: BrexConnection) -> None:
-        signals.token_refreshed.send(
-            sender=BrexConnection, connection=connection, rotated=rotated,
-            old_scopes=old_scopes, new_scopes=new_scopes, team=team,
-        )
-
-    return _Save(
-        claimant, connection_fields, token_fields, events, Outcome.REFRESHED,
-        send_token_refreshed,
-    )
-
-
-@sensitive_variables()
-def _plan_malformed(
-    started: BrexToken, claimant: str, answer: oauth.TokenResponse,
-    error: MalformedTokenResponse,
-) -> _Save:
-    # Brex rotated the refresh token although the rest of its answer is unusable: the new
-    # one is the only one that will keep working, so it is saved; the access token is not
-    # (the old one stays, good until it expires) and the next try gets a whole answer.
-    reason = f"Refresh failed, will retry: {error} The new refresh token was saved."[:2000]
-    return _Save(
-        claimant=claimant,
-        connection_fields={"last_error": reason},
-        token_fields={
-            "refresh_token": answer.refresh_token,
-            "refresh_token_used_at": answer.received_at,
-            "refresh_token_expires_at": _refresh_token_end(answer.received_at),
-            **_release_claim_fields(claimant),
-        },
-        events=[(EventKind.REFRESH_FAILED, reason)],
-        outcome=Outcome.REFRESHED,
-    )
-
-
-@sensitive_variables()
-def _write(started: BrexToken, plan: _Save, note: str = "") -> BrexToken | None:
-    """One try at writing ``plan``: the token as saved, or None when the tokens are no
-    longer the ones the refresh started from (or the connection is no longer active)."""
-    connection_id = started.connection_id
-    now = timezone.now()
-    # A plain atomic block, not write_transaction(): the first statement is a write, so
-    # SQLite takes its write lock at once, with no read lock to upgrade.
-    with transaction.atomic():
-        # The connection first (every writer locks it before the token row): its status
-        # is re-checked after any concurrent writer commits.
-        if not BrexConnection.objects.filter(
-            pk=connection_id, status=ConnectionStatus.ACTIVE
-        ).update(**plan.connection_fields, updated_at=now):
-            return None
-        if not BrexToken.objects.filter(
-            pk=connection_id, generation=started.generation
-        ).update(**plan.token_fields, generation=F("generation") + 1, updated_at=now):
-            transaction.set_rollback(True)
-            return None
-        ConnectionEvent.objects.bulk_create(
-            ConnectionEvent(
-                connection_id=connection_id, kind=kind, detail=f"{detail} {note}".strip()[:2000]
-            )
-            for kind, detail in plan.events
-        )
-        saved = _applied(started, plan, now)
-        if plan.on_commit is not None:
-            # A partial, not a lambda: the lambda's frame would hold the saved token (and
-            # its new refresh token) outside any function marked sensitive.
-            transaction.on_commit(partial(plan.on_commit, saved.connection))
-    return saved
-
-
-@sensitive_variables()
-def _write_within_grace(
-    started: BrexToken, plan: _Save, answer: oauth.TokenResponse
-) -> BrexToken | None:
-    """:func:`_write`, tried again while the database fails, for up to
-    ``REFRESH_SAVE_RETRY_SECONDS`` after Brex answered.
-
-    Brex has rotated the refresh token by now: the new one exists only in this process's
-    memory, and the stored one dies when Brex's grace period (about 30 s) ends. So a
-    dropped database connection or a failover is worth waiting out: each try reconnects
-    and backs off (0.1 s doubling to 2 s). Inside an outer transaction nothing can be tried
-    again. The outcome is recorded: in the events' detail when a later try saved, as
-    ``last_error`` and an event (as far as the database allows) when none did.
-    """
-    connection_id = started.connection_id
-    db = connections[router.db_for_write(BrexToken)]
-    window = float(brex_settings.REFRESH_SAVE_RETRY_SECONDS)
-    waited = (timezone.now() - answer.received_at).total_seconds()
-    deadline = time.monotonic() + window - max(0.0, waited)
-    pause = 0.1
-    failures: list[str] = []
-    while True:
-        note = ""
-        if failures:
-            note = (
-                f"Saved at try {len(failures) + 1}, after the database failed "
-                f"({', '.join(dict.fromkeys(failures))})."
-            )
-        try:
-            return _write(started, plan, note)
-        except (OperationalError, InterfaceError) as err:
-            failures.append(type(err).__name__)
-            left = deadline - time.monotonic()
-            if db.in_atomic_block or left <= 0:
-                _record_unsaved(connection_id, failures, window)
-                raise
-            logger.warning(
-                "Brex connection %s: saving the refreshed tokens failed (%s, try %d); "
-                "trying again.", connection_id, type(err).__name__, len(failures),
-            )
-            with contextlib.suppress(DatabaseError):
-                db.close()
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, 2.0)
-
-
-def _record_unsaved(connection_id: int, failures: list[str], window: float) -> None:
-    reason = (
-        f"The refreshed tokens could not be saved: the database failed "
-        f"({', '.join(dict.fromkeys(failures))}) {len(failures)} times in {window:g} s. "
-        "The refresh token Brex rotated out is still the stored one; Brex accepts it only "
-        "for its grace period, after which the customer must connect again."
-    )
-    logger.error("Brex connection %s: %s", connection_id, reason)
-    db = connections[router.db_for_write(BrexToken)]
-    if db.in_atomic_block:
-        return
-    try:
-        with contextlib.suppress(DatabaseError):
-            db.close()
-        with transaction.atomic():
-            BrexConnection.objects.filter(pk=connection_id).update(
-                last_error=reason, updated_at=timezone.now()
-            )
-            ConnectionEvent.objects.create(
-                connection_id=connection_id, kind=EventKind.REFRESH_FAILED, detail=reason
-            )
-    except DatabaseError:
-        logger.error("Brex connection %s: the failure could not be recorded either.",
-                     connection_id)
+    return RefreshResult(outcome, connection_id, token, rotated=rotated)
 
 
 @sensitive_variables()
@@ -776,174 +473,3 @@ def _record_transient_failure(connection_id: int, err: BrexOAuthError) -> None:
 
 
 # The sweep ---------------------------------------------------------------------------------
-
-
-def batched_due_connection_ids(
-    *, all_active: bool = False, exclude_environments: Collection[str] = ()
-) -> Iterator[list[int]]:
-    """Ids of the connections the sweep should refresh, ``SWEEP_BATCH_SIZE`` at a time,
-    most urgent first. Connections another worker is refreshing are left out.
-
-    They come from :meth:`BrexTokenQuerySet.refresh_candidates`, answered by its partial
-    indexes without looking at the connections table: the services wipe the access token
-    expiry of every connection that stops being active, which drops it from those indexes,
-    and :func:`refresh_connection` checks the status anyway (and wipes a stray expiry), so
-    joining every candidate to its connection here would only add cost. ``all_active``
-    lists every active connection that has a refresh token instead.
-    ``exclude_environments`` leaves out the connections made in those Brex environments
-    (the join is made only then: while a Brex holds the sweep back).
-    """
-    size = max(1, int(brex_settings.SWEEP_BATCH_SIZE))
-    now = timezone.now()
-    if all_active:
-        tokens = BrexToken.objects.filter(
-            connection__status=ConnectionStatus.ACTIVE, refresh_token__isnull=False
-        ).order_by("pk")
-    else:
-        tokens = BrexToken.objects.refresh_candidates(now).order_by("access_token_expires_at")
-    # One plain query: a server-side cursor would make PostgreSQL pick a fast-start plan
-    # (walking an index in order) that is far slower for this OR-ed condition, and the ids
-    # are small (a million of them take a few tens of MB).
-    if exclude_environments:
-        tokens = tokens.exclude(connection__environment__in=list(exclude_environments))
-    ids = list(tokens.unclaimed(now).values_list("connection_id", flat=True))
-    for start in range(0, len(ids), size):
-        yield ids[start : start + size]
-
-
-def due_connection_ids(*, all_active: bool = False) -> list[int]:
-    """All the ids :func:`batched_due_connection_ids` yields, in one list."""
-    return [pk for batch in batched_due_connection_ids(all_active=all_active) for pk in batch]
-
-
-@dataclass
-class SweepReport:
-    """Counts of what a synchronous sweep did."""
-
-    refreshed: int = 0
-    skipped: int = 0
-    failed: int = 0
-    needs_reauth: int = 0
-    #: Left for a later run: Brex asked to wait (Retry-After) or refreshing is paused.
-    deferred: int = 0
-    #: Why connections were deferred (log-safe), or "".
-    held_back: str = ""
-    #: True when Brex refused the client credentials (refreshing is paused site-wide).
-    paused: bool = False
-
-    @property
-    def total(self) -> int:
-        """How many connections the sweep went through."""
-        return self.refreshed + self.skipped + self.failed + self.needs_reauth + self.deferred
-
-    def add(self, outcome: Outcome | None) -> None:
-        """Count one connection's outcome (None: a failure)."""
-        if outcome is None:
-            self.failed += 1
-        elif outcome == Outcome.REFRESHED:
-            self.refreshed += 1
-        elif outcome == Outcome.NEEDS_REAUTH:
-            self.needs_reauth += 1
-        else:
-            self.skipped += 1
-
-
-def sweep(
-    *,
-    all_active: bool = False,
-    progress: Callable[[int, int, SweepReport], None] | None = None,
-) -> SweepReport:
-    """Refresh every due connection (every active one with ``all_active``) in this process.
-
-    The synchronous twin of the Celery sweep, for cron: connections another worker is busy
-    with are skipped, a transient failure is counted and the sweep goes on. It takes each
-    request from the sweep's shared rate budget and, when that is used up, sleeps until the
-    next window. Once a Brex asks to wait (``Retry-After``) or refuses the client
-    credentials, nothing more is sent to it: the rest of the connections made in its
-    environment are counted as deferred, for a later run, while those of the other
-    environment go on. ``progress`` is called after each connection with (done, total,
-    report).
-    """
-    connection_ids = due_connection_ids(all_active=all_active)
-    report = SweepReport()
-    #: Environment -> why its Brex is not to be called now.
-    held: dict[str, BrexUnavailable] = {}
-    if connection_ids:
-        used, limit, _refused = throttle.sweep_budget_use()
-        logger.info(
-            "Refresh sweep: %s connection(s) due; rate budget: %s of %s token requests used "
-            "in this window.", len(connection_ids), used, limit,
-        )
-        held = held_environments()
-        for err in held.values():
-            _hold_back(report, err)
-    for done, connection_id in enumerate(connection_ids, start=1):
-        # The environment is looked up only while some Brex holds the sweep back.
-        if held and _environment_of(connection_id) in held:
-            report.deferred += 1
-            if progress is not None:
-                progress(done, len(connection_ids), report)
-            continue
-        try:
-            result = _sweep_one(connection_id, all_active)
-        except BrexUnavailable as err:
-            report.add(None)
-            if err.retry_after:
-                held[_environment_of(connection_id)] = err
-                _hold_back(report, err)
-        except BrexOAuthError:
-            report.add(None)
-        except UndecryptableValue as err:
-            # One row written under another key must not stop the rest of the sweep.
-            logger.error("Brex connection %s: %s", connection_id, err)
-            report.add(None)
-        except Exception:
-            # Nor may anything else that goes wrong with one connection (a bug, a database
-            # error that outlasted the save's retries): log it and go on with the others.
-            logger.exception("Refreshing Brex connection %s failed unexpectedly.", connection_id)
-            report.add(None)
-        else:
-            report.add(result.outcome)
-        if progress is not None:
-            progress(done, len(connection_ids), report)
-    if report.held_back:
-        logger.warning("Refresh sweep: %s connection(s) deferred: %s", report.deferred,
-                       report.held_back)
-    # For the admin's health page: when the sweep last ran.
-    health.record_sweep(report.total, "synchronous sweep (manage.py brex_oauth_refresh)")
-    return report
-
-
-def held_environments() -> dict[str, BrexUnavailable]:
-    """The Brex environments whose token endpoint may not be called now (``Retry-After``
-    running, or the client credentials refused), each with why; a paused one whose probe
-    time has come is probed first (see :func:`throttle.before_token_request`)."""
-    held = {}
-    for environment in throttle.environments():
-        try:
-            throttle.before_token_request(environment=environment)
-        except BrexUnavailable as err:
-            held[environment] = err
-    return held
-
-
-def _environment_of(connection_id: int) -> str:
-    return (
-        BrexConnection.objects.filter(pk=connection_id)
-        .values_list("environment", flat=True)
-        .first()
-    ) or ""  # A connection deleted meanwhile: held back by no environment.
-
-
-def _sweep_one(connection_id: int, all_active: bool) -> RefreshResult:
-    """Refresh one connection for the synchronous sweep, waiting for the rate budget."""
-    while True:
-        result = refresh_connection(connection_id, force=all_active, wait=False, budget=True)
-        if result.outcome != Outcome.DEFERRED:
-            return result
-        time.sleep((result.retry_after or 0.0) + random.uniform(0.05, 0.25))
-
-
-def _hold_back(report: SweepReport, err: BrexUnavailable) -> None:
-    report.held_back = "; ".join(filter(None, [report.held_back, str(err)]))
-    report.paused = report.paused or isinstance(err, RefreshPaused)

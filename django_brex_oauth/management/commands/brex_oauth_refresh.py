@@ -6,7 +6,7 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
-from django_brex_oauth.services.refresh import SweepReport, sweep
+from django_brex_oauth.services.sweep import SweepReport, sweep
 
 
 class Command(BaseCommand):

@@ -1,0 +1,315 @@
+"""Saving Brex's answer to a refresh: the rows it writes, written once, durably.
+
+A refresh that Brex answered writes one :class:`SavePlan`: two conditional ``UPDATE``
+statements (the connection, only while it is active; the token row, only at the
+generation the refresh started from, which also releases the claim) and one ``INSERT`` of
+its events, in one transaction. By the time it is written Brex has rotated the refresh
+token, so :func:`write_within_grace` keeps trying through a dropped database connection for
+as long as Brex's grace period for the old one allows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    router,
+    transaction,
+)
+from django.db.models import Case, F, Q, Value, When
+from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
+
+from .. import oauth, signals
+from ..conf import brex_settings
+from ..exceptions import MalformedTokenResponse
+from ..models import (
+    BrexConnection,
+    BrexToken,
+    ConnectionEvent,
+    ConnectionStatus,
+    EventKind,
+    team_note,
+)
+
+logger = logging.getLogger("django_brex_oauth")
+
+
+@dataclass
+class SavePlan:
+    """What saving one token answer writes: two conditional ``UPDATE`` statements (the
+    connection, only while it is active; the token row, only at the generation the refresh
+    started from) and one ``INSERT`` of its events, in one transaction."""
+
+    claimant: str
+    connection_fields: dict[str, Any]
+    token_fields: dict[str, Any]
+    #: (kind, detail) of each event to write.
+    events: list[tuple[str, str]]
+    #: The refresh made the connection need the customer to connect again (a narrower
+    #: grant); otherwise it refreshed.
+    needs_reauth: bool = False
+    #: Sends the signal, after the commit, with the connection as saved.
+    on_commit: Callable[[BrexConnection], None] | None = None
+
+
+@sensitive_variables()
+def _applied(started: BrexToken, plan: SavePlan, now: datetime) -> BrexToken:
+    """A copy of ``started`` (token and connection) as :func:`_write` left the rows, so
+    that nothing is read again."""
+    token, connection = copy.copy(started), copy.copy(started.connection)
+    for name, value in plan.token_fields.items():
+        if not isinstance(value, Case):
+            setattr(token, name, value)
+    if token.refresh_claimed_by == plan.claimant:
+        token.refresh_claimed_until, token.refresh_claimed_by = None, ""
+    token.generation += 1
+    token.updated_at = connection.updated_at = now
+    for name, value in plan.connection_fields.items():
+        setattr(connection, name, value)
+    token.connection = connection
+    return token
+
+
+def _release_claim_fields(claimant: str) -> dict[str, Any]:
+    # Release the claim only if this worker still holds it: one that took over after the
+    # lease ran out keeps its own.
+    mine = Q(refresh_claimed_by=claimant)
+    return {
+        "refresh_claimed_until": Case(When(mine, then=Value(None)),
+                                      default=F("refresh_claimed_until")),
+        "refresh_claimed_by": Case(When(mine, then=Value("")), default=F("refresh_claimed_by")),
+    }
+
+
+def refresh_token_end(exchanged_at: datetime) -> datetime:
+    # Brex's refresh tokens last 90 days from the last exchange and every refresh returns
+    # one (the same value when not rotated), so the estimated end moves with each refresh.
+    # It stays an estimate: Brex may also cap a chain's total lifetime.
+    return exchanged_at + timedelta(seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME))
+
+
+def _scope_change(old: list[str], new: list[str]) -> str:
+    lost = [s for s in old if s not in new]
+    gained = [s for s in new if s not in old]
+    parts = []
+    if lost:
+        parts.append("no longer granted: " + " ".join(lost))
+    if gained:
+        parts.append("newly granted: " + " ".join(gained))
+    return "; ".join(parts)
+
+
+@sensitive_variables()
+def plan_refreshed(
+    started: BrexToken, claimant: str, answer: oauth.TokenResponse, rotated: bool
+) -> SavePlan:
+    connection = started.connection
+    team = connection.owning_team
+    old_scopes = connection.scopes
+    # No scope in the answer: what was granted before (RFC 6749 section 6).
+    new_scopes = list(answer.scopes) or old_scopes
+    received_at = answer.received_at
+    token_fields: dict[str, Any] = {
+        "refresh_token_used_at": received_at,
+        **_release_claim_fields(claimant),
+    }
+    if rotated:
+        token_fields["refresh_token"] = answer.refresh_token
+    token_fields["refresh_token_expires_at"] = refresh_token_end(received_at)
+    connection_fields: dict[str, Any] = {
+        "last_refreshed_at": received_at,
+        "granted_scopes": " ".join(new_scopes),
+    }
+    events: list[tuple[str, str]] = []
+    scopes_changed = set(old_scopes) != set(new_scopes)
+    if scopes_changed:
+        change = _scope_change(old_scopes, new_scopes)
+        events.append(
+            (EventKind.SCOPES_CHANGED, f"On refresh, Brex changed the granted scopes ({change}).")
+        )
+    missing = oauth.missing_required_scopes(new_scopes)
+    if missing:
+        reason = (
+            "Brex no longer grants a scope this site requires: " + " ".join(missing) + "."
+        )
+        # Like a refused refresh token: no access token, the refresh token kept (encrypted)
+        # so that a disconnect can still revoke it, out of the sweep.
+        token_fields.update(access_token=None, access_token_expires_at=None)
+        connection_fields.update(status=ConnectionStatus.NEEDS_REAUTH, last_error=reason)
+        events.append((EventKind.NEEDS_REAUTH, " ".join(filter(None, (
+            reason, "The customer must connect again.", team_note(team)
+        )))))
+
+        def send_refresh_failed(connection: BrexConnection) -> None:
+            signals.refresh_failed.send(
+                sender=BrexConnection, connection=connection, error="insufficient_scope",
+                description=reason, team=team,
+            )
+
+        return SavePlan(
+            claimant, connection_fields, token_fields, events, True, send_refresh_failed
+        )
+
+    token_fields.update(
+        access_token=answer.access_token,
+        token_type=answer.token_type,
+        access_token_expires_at=answer.expires_at,
+    )
+    connection_fields["last_error"] = ""
+    events.append((
+        EventKind.REFRESHED,
+        f"Access token valid until {answer.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
+        f"refresh token {'rotated' if rotated else 'kept'}."
+        + ("" if team is None else " " + team_note(team)),
+    ))
+
+    def send_token_refreshed(connection: BrexConnection) -> None:
+        signals.token_refreshed.send(
+            sender=BrexConnection, connection=connection, rotated=rotated,
+            old_scopes=old_scopes, new_scopes=new_scopes, team=team,
+        )
+
+    return SavePlan(
+        claimant, connection_fields, token_fields, events, False, send_token_refreshed
+    )
+
+
+@sensitive_variables()
+def plan_malformed(
+    started: BrexToken, claimant: str, answer: oauth.TokenResponse,
+    error: MalformedTokenResponse,
+) -> SavePlan:
+    # Brex rotated the refresh token although the rest of its answer is unusable: the new
+    # one is the only one that will keep working, so it is saved; the access token is not
+    # (the old one stays, good until it expires) and the next try gets a whole answer.
+    reason = f"Refresh failed, will retry: {error} The new refresh token was saved."[:2000]
+    return SavePlan(
+        claimant=claimant,
+        connection_fields={"last_error": reason},
+        token_fields={
+            "refresh_token": answer.refresh_token,
+            "refresh_token_used_at": answer.received_at,
+            "refresh_token_expires_at": refresh_token_end(answer.received_at),
+            **_release_claim_fields(claimant),
+        },
+        events=[(EventKind.REFRESH_FAILED, reason)],
+    )
+
+
+@sensitive_variables()
+def _write(started: BrexToken, plan: SavePlan, note: str = "") -> BrexToken | None:
+    """One try at writing ``plan``: the token as saved, or None when the tokens are no
+    longer the ones the refresh started from (or the connection is no longer active)."""
+    connection_id = started.connection_id
+    now = timezone.now()
+    # A plain atomic block, not write_transaction(): the first statement is a write, so
+    # SQLite takes its write lock at once, with no read lock to upgrade.
+    with transaction.atomic():
+        # The connection first (every writer locks it before the token row): its status
+        # is re-checked after any concurrent writer commits.
+        if not BrexConnection.objects.filter(
+            pk=connection_id, status=ConnectionStatus.ACTIVE
+        ).update(**plan.connection_fields, updated_at=now):
+            return None
+        if not BrexToken.objects.filter(
+            pk=connection_id, generation=started.generation
+        ).update(**plan.token_fields, generation=F("generation") + 1, updated_at=now):
+            transaction.set_rollback(True)
+            return None
+        ConnectionEvent.objects.bulk_create(
+            ConnectionEvent(
+                connection_id=connection_id, kind=kind, detail=f"{detail} {note}".strip()[:2000]
+            )
+            for kind, detail in plan.events
+        )
+        saved = _applied(started, plan, now)
+        if plan.on_commit is not None:
+            # A partial, not a lambda: the lambda's frame would hold the saved token (and
+            # its new refresh token) outside any function marked sensitive.
+            transaction.on_commit(partial(plan.on_commit, saved.connection))
+    return saved
+
+
+@sensitive_variables()
+def write_within_grace(
+    started: BrexToken, plan: SavePlan, answer: oauth.TokenResponse
+) -> BrexToken | None:
+    """:func:`_write`, tried again while the database fails, for up to
+    ``REFRESH_SAVE_RETRY_SECONDS`` after Brex answered.
+
+    Brex has rotated the refresh token by now: the new one exists only in this process's
+    memory, and the stored one dies when Brex's grace period (about 30 s) ends. So a
+    dropped database connection or a failover is worth waiting out: each try reconnects
+    and backs off (0.1 s doubling to 2 s). Inside an outer transaction nothing can be tried
+    again. The outcome is recorded: in the events' detail when a later try saved, as
+    ``last_error`` and an event (as far as the database allows) when none did.
+    """
+    connection_id = started.connection_id
+    db = connections[router.db_for_write(BrexToken)]
+    window = float(brex_settings.REFRESH_SAVE_RETRY_SECONDS)
+    waited = (timezone.now() - answer.received_at).total_seconds()
+    deadline = time.monotonic() + window - max(0.0, waited)
+    pause = 0.1
+    failures: list[str] = []
+    while True:
+        note = ""
+        if failures:
+            note = (
+                f"Saved at try {len(failures) + 1}, after the database failed "
+                f"({', '.join(dict.fromkeys(failures))})."
+            )
+        try:
+            return _write(started, plan, note)
+        except (OperationalError, InterfaceError) as err:
+            failures.append(type(err).__name__)
+            left = deadline - time.monotonic()
+            if db.in_atomic_block or left <= 0:
+                _record_unsaved(connection_id, failures, window)
+                raise
+            logger.warning(
+                "Brex connection %s: saving the refreshed tokens failed (%s, try %d); "
+                "trying again.", connection_id, type(err).__name__, len(failures),
+            )
+            with contextlib.suppress(DatabaseError):
+                db.close()
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 2.0)
+
+
+def _record_unsaved(connection_id: int, failures: list[str], window: float) -> None:
+    reason = (
+        f"The refreshed tokens could not be saved: the database failed "
+        f"({', '.join(dict.fromkeys(failures))}) {len(failures)} times in {window:g} s. "
+        "The refresh token Brex rotated out is still the stored one; Brex accepts it only "
+        "for its grace period, after which the customer must connect again."
+    )
+    logger.error("Brex connection %s: %s", connection_id, reason)
+    db = connections[router.db_for_write(BrexToken)]
+    if db.in_atomic_block:
+        return
+    try:
+        with contextlib.suppress(DatabaseError):
+            db.close()
+        with transaction.atomic():
+            BrexConnection.objects.filter(pk=connection_id).update(
+                last_error=reason, updated_at=timezone.now()
+            )
+            ConnectionEvent.objects.create(
+                connection_id=connection_id, kind=EventKind.REFRESH_FAILED, detail=reason
+            )
+    except DatabaseError:
+        logger.error("Brex connection %s: the failure could not be recorded either.",
+                     connection_id)

@@ -1,0 +1,200 @@
+"""The refresh sweep: find the connections that are due and refresh each, in this process.
+
+:func:`batched_due_connection_ids` is what both sweeps read: the Celery one
+(:func:`django_brex_oauth.tasks.refresh_due_connections`) queues a task per connection,
+and :func:`sweep` (``manage.py brex_oauth_refresh``, for cron) refreshes them one after
+another. Either way each connection is refreshed by
+:func:`~django_brex_oauth.services.refresh.refresh_connection`, which takes its request from
+the sweep's shared rate budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+
+from django.utils import timezone
+
+from ..conf import brex_settings
+from ..exceptions import BrexOAuthError, BrexUnavailable, RefreshPaused
+from ..fields import UndecryptableValue
+from ..models import BrexConnection, BrexToken, ConnectionStatus
+from . import health, throttle
+from .refresh import Outcome, RefreshResult, refresh_connection
+
+logger = logging.getLogger("django_brex_oauth")
+
+
+
+def batched_due_connection_ids(
+    *, all_active: bool = False, exclude_environments: Collection[str] = ()
+) -> Iterator[list[int]]:
+    """Ids of the connections the sweep should refresh, ``SWEEP_BATCH_SIZE`` at a time,
+    most urgent first. Connections another worker is refreshing are left out.
+
+    They come from :meth:`BrexTokenQuerySet.refresh_candidates`, answered by its partial
+    indexes without looking at the connections table: the services wipe the access token
+    expiry of every connection that stops being active, which drops it from those indexes,
+    and :func:`refresh_connection` checks the status anyway (and wipes a stray expiry), so
+    joining every candidate to its connection here would only add cost. ``all_active``
+    lists every active connection that has a refresh token instead.
+    ``exclude_environments`` leaves out the connections made in those Brex environments
+    (the join is made only then: while a Brex holds the sweep back).
+    """
+    size = max(1, int(brex_settings.SWEEP_BATCH_SIZE))
+    now = timezone.now()
+    if all_active:
+        tokens = BrexToken.objects.filter(
+            connection__status=ConnectionStatus.ACTIVE, refresh_token__isnull=False
+        ).order_by("pk")
+    else:
+        tokens = BrexToken.objects.refresh_candidates(now).order_by("access_token_expires_at")
+    # One plain query: a server-side cursor would make PostgreSQL pick a fast-start plan
+    # (walking an index in order) that is far slower for this OR-ed condition, and the ids
+    # are small (a million of them take a few tens of MB).
+    if exclude_environments:
+        tokens = tokens.exclude(connection__environment__in=list(exclude_environments))
+    ids = list(tokens.unclaimed(now).values_list("connection_id", flat=True))
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def due_connection_ids(*, all_active: bool = False) -> list[int]:
+    """All the ids :func:`batched_due_connection_ids` yields, in one list."""
+    return [pk for batch in batched_due_connection_ids(all_active=all_active) for pk in batch]
+
+
+@dataclass
+class SweepReport:
+    """Counts of what a synchronous sweep did."""
+
+    refreshed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    needs_reauth: int = 0
+    #: Left for a later run: Brex asked to wait (Retry-After) or refreshing is paused.
+    deferred: int = 0
+    #: Why connections were deferred (log-safe), or "".
+    held_back: str = ""
+    #: True when Brex refused the client credentials (refreshing is paused site-wide).
+    paused: bool = False
+
+    @property
+    def total(self) -> int:
+        """How many connections the sweep went through."""
+        return self.refreshed + self.skipped + self.failed + self.needs_reauth + self.deferred
+
+    def add(self, outcome: Outcome | None) -> None:
+        """Count one connection's outcome (None: a failure)."""
+        if outcome is None:
+            self.failed += 1
+        elif outcome == Outcome.REFRESHED:
+            self.refreshed += 1
+        elif outcome == Outcome.NEEDS_REAUTH:
+            self.needs_reauth += 1
+        else:
+            self.skipped += 1
+
+
+def sweep(
+    *,
+    all_active: bool = False,
+    progress: Callable[[int, int, SweepReport], None] | None = None,
+) -> SweepReport:
+    """Refresh every due connection (every active one with ``all_active``) in this process.
+
+    The synchronous twin of the Celery sweep, for cron: connections another worker is busy
+    with are skipped, a transient failure is counted and the sweep goes on. It takes each
+    request from the sweep's shared rate budget and, when that is used up, sleeps until the
+    next window. Once a Brex asks to wait (``Retry-After``) or refuses the client
+    credentials, nothing more is sent to it: the rest of the connections made in its
+    environment are counted as deferred, for a later run, while those of the other
+    environment go on. ``progress`` is called after each connection with (done, total,
+    report).
+    """
+    connection_ids = due_connection_ids(all_active=all_active)
+    report = SweepReport()
+    #: Environment -> why its Brex is not to be called now.
+    held: dict[str, BrexUnavailable] = {}
+    if connection_ids:
+        used, limit, _refused = throttle.sweep_budget_use()
+        logger.info(
+            "Refresh sweep: %s connection(s) due; rate budget: %s of %s token requests used "
+            "in this window.", len(connection_ids), used, limit,
+        )
+        held = held_environments()
+        for err in held.values():
+            _hold_back(report, err)
+    for done, connection_id in enumerate(connection_ids, start=1):
+        # The environment is looked up only while some Brex holds the sweep back.
+        if held and _environment_of(connection_id) in held:
+            report.deferred += 1
+            if progress is not None:
+                progress(done, len(connection_ids), report)
+            continue
+        try:
+            result = _sweep_one(connection_id, all_active)
+        except BrexUnavailable as err:
+            report.add(None)
+            if err.retry_after:
+                held[_environment_of(connection_id)] = err
+                _hold_back(report, err)
+        except BrexOAuthError:
+            report.add(None)
+        except UndecryptableValue as err:
+            # One row written under another key must not stop the rest of the sweep.
+            logger.error("Brex connection %s: %s", connection_id, err)
+            report.add(None)
+        except Exception:
+            # Nor may anything else that goes wrong with one connection (a bug, a database
+            # error that outlasted the save's retries): log it and go on with the others.
+            logger.exception("Refreshing Brex connection %s failed unexpectedly.", connection_id)
+            report.add(None)
+        else:
+            report.add(result.outcome)
+        if progress is not None:
+            progress(done, len(connection_ids), report)
+    if report.held_back:
+        logger.warning("Refresh sweep: %s connection(s) deferred: %s", report.deferred,
+                       report.held_back)
+    # For the admin's health page: when the sweep last ran.
+    health.record_sweep(report.total, "synchronous sweep (manage.py brex_oauth_refresh)")
+    return report
+
+
+def held_environments() -> dict[str, BrexUnavailable]:
+    """The Brex environments whose token endpoint may not be called now (``Retry-After``
+    running, or the client credentials refused), each with why; a paused one whose probe
+    time has come is probed first (see :func:`throttle.before_token_request`)."""
+    held = {}
+    for environment in throttle.environments():
+        try:
+            throttle.before_token_request(environment=environment)
+        except BrexUnavailable as err:
+            held[environment] = err
+    return held
+
+
+def _environment_of(connection_id: int) -> str:
+    return (
+        BrexConnection.objects.filter(pk=connection_id)
+        .values_list("environment", flat=True)
+        .first()
+    ) or ""  # A connection deleted meanwhile: held back by no environment.
+
+
+def _sweep_one(connection_id: int, all_active: bool) -> RefreshResult:
+    """Refresh one connection for the synchronous sweep, waiting for the rate budget."""
+    while True:
+        result = refresh_connection(connection_id, force=all_active, wait=False, budget=True)
+        if result.outcome != Outcome.DEFERRED:
+            return result
+        time.sleep((result.retry_after or 0.0) + random.uniform(0.05, 0.25))
+
+
+def _hold_back(report: SweepReport, err: BrexUnavailable) -> None:
+    report.held_back = "; ".join(filter(None, [report.held_back, str(err)]))
+    report.paused = report.paused or isinstance(err, RefreshPaused)
