@@ -780,7 +780,7 @@ def test_the_health_page_shows_when_the_sweep_last_ran_and_its_lag(
     admin_client, user, fake_brex, brex_settings
 ):
     from django_brex_oauth import tasks
-    from django_brex_oauth.services.refresh import sweep
+    from django_brex_oauth.services.sweep import sweep
 
     make_connection(user, fake=fake_brex)
     sweep_section = section(health_page(admin_client), "brex-health-sweep")
