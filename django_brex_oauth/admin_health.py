@@ -19,7 +19,7 @@ from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import formats
-from django.utils.html import format_html, format_html_join
+from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 from django.utils.translation import gettext as _
@@ -46,10 +46,10 @@ def nice_ceiling(value: int) -> int:
     if value <= 1:
         return 1
     power = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 5, 10):
+    for step in (1, 2, 5):
         if step * power >= value:
             return step * power
-    return 10 * power  # pragma: no cover (the loop always returns)
+    return 10 * power
 
 
 def _day_label(day: dt.date) -> str:
@@ -66,14 +66,14 @@ def chart_svg(days: list[health.DayCount]) -> SafeString:
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     slot = plot_w / max(1, len(days))
     bar = max(1.0, (slot - 3) / 2)
-    grid = format_html_join("", (
-        '<line class="grid" x1="{}" x2="{}" y1="{}" y2="{}"></line>'
-        '<text class="axis" x="{}" y="{}" text-anchor="end">{}</text>'
-    ), (
-        (LEFT, WIDTH - RIGHT, y, y, LEFT - 6, y + 4, formats.number_format(value))
-        for value in (0, top // 2 if top >= 2 else None, top) if value is not None
-        for y in [round(TOP + plot_h - plot_h * value / top, 1)]
-    ))
+    gridlines = []
+    for value in sorted({0, top // 2, top}):
+        y = round(TOP + plot_h - plot_h * value / top, 1)
+        gridlines.append(format_html(
+            '<line class="grid" x1="{}" x2="{}" y1="{}" y2="{}"></line>'
+            '<text class="axis" x="{}" y="{}" text-anchor="end">{}</text>',
+            LEFT, WIDTH - RIGHT, y, y, LEFT - 6, y + 4, formats.number_format(value),
+        ))
     bars = []
     labels = []
     for index, day in enumerate(days):
@@ -105,7 +105,8 @@ def chart_svg(days: list[health.DayCount]) -> SafeString:
         'preserveAspectRatio="xMidYMid meet">'
         '<title id="brex-chart-title">{}</title><desc id="brex-chart-desc">{}</desc>'
         '{}<g class="bars">{}</g><g class="labels">{}</g></svg>',
-        WIDTH, HEIGHT, _("Refreshes and failures per day"), _describe(days), grid,
+        WIDTH, HEIGHT, _("Refreshes and failures per day"), _describe(days),
+        SafeString("".join(gridlines)),
         SafeString("".join(bars)), SafeString("".join(labels)),
     )
 

@@ -9,8 +9,8 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import FieldDoesNotExist
 from django.utils import formats, timezone
 from django.utils.functional import Promise
+from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext
 
 from .models import BrexConnection, RevocationStatus, ThrottleReason
 from .services import throttle
@@ -72,42 +72,55 @@ def connection_label(connection: BrexConnection) -> str:
     return f"{who} (#{connection.pk})"
 
 
+#: The Retry-After notice of each kind of wait (the scope's prefix, see services.throttle).
+_SLOW_DOWN = {
+    "token": _(
+        "Brex asked this site to slow down (Retry-After): nothing asks Brex to refresh tokens "
+        "before %(when)s."
+    ),
+    "revocation": _(
+        "Brex asked this site to slow down (Retry-After): nothing asks Brex to revoke tokens "
+        "before %(when)s."
+    ),
+}
+
+
 def brex_notices() -> list[tuple[str, str]]:
     """What staff must know about talking to Brex right now, as (level, text) for the
-    connections list: the client pause (an error) and any Retry-After still running."""
+    connections list and the health page: the client pause (an error) and any Retry-After
+    still running."""
     notices: list[tuple[str, str]] = []
     api_waits = []
     for wait in throttle.active_waits():
         kind = wait.scope.split(":", 1)[0]
         if wait.reason == ThrottleReason.CLIENT_REJECTED:
-            notices.append((
-                "error",
-                f"Refreshing is paused for every connection since {when(wait.since)}: "
-                f"{wait.detail}. Connections stay active and customers need not reconnect. "
-                "Fix CLIENT_ID / CLIENT_SECRET in BREX_OAUTH; refreshing resumes by itself "
-                f"once they work (next check {when(wait.not_before)}, or run "
-                "manage.py brex_oauth_check).",
-            ))
+            notices.append(("error", gettext(
+                "Refreshing is paused for every connection since %(since)s: %(detail)s. "
+                "Connections stay active and customers need not reconnect. Fix CLIENT_ID / "
+                "CLIENT_SECRET in BREX_OAUTH; refreshing resumes by itself once they work "
+                "(next check %(next)s, or run manage.py brex_oauth_check)."
+            ) % {"since": when(wait.since), "detail": wait.detail,
+                 "next": when(wait.not_before)}))
         elif kind == "api":
             api_waits.append(wait)
         else:
-            what = {"token": "refresh tokens", "revocation": "revoke tokens"}.get(kind, kind)
-            notices.append((
-                "warning",
-                f"Brex asked this site to slow down (Retry-After): nothing asks Brex to {what} "
-                f"before {when(wait.not_before)}.",
-            ))
+            text = _SLOW_DOWN.get(kind) or gettext(
+                "Brex asked this site to slow down (Retry-After): nothing is sent to Brex "
+                "(%(kind)s) before %(when)s."
+            )
+            notices.append(("warning", str(text) % {
+                "kind": kind, "when": when(wait.not_before)
+            }))
     if api_waits:
         # A Retry-After wait always has its end (active_waits() asks for one to come).
         latest = max(
             (wait.not_before for wait in api_waits if wait.not_before is not None),
             default=None,
         )
-        notices.append((
-            "warning",
-            f"Brex asked this site to slow down (Retry-After) for {len(api_waits)} Brex "
-            f"account(s): their API calls wait until {when(latest)} at the latest.",
-        ))
+        notices.append(("warning", gettext(
+            "Brex asked this site to slow down (Retry-After) for %(count)s Brex account(s): "
+            "their API calls wait until %(when)s at the latest."
+        ) % {"count": len(api_waits), "when": when(latest)}))
     return notices
 
 

@@ -616,12 +616,20 @@ def bulk_connections(django_user_model, count: int, *, prefix: str = "bulk") -> 
     return [connection.pk for connection in connections]
 
 
-def test_the_health_page_is_linked_from_the_app_index_and_the_list(admin_client):
+def test_the_health_page_is_linked_from_the_app_index_and_the_list(
+    admin_client, client, django_user_model
+):
     url = reverse(HEALTH)
     assert url == "/admin/brex_oauth/brexconnection/health/"
     app_index = admin_client.get(reverse("admin:app_list", args=["brex_oauth"]))
     assert f'href="{url}"' in app_index.content.decode()
     assert f'href="{url}"' in changelist(admin_client).content.decode()
+    # Staff who may only read the event log are not offered a page they cannot open.
+    staff_with(django_user_model, client, "view_connectionevent")
+    app_index = client.get(reverse("admin:app_list", args=["brex_oauth"]))
+    assert app_index.status_code == 200
+    assert "Brex connection events" in app_index.content.decode()
+    assert f'href="{url}"' not in app_index.content.decode()
 
 
 @pytest.mark.parametrize("rows", [20, 2000])
