@@ -61,7 +61,7 @@ class ExpiringSoonFilter(admin.SimpleListFilter):
     parameter_name = "expiring"
 
     def lookups(self, request, model_admin):
-        days = int(brex_settings.EXPIRING_SOON_DAYS)
+        days = brex_settings.EXPIRING_SOON_DAYS
         return [
             ("any", ngettext(
                 "Refresh token ends within %(days)s day, or access token expired",
@@ -80,7 +80,7 @@ class ExpiringSoonFilter(admin.SimpleListFilter):
         refresh_ending = Q(
             token__refresh_token__isnull=False,
             token__refresh_token_expires_at__lte=now
-            + timedelta(days=int(brex_settings.EXPIRING_SOON_DAYS)),
+            + timedelta(days=brex_settings.EXPIRING_SOON_DAYS),
         )
         access_expired = Q(token__access_token_expires_at__lte=now)
         condition = {

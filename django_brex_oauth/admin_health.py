@@ -153,7 +153,7 @@ def duration(delta: dt.timedelta) -> str:
 
 def sweep_readings(snap: health.Snapshot) -> list[Reading]:
     """The last sweep, the time since, and the lag, each flagged when it is worrying."""
-    margin = dt.timedelta(seconds=float(brex_settings.REFRESH_MARGIN))
+    margin = dt.timedelta(seconds=brex_settings.REFRESH_MARGIN)
     on_time = dt.timedelta(seconds=2 * SWEEP_INTERVAL)
     readings = []
     if snap.last_sweep is None:

@@ -108,7 +108,7 @@ class _APIClient:
         self.session = session or http.session()
         self.timeout = timeout
         self.max_retries = (
-            int(brex_settings.API_MAX_RETRIES) if max_retries is None else int(max_retries)
+            brex_settings.API_MAX_RETRIES if max_retries is None else int(max_retries)
         )
 
     @property
@@ -183,7 +183,7 @@ class _APIClient:
                 and retryable
                 and attempt < self.max_retries
                 # Never retry before Brex's Retry-After; a longer wait is the caller's.
-                and (retry_after or 0.0) <= float(brex_settings.RETRY_BACKOFF_MAX)
+                and (retry_after or 0.0) <= brex_settings.RETRY_BACKOFF_MAX
             ):
                 self._pause(attempt, retry_after)
                 attempt += 1
@@ -200,7 +200,7 @@ class _APIClient:
 
         try:
             throttle.wait_for(
-                scope, "the Brex API", max_wait=float(brex_settings.RETRY_BACKOFF_MAX),
+                scope, "the Brex API", max_wait=brex_settings.RETRY_BACKOFF_MAX,
                 sleep=self.sleep,
             )
         except BrexUnavailable as err:
@@ -238,8 +238,8 @@ class _APIClient:
         )
 
     def _pause(self, attempt: int, retry_after: float | None = None) -> None:
-        cap = float(brex_settings.RETRY_BACKOFF_MAX)
-        delay = backoff_delay(attempt, base=float(brex_settings.RETRY_BACKOFF), cap=cap)
+        cap = brex_settings.RETRY_BACKOFF_MAX
+        delay = backoff_delay(attempt, base=brex_settings.RETRY_BACKOFF, cap=cap)
         self.sleep(max(delay, retry_after or 0.0))
 
     def get(self, path: str, *, params: Mapping[str, Any] | None = None) -> Any:
@@ -332,7 +332,7 @@ class BrexClient(_APIClient):
         from .models import ConnectionStatus
         from .services import refresh
 
-        margin = float(brex_settings.CLIENT_REFRESH_MARGIN)
+        margin = brex_settings.CLIENT_REFRESH_MARGIN
         token = self._token
         if token is None or token.access_token_expires_within(margin):
             result = refresh.refresh_connection(self.connection, min_validity=margin)

@@ -75,7 +75,7 @@ class TimeoutSession(requests.Session):
     def timeout(self) -> float:
         if self._timeout is not None:
             return self._timeout
-        return float(brex_settings.HTTP_TIMEOUT)
+        return brex_settings.HTTP_TIMEOUT
 
     def request(self, method, url, *args, **kwargs):
         if kwargs.get("timeout") is None:
@@ -242,7 +242,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
             # RFC 9110: an HTTP-date is always GMT; a date without a zone is not one.
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
-    return min(max(0.0, seconds), float(brex_settings.RETRY_AFTER_MAX))
+    return min(max(0.0, seconds), brex_settings.RETRY_AFTER_MAX)
 
 
 def retry_after_of(headers: Mapping[str, str] | None) -> float | None:

@@ -175,7 +175,7 @@ def _expires_in(value: Any, problems: list[str]) -> int:
     """Seconds the access token lasts: ``DEFAULT_ACCESS_TOKEN_LIFETIME`` when Brex leaves it
     out, at most :data:`MAX_ACCESS_TOKEN_LIFETIME`."""
     if value is None:
-        return int(brex_settings.DEFAULT_ACCESS_TOKEN_LIFETIME)
+        return brex_settings.DEFAULT_ACCESS_TOKEN_LIFETIME
     seconds: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         seconds = value
@@ -594,11 +594,11 @@ def _check_issued_at(claims: dict[str, Any]) -> None:
     issued_at = claims["iat"]
     if isinstance(issued_at, bool) or not isinstance(issued_at, int | float):
         raise IdTokenError("The id_token's iat is not a number.")
-    leeway = int(brex_settings.ID_TOKEN_LEEWAY)
+    leeway = brex_settings.ID_TOKEN_LEEWAY
     now = time.time()
     if issued_at > now + leeway:
         raise IdTokenError("The id_token was issued in the future.")
-    max_age = int(brex_settings.ID_TOKEN_MAX_AGE)
+    max_age = brex_settings.ID_TOKEN_MAX_AGE
     if issued_at < now - max_age - leeway:
         raise IdTokenError(
             f"The id_token was issued {int(now - issued_at)} seconds ago, more than "
@@ -648,7 +648,7 @@ def _verified_claims(
             algorithms=[alg],
             audience=brex_settings.CLIENT_ID,
             issuer=discovery.discovered_issuer(issuer),
-            leeway=int(brex_settings.ID_TOKEN_LEEWAY),
+            leeway=brex_settings.ID_TOKEN_LEEWAY,
             options={"require": ["iss", "sub", "aud", "exp", "iat"]},
         )
     except jwt.InvalidTokenError as err:

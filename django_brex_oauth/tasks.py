@@ -42,19 +42,19 @@ def refresh_connection(self, connection_id: int, force: bool = False) -> str:
     except RefreshPaused:
         return "paused"
     except BrexUnavailable as err:
-        max_retries = int(brex_settings.REFRESH_TASK_MAX_RETRIES)
+        max_retries = brex_settings.REFRESH_TASK_MAX_RETRIES
         if self.request.retries >= max_retries:
             raise
         countdown = backoff_delay(
             self.request.retries,
-            base=float(brex_settings.REFRESH_RETRY_BACKOFF),
-            cap=float(brex_settings.REFRESH_RETRY_BACKOFF_MAX),
+            base=brex_settings.REFRESH_RETRY_BACKOFF,
+            cap=brex_settings.REFRESH_RETRY_BACKOFF_MAX,
         )
         countdown = not_before_delay(countdown, err.retry_after)
         raise self.retry(exc=err, countdown=countdown, max_retries=max_retries) from err
     if result.outcome == refresh.Outcome.DEFERRED:
         if not self.request.is_eager:
-            window = float(brex_settings.SWEEP_RATE_WINDOW)
+            window = brex_settings.SWEEP_RATE_WINDOW
             self.apply_async(
                 (connection_id,), {"force": force},
                 countdown=not_before_delay(0.0, max(0.5, result.retry_after or 0.0), spread=window),
@@ -96,8 +96,8 @@ def refresh_due_connections(all_active: bool = False) -> int:
     if len(held) == len(throttle.environments()):
         health.record_sweep(0, "Celery beat sweep, held back")
         return 0
-    limit = max(1, int(brex_settings.SWEEP_RATE_LIMIT))
-    window = float(brex_settings.SWEEP_RATE_WINDOW)
+    limit = brex_settings.SWEEP_RATE_LIMIT
+    window = brex_settings.SWEEP_RATE_WINDOW
     queued = 0
     app = refresh_connection.app
     for batch in sweep.batched_due_connection_ids(
@@ -181,12 +181,12 @@ def _retry_revocation_while_unavailable(task, attempt) -> None:
     from .backoff import backoff_delay, not_before_delay
     from .conf import brex_settings
 
-    max_retries = int(brex_settings.REVOKE_TASK_MAX_RETRIES)
+    max_retries = brex_settings.REVOKE_TASK_MAX_RETRIES
     if attempt.retryable and task.request.retries < max_retries:
         countdown = backoff_delay(
             task.request.retries + 1,
-            base=float(brex_settings.REVOKE_RETRY_BACKOFF),
-            cap=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX),
+            base=brex_settings.REVOKE_RETRY_BACKOFF,
+            cap=brex_settings.REVOKE_RETRY_BACKOFF_MAX,
         )
         countdown = not_before_delay(countdown, attempt.retry_after)
         raise task.retry(countdown=countdown, max_retries=max_retries)
@@ -249,6 +249,6 @@ def sync_webhook_subscription(subscription_id: int, retries: int = 0) -> str:
     result = webhook_subscriptions.attempt(subscription_id)
     if result is None:
         return "missing"
-    if result.retryable and retries < int(brex_settings.WEBHOOK_TASK_MAX_RETRIES):
+    if result.retryable and retries < brex_settings.WEBHOOK_TASK_MAX_RETRIES:
         webhook_subscriptions.queue_retry(subscription_id, retries + 1)
     return result.subscription.status

@@ -150,7 +150,7 @@ def read_headers(headers: Mapping[str, str], *, now: float | None = None,
         raise WebhookHeadersMissing(f"{TIMESTAMP_HEADER} is not integer Unix seconds.")
     timestamp = int(raw_timestamp)
     now = time.time() if now is None else now
-    tolerance = float(brex_settings.WEBHOOK_TOLERANCE) if tolerance is None else tolerance
+    tolerance = brex_settings.WEBHOOK_TOLERANCE if tolerance is None else tolerance
     if abs(now - timestamp) > tolerance:
         raise WebhookTimestampOutOfRange(
             f"{TIMESTAMP_HEADER} is {int(now - timestamp)} s from now; at most "
@@ -258,7 +258,7 @@ def _fetch_and_cache() -> list[str]:
         raise WebhookSecretsUnavailable("The webhook secrets fetcher returned no secret.")
     _cache().set(
         _SECRETS_KEY.format(brex_settings.environment), secrets,
-        int(brex_settings.WEBHOOK_SECRETS_CACHE_TIMEOUT),
+        brex_settings.WEBHOOK_SECRETS_CACHE_TIMEOUT,
     )
     return secrets
 

@@ -49,11 +49,11 @@ def old_events(now: datetime | None = None) -> QuerySet:
     conditions = []
     days = brex_settings.EVENT_RETENTION_DAYS
     if days is not None:
-        conditions.append(Q(created_at__lt=now - timedelta(days=int(days))))
+        conditions.append(Q(created_at__lt=now - timedelta(days=days)))
     refreshed_days = brex_settings.REFRESH_EVENT_RETENTION_DAYS
     if refreshed_days is not None:
         conditions.append(
-            Q(kind=EventKind.REFRESHED, created_at__lt=now - timedelta(days=int(refreshed_days)))
+            Q(kind=EventKind.REFRESHED, created_at__lt=now - timedelta(days=refreshed_days))
         )
     if not conditions:
         return ConnectionEvent.objects.none()
@@ -68,7 +68,7 @@ def old_webhook_events(now: datetime | None = None) -> QuerySet:
     days = brex_settings.WEBHOOK_EVENT_RETENTION_DAYS
     if days is None:
         return BrexWebhookEvent.objects.none()
-    return BrexWebhookEvent.objects.filter(received_at__lt=now - timedelta(days=int(days)))
+    return BrexWebhookEvent.objects.filter(received_at__lt=now - timedelta(days=days))
 
 
 def _delete_in_batches(queryset: QuerySet) -> int:

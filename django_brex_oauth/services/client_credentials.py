@@ -46,7 +46,7 @@ def _key(scopes: list[str]) -> str:
 
 
 def _lock_seconds() -> int:
-    return int(float(brex_settings.HTTP_TIMEOUT) * 2) + 5
+    return int(brex_settings.HTTP_TIMEOUT * 2) + 5
 
 
 @sensitive_variables()
@@ -74,7 +74,7 @@ def _fetch_and_store(key: str, scopes: list[str]) -> str:
     lifetime = float(answer.expires_in)
     # Renew CLIENT_CREDENTIALS_MARGIN seconds early, but never use less than half of a
     # short-lived token's life.
-    keep_for = max(lifetime - float(brex_settings.CLIENT_CREDENTIALS_MARGIN), lifetime / 2)
+    keep_for = max(lifetime - brex_settings.CLIENT_CREDENTIALS_MARGIN, lifetime / 2)
     entry = {
         "token": _fernet.encrypt(force_bytes(access_token)),
         "refresh_at": time.time() + keep_for,

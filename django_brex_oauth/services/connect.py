@@ -88,7 +88,7 @@ def start_authorization(
         prompt_login=prompt_login,
         team_key="" if team is None else str(team.pk),
         created_at=now,
-        expires_at=now + timedelta(seconds=int(brex_settings.AUTHORIZATION_REQUEST_TTL)),
+        expires_at=now + timedelta(seconds=brex_settings.AUTHORIZATION_REQUEST_TTL),
     )
     return auth_request, url
 
@@ -129,7 +129,7 @@ def consume_authorization_request(*, user, state: str | None, state_in_session: 
     if auth_request.user_id != user.pk:
         raise StateError("state belongs to another user")
     if auth_request.is_expired:
-        minutes = max(1, int(brex_settings.AUTHORIZATION_REQUEST_TTL) // 60)
+        minutes = max(1, brex_settings.AUTHORIZATION_REQUEST_TTL // 60)
         raise StateError(
             "state expired",
             user_message=ngettext(
@@ -456,7 +456,7 @@ def _store_connection(*, user, environment, brex_user_id, identity, tokens, team
             "access_token_expires_at": tokens.expires_at,
             "refresh_token_issued_at": now,
             "refresh_token_expires_at": now
-            + timedelta(seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME)),
+            + timedelta(seconds=brex_settings.REFRESH_TOKEN_LIFETIME),
             "refresh_claimed_until": None,
             "refresh_claimed_by": "",
         }

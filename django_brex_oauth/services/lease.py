@@ -25,7 +25,7 @@ from ..models import BrexToken
 
 def lease_seconds() -> float:
     """How long a claim lasts: ``REFRESH_LEASE_SECONDS``, but always past the HTTP timeout."""
-    return max(float(brex_settings.REFRESH_LEASE_SECONDS), float(brex_settings.HTTP_TIMEOUT) + 5)
+    return max(brex_settings.REFRESH_LEASE_SECONDS, brex_settings.HTTP_TIMEOUT + 5)
 
 
 def new_claimant_id() -> str:

@@ -161,7 +161,7 @@ def refresh_connection(
     if need(token):
         # Outside the claim: an on-demand caller may sleep through a short Retry-After.
         throttle.before_token_request(
-            max_wait=float(brex_settings.RETRY_BACKOFF_MAX) if wait else 0.0,
+            max_wait=brex_settings.RETRY_BACKOFF_MAX if wait else 0.0,
             environment=token.connection.environment,
         )
     claimant = lease.new_claimant_id()
@@ -292,7 +292,7 @@ def _refresh_claimed(
             paused = RefreshPaused(
                 f"Refreshing is paused for every connection: Brex refused this site's client "
                 f"credentials ({err.error}). The customer need not reconnect.",
-                retry_after=float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL),
+                retry_after=brex_settings.CLIENT_REJECTED_PROBE_INTERVAL,
             )
             _record_transient_failure(connection_id, paused)
             raise paused from err

@@ -98,7 +98,7 @@ def refresh_token_end(exchanged_at: datetime) -> datetime:
     # Brex's refresh tokens last 90 days from the last exchange and every refresh returns
     # one (the same value when not rotated), so the estimated end moves with each refresh.
     # It stays an estimate: Brex may also cap a chain's total lifetime.
-    return exchanged_at + timedelta(seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME))
+    return exchanged_at + timedelta(seconds=brex_settings.REFRESH_TOKEN_LIFETIME)
 
 
 def _scope_change(old: list[str], new: list[str]) -> str:
@@ -259,7 +259,7 @@ def write_within_grace(
     """
     connection_id = started.connection_id
     db = connections[router.db_for_write(BrexToken)]
-    window = float(brex_settings.REFRESH_SAVE_RETRY_SECONDS)
+    window = brex_settings.REFRESH_SAVE_RETRY_SECONDS
     waited = (timezone.now() - answer.received_at).total_seconds()
     deadline = time.monotonic() + window - max(0.0, waited)
     pause = 0.1

@@ -409,8 +409,8 @@ def _queue_after_commit(task_name: str, object_id: int, attempt: int, what: str,
     task = getattr(tasks, task_name)
     countdown = backoff_delay(
         attempt,
-        base=float(brex_settings.REVOKE_RETRY_BACKOFF),
-        cap=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX),
+        base=brex_settings.REVOKE_RETRY_BACKOFF,
+        cap=brex_settings.REVOKE_RETRY_BACKOFF_MAX,
     )
     countdown = not_before_delay(countdown, retry_after)
     queued = True
@@ -540,7 +540,7 @@ def pending_detached_ids(now: datetime | None = None) -> Iterator[int]:
     if throttle.wait_left(throttle.revocation_scope()) > 0:
         return iter(())
     now = now or timezone.now()
-    quiet_since = now - timedelta(seconds=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX))
+    quiet_since = now - timedelta(seconds=brex_settings.REVOKE_RETRY_BACKOFF_MAX)
     return (
         DetachedRevocation.objects.filter(
             Q(attempted_at__isnull=True) | Q(attempted_at__lte=quiet_since)
@@ -558,7 +558,7 @@ def pending_revocation_ids(now: datetime | None = None) -> Iterator[int]:
     if throttle.wait_left(throttle.revocation_scope()) > 0:
         return iter(())
     now = now or timezone.now()
-    quiet_since = now - timedelta(seconds=float(brex_settings.REVOKE_RETRY_BACKOFF_MAX))
+    quiet_since = now - timedelta(seconds=brex_settings.REVOKE_RETRY_BACKOFF_MAX)
     return (
         BrexConnection.objects.filter(
             status=ConnectionStatus.REVOKED, revocation_status=RevocationStatus.PENDING

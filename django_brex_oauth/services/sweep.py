@@ -44,7 +44,7 @@ def batched_due_connection_ids(
     ``exclude_environments`` leaves out the connections made in those Brex environments
     (the join is made only then: while a Brex holds the sweep back).
     """
-    size = max(1, int(brex_settings.SWEEP_BATCH_SIZE))
+    size = brex_settings.SWEEP_BATCH_SIZE
     now = timezone.now()
     if all_active:
         tokens = BrexToken.objects.filter(

@@ -145,7 +145,7 @@ def wait_left(scope: str) -> float:
         .values_list("left", flat=True)
         .first()
     )
-    return min(_seconds(left), float(brex_settings.RETRY_AFTER_MAX))
+    return min(_seconds(left), brex_settings.RETRY_AFTER_MAX)
 
 
 def _too_soon(what: str, left: float) -> BrexUnavailable:
@@ -202,7 +202,7 @@ def before_token_request(
     }
     retry = rows.get(token)
     if retry is not None and retry.not_before is not None:
-        left = min(_seconds(retry.left), float(brex_settings.RETRY_AFTER_MAX))
+        left = min(_seconds(retry.left), brex_settings.RETRY_AFTER_MAX)
         if left > max_wait:
             raise _too_soon("the token endpoint", left)
         if left > 0:
@@ -228,7 +228,7 @@ def _paused(pause: BrexThrottle | None, left: float) -> RefreshPaused:
 def _take_probe(environment: str | None) -> bool:
     """Claim the one probe of a pause whose probe time has come: the winner moves the next
     probe time on, so every other caller keeps waiting."""
-    interval = timedelta(seconds=float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL))
+    interval = timedelta(seconds=brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)
     return bool(
         _rows(client_scope(environment))
         .filter(reason=ThrottleReason.CLIENT_REJECTED, not_before__lte=Now())
@@ -240,7 +240,7 @@ def _probe(environment: str | None) -> None:
     """Ask the token endpoint of ``environment``'s Brex whether it accepts the client
     credentials now (without issuing anything); end that pause if it does, else raise
     :class:`RefreshPaused`."""
-    interval = float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)
+    interval = brex_settings.CLIENT_REJECTED_PROBE_INTERVAL
     try:
         oauth.verify_client_credentials(issuer=brex_settings.issuer_for(environment))
     except InvalidClient as err:
@@ -271,7 +271,7 @@ def client_rejected(
     """
     if connection is not None:
         environment = connection.environment
-    interval = timedelta(seconds=float(brex_settings.CLIENT_REJECTED_PROBE_INTERVAL))
+    interval = timedelta(seconds=brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)
     detail = f"Brex refused this site's client credentials ({err.error})"
     if (environment or brex_settings.environment) != brex_settings.environment:
         detail += f" in {environment}"
@@ -349,7 +349,7 @@ class BudgetTicket:
 
 
 def _window() -> timedelta:
-    return timedelta(seconds=max(1.0, float(brex_settings.SWEEP_RATE_WINDOW)))
+    return timedelta(seconds=max(1.0, brex_settings.SWEEP_RATE_WINDOW))
 
 
 def take_sweep_budget() -> BudgetTicket:
@@ -361,7 +361,7 @@ def take_sweep_budget() -> BudgetTicket:
     together never exceed it. The first refusal in a window logs a WARNING, and the first
     take of a new window logs how much of the last one was used.
     """
-    limit = max(1, int(brex_settings.SWEEP_RATE_LIMIT))
+    limit = brex_settings.SWEEP_RATE_LIMIT
     window = _window()
     rows = _rows(sweep_scope())
     for _ in range(5):
@@ -404,7 +404,7 @@ def take_sweep_budget() -> BudgetTicket:
 
 def sweep_budget_use() -> tuple[int, int, int]:
     """(used, limit, refused) of the current window, for the sweep's log line."""
-    limit = max(1, int(brex_settings.SWEEP_RATE_LIMIT))
+    limit = brex_settings.SWEEP_RATE_LIMIT
     row = (
         _rows(sweep_scope())
         .filter(window_started_at__gt=Now() - _window())

@@ -251,8 +251,8 @@ def _finish_with_retry(result: SyncResult | None, retries: int = 0) -> SyncResul
 def queue_retry(subscription_id: int, retries: int = 0) -> bool:
     """Queue the retry task with backoff; False when the broker refused it (``--sync``
     picks the subscription up then)."""
-    countdown = backoff_delay(retries, base=float(brex_settings.WEBHOOK_RETRY_BACKOFF),
-                              cap=float(brex_settings.WEBHOOK_RETRY_BACKOFF_MAX))
+    countdown = backoff_delay(retries, base=brex_settings.WEBHOOK_RETRY_BACKOFF,
+                              cap=brex_settings.WEBHOOK_RETRY_BACKOFF_MAX)
     try:
         send_task(SYNC_TASK, (subscription_id, retries), countdown=countdown)
     except Exception as err:  # noqa: BLE001 - any broker failure; --sync recovers

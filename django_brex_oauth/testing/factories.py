@@ -106,7 +106,7 @@ def make_connection(
         tokens = {
             "access_token": secrets.token_urlsafe(32),
             "refresh_token": secrets.token_urlsafe(48),
-            "expires_in": int(brex_settings.DEFAULT_ACCESS_TOKEN_LIFETIME),
+            "expires_in": brex_settings.DEFAULT_ACCESS_TOKEN_LIFETIME,
             "token_type": "Bearer",
         }
 
@@ -153,7 +153,7 @@ def make_connection(
         access_token_expires_at=access_expires_at,
         refresh_token_issued_at=now if refresh_token else None,
         refresh_token_expires_at=(
-            now + timedelta(seconds=int(brex_settings.REFRESH_TOKEN_LIFETIME))
+            now + timedelta(seconds=brex_settings.REFRESH_TOKEN_LIFETIME)
             if refresh_token else None
         ),
         refresh_token_used_at=now,
