@@ -507,6 +507,9 @@ def test_the_connections_page_lists_only_the_users_own_connections(
     third = row(gone)
     assert "Revoked" in third
     assert "Disconnect" not in third
+    # A revoked connection is reconnected as one Brex no longer accepts.
+    assert "/brex/connect/?force_login=1&amp;next=%2Fbrex%2Fconnections%2F" in third
+    assert "Reconnect" in third
 
     assert 'href="/brex/connect/?next=%2Fbrex%2Fconnections%2F"' in page
 
@@ -514,7 +517,7 @@ def test_the_connections_page_lists_only_the_users_own_connections(
 def test_the_connections_page_invites_a_first_connection(user_client):
     page = user_client.get(CONNECTIONS_URL).content.decode()
     assert "You have not connected a Brex account yet." in page
-    assert "Connect Brex account" in page
+    assert ">Connect Brex</a>" in page
 
 
 def test_connecting_lands_on_the_connections_page(flow):

@@ -221,6 +221,21 @@ def test_a_second_member_sees_the_teams_connection_and_another_team_does_not(
     assert f"team={team.pk}" in page  # a member may connect for the team
 
 
+def test_a_teams_revoked_connection_is_reconnected_for_the_team(
+    client_class, member, team, fake_brex, brex_settings
+):
+    connection = make_connection(member, fake=fake_brex, team=team, status="revoked")
+    client = client_class()
+    client.force_login(member)
+
+    page = client.get(reverse("brex_oauth:connections")).content.decode()
+
+    row = page.split(f'<tr id="brex-connection-{connection.pk}">', 1)[1].split("</tr>", 1)[0]
+    assert "Revoked" in row and "Disconnect" not in row
+    assert f'href="/brex/connect/?team={team.pk}&amp;force_login=1&amp;next=' in row
+    assert "Reconnect" in row
+
+
 def test_for_team_and_for_user(member, outsider, team, other_team, brex_settings):
     mine = make_connection(member, team=team)
     personal = make_connection(member, brex_user="grace.hopper@example.com")
