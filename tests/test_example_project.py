@@ -166,3 +166,93 @@ def test_the_example_site_uses_the_atomic_file_broker(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "partner_site.broker.Transport" in result.stdout
+
+
+DASHBOARD_ACROSS_A_RECONNECT = """
+import json
+import os
+
+from django_brex_oauth.testing import FakeBrex
+
+fake = FakeBrex().start()
+os.environ.update({
+    "BREX_CLIENT_ID": fake.client_id, "BREX_CLIENT_SECRET": fake.client_secret,
+    "BREX_ISSUER": fake.issuer, "BREX_API_BASE_URL": fake.api_base_url,
+    "BREX_ENVIRONMENT": "staging", "BREX_SITE_URL": "http://testserver",
+})
+os.environ["DJANGO_SETTINGS_MODULE"] = "partner_site.settings"
+
+import django
+
+django.setup()
+
+from urllib.parse import urlsplit
+
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.test import Client
+from django.test.utils import setup_test_environment
+
+from django_brex_oauth.models import BrexConnection
+from django_brex_oauth.services.refresh import refresh_connection
+
+setup_test_environment()
+call_command("migrate", verbosity=0)
+client = Client()
+client.force_login(get_user_model().objects.create_user("ada", password="ada"))
+
+
+def connect():
+    authorize = client.get("/brex/connect/?force_login=1&next=/")["Location"]
+    back = urlsplit(fake.consent(authorize))
+    assert client.get(back.path + "?" + back.query).status_code == 302
+
+
+def state(step):
+    (row,) = json.loads(client.get("/token-status/").content)["connections"]
+    page = client.get("/").content.decode()
+    count = page.split('data-field="refresh-count">', 1)[1].split("<", 1)[0]
+    last = page.split('data-field="last-refreshed">', 1)[1].split("</dd>", 1)[0]
+    return {"step": step, "status": row["status"], "json_count": row["refresh_count"],
+            "json_last": row["last_refreshed_at"], "page_count": int(count),
+            "page_last": "not yet" if last == "not yet" else "a time"}
+
+
+steps = []
+connect()
+steps.append(state("connected"))
+connection = BrexConnection.objects.get()
+for _ in range(2):
+    refresh_connection(connection.pk, force=True)
+steps.append(state("refreshed twice"))
+client.post(f"/brex/disconnect/{connection.pk}/")
+connect()
+assert BrexConnection.objects.get().pk == connection.pk  # the same row, reconnected
+steps.append(state("reconnected"))
+refresh_connection(connection.pk, force=True)
+steps.append(state("refreshed once more"))
+fake.stop()
+print(json.dumps(steps))
+"""
+
+
+def test_the_dashboards_refresh_count_starts_again_at_a_reconnect(tmp_path):
+    env = clean_environment()
+    env.update({"ENV_FILE": "", "DATA_DIR": str(tmp_path / "data"),
+                "CELERY_TASK_ALWAYS_EAGER": "true", "DEBUG": "true"})
+    result = subprocess.run(
+        [sys.executable, "-c", DASHBOARD_ACROSS_A_RECONNECT], cwd=REPO_DIR / "example_project",
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = json.loads(result.stdout.strip().splitlines()[-1])
+
+    shown = [(s["step"], s["status"], s["json_count"], s["page_count"], s["page_last"])
+             for s in steps]
+    assert shown == [
+        ("connected", "active", 0, 0, "not yet"),
+        ("refreshed twice", "active", 2, 2, "a time"),
+        ("reconnected", "active", 0, 0, "not yet"),
+        ("refreshed once more", "active", 1, 1, "a time"),
+    ]
+    assert [s["json_last"] is None for s in steps] == [True, False, True, False]

@@ -9,7 +9,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, F, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
@@ -34,6 +34,7 @@ class ConnectionView:
     connection: BrexConnection
     token: BrexToken | None = None
     refresh_count: int = 0
+    last_refreshed_at: datetime | None = None
     me: dict[str, Any] | None = None
     company: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
@@ -51,9 +52,26 @@ class ConnectionView:
 
 
 def _with_refresh_counts(connections: QuerySet[BrexConnection]) -> QuerySet[BrexConnection]:
+    """Each connection's refreshes since it was last connected: a reconnect (which moves
+    ``connected_at`` on) starts the count again, as it starts a new pair of tokens."""
     return connections.annotate(
-        refresh_count=Count("events", filter=Q(events__kind=EventKind.REFRESHED))
+        refresh_count=Count(
+            "events",
+            filter=Q(
+                events__kind=EventKind.REFRESHED,
+                events__created_at__gte=F("connected_at"),
+            ),
+        )
     )
+
+
+def last_refreshed_at(connection: BrexConnection) -> datetime | None:
+    """When the connection's tokens were last refreshed since it was last connected (the
+    app keeps ``last_refreshed_at`` across a reconnect)."""
+    refreshed = connection.last_refreshed_at
+    if refreshed is None or refreshed < connection.connected_at:
+        return None
+    return refreshed
 
 
 def _token_times(connections: QuerySet[BrexConnection]) -> QuerySet[BrexToken]:
@@ -116,6 +134,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             _read_live_data(view)
             # The client may just have refreshed the tokens, or found them refused.
             connection.refresh_from_db()
+        view.last_refreshed_at = last_refreshed_at(connection)
         views.append(view)
     tokens = {t.connection_id: t for t in _token_times(_visible_connections(request.user))}
     for view in views:
@@ -146,15 +165,13 @@ def token_status(request: HttpRequest) -> JsonResponse:
     for connection in connections:
         token = tokens.get(connection.pk)
         expires_at = token.access_token_expires_at if token else None
+        refreshed_at = last_refreshed_at(connection)
         data.append(
             {
                 "id": connection.pk,
                 "status": connection.status,
                 "access_token_expires_at": expires_at.isoformat() if expires_at else None,
-                "last_refreshed_at": (
-                    connection.last_refreshed_at.isoformat()
-                    if connection.last_refreshed_at else None
-                ),
+                "last_refreshed_at": refreshed_at.isoformat() if refreshed_at else None,
                 "refresh_count": connection.refresh_count,
             }
         )
