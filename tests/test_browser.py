@@ -8,6 +8,11 @@ their name at Brex and sees the USER_UPDATED webhook arrive on the dashboard; th
 their workspace, which a second member of it sees and a member of another does not. Each step
 is saved to test-artifacts/screenshots/NN-step.png; the site's logs to
 test-artifacts/browser-site-logs/.
+
+The partner-facing pages (the dashboard, the connections page, the confirmation and error
+pages) and the admin's are also shown at a desktop's and a phone's width
+(:data:`VIEWPORT_WIDTHS`), each saved as NN-page-<width>px.png: no page may be wider than
+its viewport.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SCREENSHOTS = ARTIFACTS / "screenshots"
+
+#: A laptop's and a phone's viewport width (CSS pixels): every page checked with
+#: :func:`check_layout` must fit both without scrolling sideways.
+VIEWPORT_WIDTHS = (1280, 390)
+VIEWPORT_HEIGHT = 820
 
 #: Short-lived access tokens and a sweep every second, so that beat and the worker refresh
 #: the connection while the test watches the dashboard.
@@ -146,6 +156,36 @@ class Screenshots:
         return path
 
 
+def page_widths(page: Any) -> tuple[int, int]:
+    """How wide the page's content is, and how wide the viewport it is shown in."""
+    return tuple(page.evaluate(
+        "() => [document.documentElement.scrollWidth, window.innerWidth]"
+    ))
+
+
+def check_layout(page: Any, shot: Screenshots, name: str) -> None:
+    """Show the current page at each of :data:`VIEWPORT_WIDTHS`, take a screenshot of each
+    and fail if the page is wider than the viewport at any of them, or has no icon."""
+    before = page.viewport_size
+    too_wide = []
+    for width in VIEWPORT_WIDTHS:
+        page.set_viewport_size({"width": width, "height": VIEWPORT_HEIGHT})
+        # Let the browser lay the page out again at the new width before measuring.
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => r()))")
+        content, viewport = page_widths(page)
+        assert viewport == width
+        shot(f"{name}-{width}px")
+        if content > viewport:
+            too_wide.append(f"{content} px wide in a {viewport} px viewport")
+    page.set_viewport_size(before)
+    assert not too_wide, f"the {name} page is wider than its viewport: {too_wide}"
+    # And it has the site's icon.
+    icon = page.evaluate("() => document.querySelector('link[rel~=icon]')?.href")
+    assert icon, f"the {name} page has no icon"
+    answer = page.request.get(icon)
+    assert answer.ok and answer.headers["content-type"].startswith("image/"), icon
+
+
 def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(page, fake, site):
     from playwright.sync_api import expect
 
@@ -165,7 +205,7 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
     shot("dashboard-before-connecting")
 
     # Connect, granting users.readonly but not companies.readonly.
-    page.get_by_role("link", name="Connect Brex").click()
+    page.get_by_role("link", name="Connect Brex", exact=True).click()
     expect(page).to_have_url(re.compile("^" + re.escape(fake.issuer + "/v1/authorize?")))
     expect(page.locator("#consent-form")).to_be_visible()
     page.locator("input[name=scope][value='companies.readonly']").uncheck()
@@ -192,6 +232,7 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
         ("active", "openid offline_access users.readonly")
     ]
     shot("dashboard-connected-with-live-data")
+    check_layout(page, shot, "dashboard")
 
     # Beat's sweep and the worker refresh the token; the open dashboard shows it.
     refreshes = card.locator("[data-field=refresh-count]")
@@ -211,6 +252,7 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
     expect(error.get_by_role("heading")).to_have_text("Brex access was not granted")
     expect(error).to_contain_text("nothing was connected")
     shot("denied-at-brex")
+    check_layout(page, shot, "error")
     page.get_by_role("link", name="Back to the site").click()
     expect(card).to_have_count(1)
     expect(card.locator(".badge")).to_have_text("Active")
@@ -220,6 +262,7 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
     card.get_by_role("link", name=re.compile(r"^Disconnect")).click()
     expect(page.get_by_role("heading", name=re.compile(r"^Disconnect .+\?$"))).to_be_visible()
     shot("disconnect-confirmation")
+    check_layout(page, shot, "disconnect-confirmation")
     page.get_by_role("button", name="Disconnect").click()
     expect(page).to_have_url(site.url)
     expect(page.get_by_role("status")).to_contain_text("disconnected")
@@ -233,6 +276,18 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
     shot("disconnected")
     # The webhook subscription made on connect went at Brex before the revocation.
     assert [s["status"] for s in fake.webhooks.subscriptions.values()] == ["DELETED"]
+
+    # The app's connections page offers to reconnect the revoked connection too.
+    page.get_by_role("navigation").get_by_role("link", name="Connections").click()
+    ((revoked_pk,),) = query(data_dir, "SELECT id FROM brex_oauth_brexconnection")
+    revoked_row = page.locator(f"#brex-connection-{revoked_pk}")
+    expect(revoked_row).to_contain_text("Revoked")
+    expect(revoked_row.get_by_role("link", name=re.compile(r"^Disconnect"))).to_have_count(0)
+    reconnect = revoked_row.get_by_role("link", name=re.compile(r"^Reconnect"))
+    expect(reconnect).to_have_attribute("href", re.compile(r"^/brex/connect/\?force_login=1&"))
+    expect(page.get_by_role("link", name="Connect another Brex account")).to_be_visible()
+    check_layout(page, shot, "connections-with-a-revoked-row")
+    page.goto(site.url)
 
     # Reconnect sharing everything; at Brex the customer changes their name, Brex sends
     # USER_UPDATED to the site's webhook, and the open dashboard shows it arrive.
@@ -305,7 +360,7 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
     assert member_workspace == workspace and outsider_workspace != workspace
     page.set_viewport_size({"width": 1100, "height": 820})
     page.goto(site.url)
-    page.get_by_role("link", name=f"Connect a Brex account for {workspace}").click()
+    page.get_by_role("link", name=f"Connect Brex for {workspace}").click()
     expect(page.locator("#consent-form")).to_be_visible()
     page.locator("#allow").click()
     expect(page).to_have_url(site.url)
@@ -361,6 +416,27 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
                  connection_pk) == [("active",)]
     shot.page = page
 
+    # A workspace's revoked connection is reconnected for the workspace, from the app's
+    # connections page.
+    page.goto(site.url + "brex/connections/")
+    team_row = page.locator(f"#brex-connection-{connection_pk}")
+    team_row.get_by_role("link", name=re.compile(r"^Disconnect")).click()
+    page.get_by_role("button", name="Disconnect").click()
+    expect(page).to_have_url(site.url + "brex/connections/")
+    expect(team_row).to_contain_text("Revoked")
+    expect(team_row.get_by_role("link", name=re.compile(r"^Reconnect"))).to_have_attribute(
+        "href", re.compile(rf"^/brex/connect/\?team={team_pk}&force_login=1&")
+    )
+    check_layout(page, shot, "connections")
+
+    # Every page at a laptop's and a phone's width: the dashboard, the admin's list of
+    # connections.
+    page.goto(site.url)
+    expect(page.locator("section.connection")).to_have_count(2)
+    check_layout(page, shot, "dashboard-with-a-workspace")
+    page.goto(site.url + "admin/brex_oauth/brexconnection/")
+    expect(page.locator("#result_list")).to_contain_text(ada["email"])
+    check_layout(page, shot, "admin-connections")
 
 # ------------------------------------------------------------------------- the fake's own pages
 
