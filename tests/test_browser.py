@@ -10,9 +10,9 @@ is saved to test-artifacts/screenshots/NN-step.png; the site's logs to
 test-artifacts/browser-site-logs/.
 
 The partner-facing pages (the dashboard, the connections page, the confirmation and error
-pages) and the admin's are also shown at a desktop's and a phone's width
-(:data:`VIEWPORT_WIDTHS`), each saved as NN-page-<width>px.png: no page may be wider than
-its viewport.
+pages) and the admin's (the list of connections, the health page) are also shown at a
+desktop's and a phone's width (:data:`VIEWPORT_WIDTHS`), each saved as
+NN-page-<width>px.png: no page may be wider than its viewport.
 """
 
 from __future__ import annotations
@@ -430,13 +430,19 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
     check_layout(page, shot, "connections")
 
     # Every page at a laptop's and a phone's width: the dashboard, the admin's list of
-    # connections.
+    # connections and its health page (linked from the app's admin index).
     page.goto(site.url)
     expect(page.locator("section.connection")).to_have_count(2)
     check_layout(page, shot, "dashboard-with-a-workspace")
     page.goto(site.url + "admin/brex_oauth/brexconnection/")
     expect(page.locator("#result_list")).to_contain_text(ada["email"])
     check_layout(page, shot, "admin-connections")
+    page.goto(site.url + "admin/brex_oauth/")
+    page.get_by_role("link", name="Health of the Brex connections").click()
+    expect(page).to_have_url(site.url + "admin/brex_oauth/brexconnection/health/")
+    expect(page.locator("svg").first).to_be_visible()
+    check_layout(page, shot, "admin-health")
+
 
 # ------------------------------------------------------------------------- the fake's own pages
 
