@@ -72,9 +72,13 @@ WEBHOOK_EVENT_TYPES = ("USER_UPDATED", "EXPENSE_PAYMENT_UPDATED", "TRANSFER_PROC
 
 #: What a fresh start with the fake Brex removes from a data directory: the fake's own
 #: folder (its database, broker files and beat's schedule; see BREX_MODE in the site's
-#: settings), the logs and collected static files. The folders of Brex staging and
-#: production (``staging/``, ``production/``) are never touched.
-DATA_FILES = ("fake", "logs", "static")
+#: settings) and collected static files. The folders of Brex staging and production
+#: (``staging/``, ``production/``) are never touched, nor the logs (see :func:`rotate_logs`).
+DATA_FILES = ("fake", "static")
+
+#: How many earlier runs' logs each process keeps beside its current one: ``site.log`` is
+#: this run's, ``site.log.1`` the run before, up to ``site.log.5``.
+KEPT_LOG_RUNS = 5
 
 #: Site request lines not echoed to the terminal (still in the log file): the dashboard's
 #: token-status polling and static files.
@@ -221,6 +225,21 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def rotate_logs(log_dir: Path, keep: int = KEPT_LOG_RUNS) -> None:
+    """Move each ``<name>.log`` of ``log_dir`` to ``<name>.log.1`` (the older ones one
+    further on, dropping what goes past ``keep``), so that a new run writes fresh logs and
+    the last ``keep`` runs' stay readable."""
+    if not log_dir.is_dir():
+        return
+    for current in sorted(log_dir.glob("*.log")):
+        current.with_name(f"{current.name}.{keep}").unlink(missing_ok=True)
+        for number in range(keep - 1, 0, -1):
+            older = current.with_name(f"{current.name}.{number}")
+            if older.exists():
+                older.replace(current.with_name(f"{current.name}.{number + 1}"))
+        current.replace(current.with_name(f"{current.name}.1"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -426,6 +445,7 @@ class Stack:
                 "pass another --fake-port."
             )
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        rotate_logs(self.log_dir)
         try:
             if config.fake_port is not None:
                 self.start_fake()
@@ -620,7 +640,12 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The demo's options."""
+    """The demo's options, read from ``argv``."""
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line."""
     parser = argparse.ArgumentParser(
         prog="python example_project/demo.py",
         description="Run the example partner site, a fake Brex, a Celery worker and beat.",
@@ -628,7 +653,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="the site's port (8000)")
     parser.add_argument("--fake-port", type=int, default=8765,
                         help="the fake Brex's port (8765; 0 picks a free one)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="the address the site and the fake Brex listen on, and the "
+                        "site's address in the callback URL Brex is given (127.0.0.1)")
     parser.add_argument("--access-token-ttl", type=float, default=60,
                         help="seconds the fake's access tokens last (60)")
     parser.add_argument("--sweep-interval", type=float, default=15,
@@ -636,7 +663,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--refresh-margin", type=float, default=30,
                         help="refresh access tokens expiring within this many seconds (30)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                        help="database, broker files and logs (example_project/var)")
+                        help="database, broker files and logs (example_project/var); the "
+                        "logs of the last runs are kept in its logs/ folder")
     parser.add_argument("--env-file", default=str(DEFAULT_ENV_FILE),
                         help="a .env file to read ('' for none; example_project/.env)")
     parser.add_argument("--keep-data", action="store_true",
@@ -649,7 +677,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="keep the processes' output in the log files only")
     parser.add_argument("--exit-after-ready", action="store_true",
                         help="stop everything as soon as it is all up (a smoke test)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

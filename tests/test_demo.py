@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from django_brex_oauth.testing.fake_brex import cli as fake_brex_cli
 from tests.example_site import REPO_DIR, clean_environment, demo, keep_logs
 
 DEMO = REPO_DIR / "example_project" / "demo.py"
@@ -105,6 +107,9 @@ def test_demo_command_starts_everything_and_ctrl_c_stops_it_all(tmp_path):
     )
     site = f"http://127.0.0.1:{port}/"
     issuer = f"http://127.0.0.1:{fake_port}/oauth2/default"
+    # What an earlier run left in the logs is kept, beside this run's.
+    (data_dir / "logs").mkdir(parents=True)
+    (data_dir / "logs" / "site.log").write_text("a line of the previous run\n")
     try:
         command.start()
         command.wait_for(r"Press Ctrl-C to stop", timeout=60)
@@ -112,6 +117,10 @@ def test_demo_command_starts_everything_and_ctrl_c_stops_it_all(tmp_path):
         assert f"Site:       {site}" in output
         assert "Sign in:    username demo, password demo" in output
         assert f"Fake Brex:  {issuer}" in output
+        logs = data_dir / "logs"
+        assert (logs / "site.log.1").read_text() == "a line of the previous run\n"
+        this_run = (logs / "site.log").read_text()
+        assert '"GET /login/' in this_run and "previous run" not in this_run
 
         # The site answers, with the demo sign-in on its login page.
         status, page = demo.http_get(site + "login/")
@@ -179,3 +188,62 @@ def test_demo_runs_with_a_python_that_has_this_checkout():
         pytest.skip("the package here is not installed from this checkout (e.g. tox's wheel)")
     assert demo.choose_python() == sys.executable
     assert demo.choose_python(install=False) == sys.executable
+
+
+def test_each_run_keeps_the_logs_of_the_runs_before(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for run in range(1, 5):
+        demo.rotate_logs(logs, keep=2)
+        (logs / "site.log").write_text(f"run {run}\n")
+        (logs / "beat.log").write_text(f"beat of run {run}\n")
+
+    assert sorted(path.name for path in logs.iterdir()) == [
+        "beat.log", "beat.log.1", "beat.log.2", "site.log", "site.log.1", "site.log.2",
+    ]
+    assert [(logs / name).read_text() for name in ("site.log", "site.log.1", "site.log.2")] == [
+        "run 4\n", "run 3\n", "run 2\n",
+    ]
+    # A fresh start with the fake Brex clears the database, never the logs.
+    demo.reset_data_dir(tmp_path)
+    assert (logs / "site.log.2").exists()
+
+
+LIST_UNDOCUMENTED_OPTIONS = """
+import json
+
+import django
+
+django.setup()
+from django.core.management import get_commands, load_command_class
+
+missing = {}
+for name, app in sorted(get_commands().items()):
+    if app in ("partner_site", "django_brex_oauth"):
+        parser = load_command_class(app, name).create_parser("manage.py", name)
+        missing[name] = [a.option_strings for a in parser._actions if not a.help]
+print(json.dumps(missing))
+"""
+
+
+def undocumented(parser) -> list[list[str]]:
+    return [action.option_strings for action in parser._actions if not action.help]
+
+
+def test_every_option_says_what_it_does(tmp_path):
+    """``--help`` of the demo, of the fake Brex it starts and of every command of the app
+    and the example site explains each option."""
+    assert undocumented(demo.build_parser()) == []
+    assert undocumented(fake_brex_cli._parser()) == []
+
+    env = clean_environment()
+    env.update({"ENV_FILE": "", "DATA_DIR": str(tmp_path / "data"),
+                "DJANGO_SETTINGS_MODULE": "partner_site.settings"})
+    result = subprocess.run(
+        [sys.executable, "-c", LIST_UNDOCUMENTED_OPTIONS], cwd=REPO_DIR / "example_project",
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    missing = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"demo_user", "brex_oauth_rotate_key", "brex_oauth_refresh"} <= set(missing)
+    assert {name: options for name, options in missing.items() if options} == {}
