@@ -15,7 +15,10 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--batch-size", type=int, default=500)
+        parser.add_argument(
+            "--batch-size", type=int, default=500,
+            help="Tokens re-encrypted per transaction (500).",
+        )
 
     # Saving a row puts the plaintext tokens in the ORM's frames (``values``) below this one.
     @sensitive_variables()

@@ -12,8 +12,8 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--username", default="demo")
-        parser.add_argument("--password", default="demo")
+        parser.add_argument("--username", default="demo", help="its username (demo)")
+        parser.add_argument("--password", default="demo", help="its password (demo)")
         parser.add_argument("--workspace", default="", help="a workspace to make it a member of")
         parser.add_argument("--no-staff", action="store_true", help="an ordinary customer")
 
