@@ -20,7 +20,7 @@ from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.utils.text import Truncator, format_lazy
-from django.utils.translation import gettext, ngettext
+from django.utils.translation import gettext, ngettext, pgettext
 from django.utils.translation import gettext_lazy as _
 
 from . import admin_health
@@ -422,7 +422,9 @@ class BrexConnectionAdmin(admin.ModelAdmin):
             if not can_manage(request.user, connection):
                 # The team policy has the last word, in the admin as on the site.
                 self.message_user(
-                    request, f"{label}: not revoked; you may not disconnect it.",
+                    request,
+                    gettext("%(label)s: not revoked; you may not disconnect it.")
+                    % {"label": label},
                     messages.ERROR,
                 )
                 continue
@@ -434,38 +436,49 @@ class BrexConnectionAdmin(admin.ModelAdmin):
             if attempt.outcome == revoke_service.RevokeOutcome.REVOKED:
                 self.message_user(
                     request,
-                    f"{label}: revoked at Brex; its tokens are wiped.",
+                    gettext("%(label)s: revoked at Brex; its tokens are wiped.") % {"label": label},
                     messages.SUCCESS,
                 )
             elif attempt.outcome == revoke_service.RevokeOutcome.NOT_PENDING:
                 self.message_user(
-                    request, f"{label}: was revoked at Brex already.", messages.INFO
+                    request,
+                    gettext("%(label)s: was revoked at Brex already.")
+                    % {"label": label},
+                    messages.INFO,
                 )
             elif attempt.outcome == revoke_service.RevokeOutcome.NOT_POSSIBLE:
                 self.message_user(
                     request,
-                    f"{label}: disconnected and its tokens wiped here, but Brex could not be "
-                    "told: no configured key decrypts its stored token "
-                    "(BREX_OAUTH['ENCRYPTION_KEY'] or ENCRYPTION_KEY_FALLBACKS).",
+                    gettext(
+                        "%(label)s: disconnected and its tokens wiped here, but Brex could not "
+                        "be told: no configured key decrypts its stored token "
+                        "(BREX_OAUTH['ENCRYPTION_KEY'] or ENCRYPTION_KEY_FALLBACKS)."
+                    ) % {"label": label},
                     messages.ERROR,
                 )
             elif attempt.outcome == revoke_service.RevokeOutcome.QUEUED:
                 self.message_user(
                     request,
-                    f"{label}: disconnected here; Brex is not answering, so its revocation "
-                    "is queued.",
+                    gettext(
+                        "%(label)s: disconnected here; Brex is not answering, so its "
+                        "revocation is queued."
+                    ) % {"label": label},
                     messages.WARNING,
                 )
             else:
-                retry = (
-                    "it will be retried shortly"
-                    if result.retry_queued
-                    else "the revocation sweep will retry it"
-                )
+                if result.retry_queued:
+                    text = gettext(
+                        "%(label)s: disconnected here, but Brex did not confirm the "
+                        "revocation (%(error)s); it will be retried shortly."
+                    )
+                else:
+                    text = gettext(
+                        "%(label)s: disconnected here, but Brex did not confirm the "
+                        "revocation (%(error)s); the revocation sweep will retry it."
+                    )
                 self.message_user(
                     request,
-                    f"{label}: disconnected here, but Brex did not confirm the revocation "
-                    f"({attempt.error}); {retry}.",
+                    text % {"label": label, "error": attempt.error},
                     messages.WARNING,
                 )
 
@@ -479,7 +492,9 @@ class BrexConnectionAdmin(admin.ModelAdmin):
             if not can_refresh(request.user, connection):
                 # The team policy has the last word, as for "Revoke at Brex".
                 self.message_user(
-                    request, f"{label}: not refreshed; you may not refresh it.",
+                    request,
+                    gettext("%(label)s: not refreshed; you may not refresh it.")
+                    % {"label": label},
                     messages.ERROR,
                 )
                 continue
@@ -487,41 +502,58 @@ class BrexConnectionAdmin(admin.ModelAdmin):
                 result = refresh_connection(connection, force=True, wait=False)
             except BrexOAuthError as err:
                 self.message_user(
-                    request, f"{label}: not refreshed: {err}", messages.ERROR
+                    request,
+                    gettext("%(label)s: not refreshed: %(error)s")
+                    % {"label": label, "error": err},
+                    messages.ERROR,
                 )
                 continue
             if result.outcome == Outcome.REFRESHED:
                 expires = result.token.access_token_expires_at if result.token else None
                 self.message_user(
                     request,
-                    f"{label}: refreshed; the access token is valid until {_when(expires)}, "
-                    f"the refresh token was {'rotated' if result.rotated else 'kept'}.",
+                    (
+                        gettext(
+                            "%(label)s: refreshed; the access token is valid until %(when)s, "
+                            "the refresh token was rotated."
+                        )
+                        if result.rotated
+                        else gettext(
+                            "%(label)s: refreshed; the access token is valid until %(when)s, "
+                            "the refresh token was kept."
+                        )
+                    ) % {"label": label, "when": _when(expires)},
                     messages.SUCCESS,
                 )
             elif result.outcome == Outcome.NEEDS_REAUTH:
                 self.message_user(
                     request,
-                    f"{label}: Brex refused the refresh token; the customer must connect "
-                    "again.",
+                    gettext(
+                        "%(label)s: Brex refused the refresh token; the customer must "
+                        "connect again."
+                    ) % {"label": label},
                     messages.ERROR,
                 )
             elif result.outcome == Outcome.BUSY:
                 self.message_user(
                     request,
-                    f"{label}: another worker is refreshing it right now.",
+                    gettext("%(label)s: another worker is refreshing it right now.")
+                    % {"label": label},
                     messages.INFO,
                 )
             elif result.outcome == Outcome.NOT_DUE:
                 self.message_user(
-                    request, f"{label}: was refreshed by another worker just now.",
+                    request,
+                    gettext("%(label)s: was refreshed by another worker just now.")
+                    % {"label": label},
                     messages.INFO,
                 )
             else:
                 connection.refresh_from_db(fields=["status"])
                 self.message_user(
                     request,
-                    f"{label}: not refreshed; its status is "
-                    f"\"{connection.get_status_display()}\".",
+                    gettext('%(label)s: not refreshed; its status is "%(status)s".')
+                    % {"label": label, "status": connection.get_status_display()},
                     messages.WARNING,
                 )
 
@@ -578,8 +610,10 @@ class AuthorizationRequestAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     @admin.display(description=_("outcome"))
     def outcome(self, obj: AuthorizationRequest) -> str:
         if obj.consumed_at is not None:
-            return gettext("used")
-        return gettext("expired") if obj.is_expired else gettext("pending")
+            return pgettext("authorization outcome", "used")
+        if obj.is_expired:
+            return pgettext("authorization outcome", "expired")
+        return pgettext("authorization outcome", "pending")
 
 # The webhook admins live in admin_webhooks; importing it (above) registers them.
 __all__ = [

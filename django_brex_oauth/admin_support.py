@@ -117,9 +117,12 @@ def brex_notices() -> list[tuple[str, str]]:
             (wait.not_before for wait in api_waits if wait.not_before is not None),
             default=None,
         )
-        notices.append(("warning", gettext(
-            "Brex asked this site to slow down (Retry-After) for %(count)s Brex account(s): "
-            "their API calls wait until %(when)s at the latest."
+        notices.append(("warning", ngettext(
+            "Brex asked this site to slow down (Retry-After) for %(count)s Brex account: its "
+            "API calls wait until %(when)s at the latest.",
+            "Brex asked this site to slow down (Retry-After) for %(count)s Brex accounts: "
+            "their API calls wait until %(when)s at the latest.",
+            len(api_waits),
         ) % {"count": len(api_waits), "when": when(latest)}))
     return notices
 

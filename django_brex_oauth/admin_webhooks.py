@@ -9,6 +9,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from .admin_support import EMPTY, ReadOnlyAdminMixin
@@ -49,13 +50,23 @@ class BrexWebhookEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         for event in queryset.order_by("received_at", "pk"):
             result = webhook_events.process(event, again=True)
             if result is None:
-                self.message_user(request, f"{event.webhook_id}: being processed right now; "
-                                  "left alone.", messages.WARNING)
+                self.message_user(
+                    request,
+                    gettext("%(event)s: being processed right now; left alone.")
+                    % {"event": event.webhook_id},
+                    messages.WARNING,
+                )
             else:
                 level = messages.ERROR if result.last_error else messages.SUCCESS
-                detail = f" ({result.last_error})" if result.last_error else ""
-                self.message_user(request, f"{event.webhook_id}: "
-                                  f"{result.get_status_display().lower()}{detail}.", level)
+                if result.last_error:
+                    text = gettext("%(event)s: %(status)s (%(error)s).")
+                else:
+                    text = gettext("%(event)s: %(status)s.")
+                self.message_user(request, text % {
+                    "event": event.webhook_id,
+                    "status": result.get_status_display().lower(),
+                    "error": result.last_error,
+                }, level)
 
 
 @admin.register(BrexWebhookSubscription)

@@ -12,10 +12,16 @@ swallow a broken deployment.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
 from django.utils import translation
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
+
+if TYPE_CHECKING:
+    # A str or a lazy translation (django-stubs' name for it).
+    from django.utils.functional import _StrOrPromise
 
 
 class BrexOAuthConfigurationError(ImproperlyConfigured):
@@ -26,13 +32,15 @@ class BrexOAuthError(Exception):
     """Base class of every runtime error raised by django_brex_oauth."""
 
     #: Short title shown on the error page.
-    title = _("Brex connection failed")
+    title: _StrOrPromise = _("Brex connection failed")
     #: What happened and what to do, in words for the person in front of the screen.
-    user_message = _("Something went wrong while talking to Brex. Please try again.")
+    user_message: _StrOrPromise = _(
+        "Something went wrong while talking to Brex. Please try again."
+    )
     #: HTTP status of the error page the views render.
     http_status = 400
 
-    def __init__(self, message: str = "", *, user_message: str | None = None) -> None:
+    def __init__(self, message: str = "", *, user_message: _StrOrPromise | None = None) -> None:
         # The exception's own text is for logs and engineers: English, whatever language
         # the person's page is in (user_message is translated when the page shows it).
         super().__init__(message or untranslated(self.user_message))
@@ -40,7 +48,7 @@ class BrexOAuthError(Exception):
             self.user_message = user_message
 
 
-def untranslated(text) -> str:
+def untranslated(text: _StrOrPromise) -> str:
     """``text`` (a string or a lazy translation) in the source language, English."""
     with translation.override(None):
         return str(text)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from django.core.cache import caches
 from django.utils.module_loading import import_string
+from django.utils.translation import gettext_lazy as _
 from django.views.decorators.debug import sensitive_variables
 
 from .client import BrexClient
@@ -62,7 +63,7 @@ class WebhookError(BrexOAuthError):
     """A webhook delivery was refused. ``http_status`` is the receiver's answer; the
     message says why without quoting a header value, a secret or the body."""
 
-    title = "Webhook refused"
+    title = _("Webhook refused")
     http_status = 400
 
 

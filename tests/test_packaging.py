@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import configparser
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -118,3 +122,30 @@ def test_readme_links_are_absolute_and_point_at_the_repository():
         if target.startswith(repository + "/blob/main/"):
             path = target.removeprefix(repository + "/blob/main/").split("#")[0]
             assert (REPO_DIR / path).exists(), f"README.md links to a missing file: {target}"
+
+
+def test_the_built_wheel_ships_templates_and_compiled_translations(tmp_path):
+    """What pip installs: the wheel built from the project carries the templates and each
+    translation, compiled (.mo: what Django reads) beside its source (.po)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy(REPO_DIR / name, source / name)
+    shutil.copytree(
+        PACKAGE_DIR, source / PACKAGE_DIR.name,
+        ignore=shutil.ignore_patterns("__pycache__", "*.py[cod]"),
+    )
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    translations = {
+        path.relative_to(REPO_DIR).as_posix()
+        for path in (PACKAGE_DIR / "locale").glob("*/LC_MESSAGES/django.[mp]o")
+    }
+    assert "django_brex_oauth/locale/fr/LC_MESSAGES/django.mo" in translations
+    assert translations <= names
+    assert "django_brex_oauth/templates/brex_oauth/connections.html" in names
