@@ -601,7 +601,7 @@ def test_an_api_retry_after_holds_back_every_call_for_that_brex_account(
         assert _rate_events(connection) == []
     assert received["refreshed"] == received["failed"] == []
     page = _rate_admin_page(client, staff_user)
-    assert "Brex asked this site to slow down (Retry-After) for 1 Brex account(s)" in page
+    assert "Brex asked this site to slow down (Retry-After) for 1 Brex account: its API" in page
 
 
 @pytest.mark.django_db(transaction=True)
