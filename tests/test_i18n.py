@@ -473,11 +473,16 @@ def test_the_catalogue_lists_every_marked_text(tmp_path, settings):
     finally:
         os.chdir(here)
     _, fresh = read_po(copy / "locale" / "fr" / "LC_MESSAGES" / "django.po")
+    key = lambda e: (e.msgctxt, e.msgid, e.msgid_plural)  # noqa: E731
     for language in LANGUAGES:
         _, shipped = read_po(catalogue(language))
-        key = lambda e: (e.msgctxt, e.msgid, e.msgid_plural)  # noqa: E731
-        assert sorted(map(key, fresh), key=str) == sorted(
-            (key(e) for e in shipped if not e.obsolete), key=str
+        in_code = {key(e) for e in fresh}
+        in_catalogue = {key(e) for e in shipped if not e.obsolete}
+        assert (in_code - in_catalogue, in_catalogue - in_code) == (set(), set()), (
+            f"locale/{language} is not up to date with the code (first set: texts only in the "
+            "code; second: only in the catalogue). Regenerate and translate it: see "
+            "docs/i18n.rst, 'Adding a language to the app, and keeping the catalogues up to "
+            "date'."
         )
 
 
