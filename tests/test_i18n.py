@@ -34,7 +34,8 @@ LANGUAGES = ["fr"]
 # Templates --------------------------------------------------------------------------------
 
 #: Attributes whose value a person reads (or hears, with a screen reader).
-VISIBLE_ATTRIBUTES = ("title", "alt", "placeholder", "aria-label", "value")
+#: (data-label: the connections page shows it as each cell's label on a narrow screen.)
+VISIBLE_ATTRIBUTES = ("title", "alt", "placeholder", "aria-label", "value", "data-label")
 TRANSLATING_BLOCKS = {"blocktranslate": "endblocktranslate", "blocktrans": "endblocktrans"}
 LETTERS = re.compile(r"[^\W\d_]", re.UNICODE)
 
