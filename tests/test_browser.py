@@ -197,6 +197,7 @@ def test_customer_connects_sees_live_data_and_refresh_denies_then_disconnects(pa
     expect(page).to_have_url(re.compile(r"/login/\?next=/$"))
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     shot("sign-in")
+    check_layout(page, shot, "sign-in")
     page.get_by_label("Username").fill(demo.DEMO_USERNAME)
     page.get_by_label("Password").fill(demo.DEMO_PASSWORD)
     page.get_by_role("button", name="Sign in").click()
