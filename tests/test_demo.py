@@ -119,8 +119,8 @@ def test_demo_command_starts_everything_and_ctrl_c_stops_it_all(tmp_path):
         assert f"Fake Brex:  {issuer}" in output
         logs = data_dir / "logs"
         assert (logs / "site.log.1").read_text() == "a line of the previous run\n"
-        this_run = (logs / "site.log").read_text()
-        assert '"GET /login/' in this_run and "previous run" not in this_run
+        wait_for_file_line(logs / "site.log", r'"GET /login/', timeout=15)
+        assert "previous run" not in (logs / "site.log").read_text()
 
         # The site answers, with the demo sign-in on its login page.
         status, page = demo.http_get(site + "login/")
