@@ -167,8 +167,11 @@ def sweep_readings(snap: health.Snapshot) -> list[Reading]:
         since = snap.since_last_sweep or dt.timedelta(0)
         readings.append(Reading(
             _("Last sweep"),
-            _("%(when)s, %(ago)s ago (%(how)s; %(count)s connection(s) queued or "
-              "refreshed)") % {
+            ngettext(
+                "%(when)s, %(ago)s ago (%(how)s; %(count)s connection queued or refreshed)",
+                "%(when)s, %(ago)s ago (%(how)s; %(count)s connections queued or refreshed)",
+                snap.last_sweep.connections,
+            ) % {
                 "when": when(snap.last_sweep.ran_at), "ago": duration(since),
                 "how": snap.last_sweep.how, "count": snap.last_sweep.connections,
             },

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
+from django.utils.translation import gettext, pgettext
 from django.utils.translation import gettext_lazy as _
 
 from .conf import REQUIRED_SCOPES, brex_settings
@@ -521,7 +522,9 @@ class ConnectionEvent(models.Model):
         ordering = ["-created_at", "-pk"]
 
     def __str__(self) -> str:
-        return f"{self.get_kind_display()} at {self.created_at:%Y-%m-%d %H:%M:%S}"
+        return gettext("%(kind)s at %(when)s") % {
+            "kind": self.get_kind_display(), "when": f"{self.created_at:%Y-%m-%d %H:%M:%S}"
+        }
 
 
 class WebhookEventStatus(models.TextChoices):
@@ -617,7 +620,8 @@ class BrexWebhookSubscription(models.Model):
         ordering = ["-created_at", "-pk"]
 
     def __str__(self) -> str:
-        return f"{self.brex_webhook_id or 'pending'} ({self.get_status_display()})"
+        name = self.brex_webhook_id or pgettext("webhook id not known yet", "pending")
+        return f"{name} ({self.get_status_display()})"
 
 
 class ThrottleReason(models.TextChoices):
