@@ -431,61 +431,14 @@ class BrexConnectionAdmin(admin.ModelAdmin):
             result = revoke_service.disconnect(
                 connection, actor=request.user, attempt_now=not brex_down
             )
-            attempt = result.attempt
-            brex_down = brex_down or attempt.retryable
-            if attempt.outcome == revoke_service.RevokeOutcome.REVOKED:
-                self.message_user(
-                    request,
-                    gettext("%(label)s: revoked at Brex; its tokens are wiped.") % {"label": label},
-                    messages.SUCCESS,
-                )
-            elif attempt.outcome == revoke_service.RevokeOutcome.NOT_PENDING:
-                self.message_user(
-                    request,
-                    gettext("%(label)s: was revoked at Brex already.")
-                    % {"label": label},
-                    messages.INFO,
-                )
-            elif attempt.outcome == revoke_service.RevokeOutcome.NOT_POSSIBLE:
-                self.message_user(
-                    request,
-                    gettext(
-                        "%(label)s: disconnected and its tokens wiped here, but Brex could not "
-                        "be told: no configured key decrypts its stored token "
-                        "(BREX_OAUTH['ENCRYPTION_KEY'] or ENCRYPTION_KEY_FALLBACKS)."
-                    ) % {"label": label},
-                    messages.ERROR,
-                )
-            elif attempt.outcome == revoke_service.RevokeOutcome.QUEUED:
-                self.message_user(
-                    request,
-                    gettext(
-                        "%(label)s: disconnected here; Brex is not answering, so its "
-                        "revocation is queued."
-                    ) % {"label": label},
-                    messages.WARNING,
-                )
-            else:
-                if result.retry_queued:
-                    text = gettext(
-                        "%(label)s: disconnected here, but Brex did not confirm the "
-                        "revocation (%(error)s); it will be retried shortly."
-                    )
-                else:
-                    text = gettext(
-                        "%(label)s: disconnected here, but Brex did not confirm the "
-                        "revocation (%(error)s); the revocation sweep will retry it."
-                    )
-                self.message_user(
-                    request,
-                    text % {"label": label, "error": attempt.error},
-                    messages.WARNING,
-                )
+            brex_down = brex_down or result.attempt.retryable
+            level, text = result.staff_message(label)
+            self.message_user(request, text, level)
 
     @admin.action(description=_("Refresh now"), permissions=["change"])
     def refresh_now(self, request: HttpRequest, queryset: QuerySet) -> None:
         """Refresh each selected connection's tokens at once, reporting each one."""
-        from .services.refresh import Outcome, refresh_connection
+        from .services.refresh import refresh_connection
 
         for connection in queryset:
             label = _connection_label(connection)
@@ -508,54 +461,8 @@ class BrexConnectionAdmin(admin.ModelAdmin):
                     messages.ERROR,
                 )
                 continue
-            if result.outcome == Outcome.REFRESHED:
-                expires = result.token.access_token_expires_at if result.token else None
-                self.message_user(
-                    request,
-                    (
-                        gettext(
-                            "%(label)s: refreshed; the access token is valid until %(when)s, "
-                            "the refresh token was rotated."
-                        )
-                        if result.rotated
-                        else gettext(
-                            "%(label)s: refreshed; the access token is valid until %(when)s, "
-                            "the refresh token was kept."
-                        )
-                    ) % {"label": label, "when": _when(expires)},
-                    messages.SUCCESS,
-                )
-            elif result.outcome == Outcome.NEEDS_REAUTH:
-                self.message_user(
-                    request,
-                    gettext(
-                        "%(label)s: Brex refused the refresh token; the customer must "
-                        "connect again."
-                    ) % {"label": label},
-                    messages.ERROR,
-                )
-            elif result.outcome == Outcome.BUSY:
-                self.message_user(
-                    request,
-                    gettext("%(label)s: another worker is refreshing it right now.")
-                    % {"label": label},
-                    messages.INFO,
-                )
-            elif result.outcome == Outcome.NOT_DUE:
-                self.message_user(
-                    request,
-                    gettext("%(label)s: was refreshed by another worker just now.")
-                    % {"label": label},
-                    messages.INFO,
-                )
-            else:
-                connection.refresh_from_db(fields=["status"])
-                self.message_user(
-                    request,
-                    gettext('%(label)s: not refreshed; its status is "%(status)s".')
-                    % {"label": label, "status": connection.get_status_display()},
-                    messages.WARNING,
-                )
+            level, text = result.staff_message(label, connection, _when)
+            self.message_user(request, text, level)
 
 
 @admin.register(ConnectionEvent)

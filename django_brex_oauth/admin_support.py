@@ -68,8 +68,7 @@ class ReadOnlyAdminMixin:
 
 def connection_label(connection: BrexConnection) -> str:
     """A connection as messages name it: "Acme Rockets, Inc. (#12)"."""
-    who = connection.brex_company_name or connection.brex_user_email or connection.brex_user_id
-    return f"{who} (#{connection.pk})"
+    return f"{connection.display_name or connection.brex_user_id} (#{connection.pk})"
 
 
 #: The Retry-After notice of each kind of wait (the scope's prefix, see services.throttle).

@@ -204,8 +204,13 @@ class BrexConnection(models.Model):
         ]
 
     def __str__(self) -> str:
-        who = self.brex_company_name or self.brex_user_email or self.brex_user_id
-        return f"{who} ({self.environment}, {self.status})"
+        return f"{self.display_name or self.brex_user_id} ({self.environment}, {self.status})"
+
+    @property
+    def display_name(self) -> str:
+        """How pages and messages name this connection: the Brex company's name, else the
+        Brex user's email; "" when Brex gave neither."""
+        return self.brex_company_name or self.brex_user_email
 
     @property
     def owning_team(self):

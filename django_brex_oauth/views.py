@@ -14,26 +14,22 @@ from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, QueryDict
 from django.shortcuts import get_object_or_404, render, resolve_url
 from django.urls import reverse
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext
-from django.utils.translation import gettext_lazy as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_POST
 
-from . import services
+from . import pending, services
 from .conf import brex_settings
 from .exceptions import BrexOAuthError, RedirectURINotConfigured, TeamNotAllowed, TeamNotFound
 from .models import BrexConnection, ConnectionStatus
-from .services.revoke import RevokeOutcome
+from .redirects import UnsafeNext, safe_next
 from .services.revoke import disconnect as disconnect_connection
 from .teams import can_manage, find_team, get_team_policy, teams_enabled
 
 logger = logging.getLogger("django_brex_oauth")
 
-SESSION_KEY = "brex_oauth_pending_states"
-MAX_PENDING_PER_SESSION = 5
 ERROR_TEMPLATE = "brex_oauth/error.html"
 CONNECTIONS_TEMPLATE = "brex_oauth/connections.html"
 DISCONNECT_CONFIRM_TEMPLATE = "brex_oauth/disconnect_confirm.html"
@@ -98,24 +94,6 @@ def take_callback_params(request: HttpRequest) -> dict[str, str]:
     return params
 
 
-def _safe_next(request: HttpRequest, value: str | None) -> str | None:
-    if not value:
-        return ""
-    if url_has_allowed_host_and_scheme(
-        value, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    ):
-        return value
-    return None
-
-
-class UnsafeNext(BrexOAuthError):
-    title = _("That link cannot be followed")
-    user_message = _(
-        "The address to return to after connecting Brex points outside this site, so it "
-        "was refused. Nothing was started. Please use the Connect button on this site."
-    )
-
-
 @never_cache
 @require_GET
 @login_required
@@ -136,7 +114,7 @@ def connect(request: HttpRequest) -> HttpResponse:
             "BREX_OAUTH['REDIRECT_URI'] (system check brex_oauth.E010)."
         )
         return render_error(request, RedirectURINotConfigured())
-    next_url = _safe_next(request, request.GET.get("next"))
+    next_url = safe_next(request, request.GET.get("next"))
     if next_url is None:
         logger.warning("Refused an unsafe next URL on Brex connect for user %s", request.user.pk)
         return render_error(request, UnsafeNext())
@@ -165,8 +143,7 @@ def connect(request: HttpRequest) -> HttpResponse:
     except BrexOAuthError as err:
         logger.warning("Could not start a Brex connection for user %s: %s", request.user.pk, err)
         return render_error(request, err)
-    pending = [s for s in request.session.get(SESSION_KEY, []) if s != auth_request.state]
-    request.session[SESSION_KEY] = (pending + [auth_request.state])[-MAX_PENDING_PER_SESSION:]
+    pending.remember(request.session, auth_request.state)
     return HttpResponseRedirect(url)
 
 
@@ -185,21 +162,16 @@ def callback(request: HttpRequest) -> HttpResponse:
     # Counted before the code is redacted (which leaves a single value).
     repeated = [name for name in SINGLE_VALUED_PARAMS if len(request.GET.getlist(name)) > 1]
     params = take_callback_params(request)
-    pending = request.session.get(SESSION_KEY, [])
     if repeated:
         # Which value counts cannot be known: refuse, taking every attempt a state names.
-        states = [s for s in request.GET.getlist("state") if s and s in pending]
-        request.session[SESSION_KEY] = [s for s in pending if s not in states]
+        states = pending.take_all(request.session, request.GET.getlist("state"))
         err = services.refuse_repeated_parameters(
             user=request.user, repeated=repeated, states_in_session=states
         )
         logger.warning("Brex connection failed for user %s: %s: %s", request.user.pk,
                        type(err).__name__, err)
         return render_error(request, err)
-    state = params.get("state", "")
-    in_session = bool(state) and state in pending
-    if in_session:
-        request.session[SESSION_KEY] = [s for s in pending if s != state]
+    in_session = pending.take(request.session, params.get("state", ""))
     try:
         result = services.complete_authorization(
             user=request.user, params=params, state_in_session=in_session
@@ -209,8 +181,7 @@ def callback(request: HttpRequest) -> HttpResponse:
             "Brex connection failed for user %s: %s: %s", request.user.pk, type(err).__name__, err
         )
         return render_error(request, err)
-    connection = result.connection
-    name = connection.brex_company_name or connection.brex_user_email
+    name = result.connection.display_name
     messages.success(
         request,
         (
@@ -267,7 +238,7 @@ def _team_groups(user, connections: list[BrexConnection], here: str) -> list[dic
 
 
 def _connection_name(connection: BrexConnection) -> str:
-    return connection.brex_company_name or connection.brex_user_email or gettext("Brex account")
+    return connection.display_name or gettext("Brex account")
 
 
 # Pages with connection details and the disconnect button: never cached, never framed
@@ -311,7 +282,7 @@ def connections(request: HttpRequest) -> HttpResponse:
 def disconnect_confirm(request: HttpRequest, pk: int) -> HttpResponse:
     """Ask the person to confirm disconnecting; the page's form POSTs to ``disconnect``."""
     connection = _managed_connection(request, pk)
-    next_url = _safe_next(request, request.GET.get("next")) or ""
+    next_url = safe_next(request, request.GET.get("next")) or ""
     return render(
         request,
         DISCONNECT_CONFIRM_TEMPLATE,
@@ -333,37 +304,7 @@ def disconnect(request: HttpRequest, pk: int) -> HttpResponse:
     """Disconnect a connection (POST with CSRF): stop using it and revoke it at Brex."""
     connection = _managed_connection(request, pk)
     result = disconnect_connection(connection, actor=request.user)
-    name = _connection_name(connection)
-    if not result.disconnected:
-        messages.info(
-            request, gettext("%(name)s was already disconnected.") % {"name": name},
-            fail_silently=True,
-        )
-    elif result.attempt.outcome == RevokeOutcome.NOT_POSSIBLE:
-        messages.warning(
-            request,
-            gettext(
-                "%(name)s is disconnected and this site no longer uses it. Brex could not be "
-                "told to revoke the access, because this site can no longer read its stored "
-                "credentials for it; the site's administrators can see this in its records."
-            ) % {"name": name},
-            fail_silently=True,
-        )
-    elif result.revoked_at_brex:
-        messages.success(
-            request,
-            gettext("%(name)s is disconnected, and Brex has revoked this site's access to it.")
-            % {"name": name},
-            fail_silently=True,
-        )
-    else:
-        messages.warning(
-            request,
-            gettext(
-                "%(name)s is disconnected and this site no longer uses it. Brex could not be "
-                "reached to revoke the access; this site will keep asking Brex until it does."
-            ) % {"name": name},
-            fail_silently=True,
-        )
-    next_url = _safe_next(request, request.POST.get("next"))
+    level, text = result.user_message(_connection_name(connection))
+    messages.add_message(request, level, text, fail_silently=True)
+    next_url = safe_next(request, request.POST.get("next"))
     return HttpResponseRedirect(next_url or resolve_url(brex_settings.DISCONNECT_REDIRECT_URL))

@@ -282,7 +282,7 @@ def _pending_revocations() -> list[PendingRevocation]:
     ).order_by("revoked_at", "pk")[:LIST_LENGTH]
     return [
         PendingRevocation(
-            label=row.brex_company_name or row.brex_user_email or row.brex_user_id,
+            label=row.display_name or row.brex_user_id,
             environment=row.get_environment_display(),
             since=row.revoked_at,
             attempts=row.revocation_attempts,

@@ -18,10 +18,14 @@ import enum
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
+from django.contrib.messages import constants as levels
 from django.db import transaction
 from django.utils import timezone
+from django.utils.translation import gettext
 from django.views.decorators.debug import sensitive_variables
 
 from .. import discovery, oauth, signals
@@ -93,6 +97,44 @@ class RefreshResult:
             and self.token is not None
             and bool(self.token.access_token)
         )
+
+    def staff_message(
+        self, label: str, connection: BrexConnection, when: Callable[[datetime | None], str]
+    ) -> tuple[int, str]:
+        """What staff are told in the admin about refreshing ``connection`` (named
+        ``label``; ``when`` formats a time): a ``django.contrib.messages`` level and the
+        text."""
+        if self.outcome == Outcome.REFRESHED:
+            expires = self.token.access_token_expires_at if self.token else None
+            text = (
+                gettext(
+                    "%(label)s: refreshed; the access token is valid until %(when)s, "
+                    "the refresh token was rotated."
+                )
+                if self.rotated
+                else gettext(
+                    "%(label)s: refreshed; the access token is valid until %(when)s, "
+                    "the refresh token was kept."
+                )
+            )
+            return levels.SUCCESS, text % {"label": label, "when": when(expires)}
+        if self.outcome == Outcome.NEEDS_REAUTH:
+            return levels.ERROR, gettext(
+                "%(label)s: Brex refused the refresh token; the customer must "
+                "connect again."
+            ) % {"label": label}
+        if self.outcome == Outcome.BUSY:
+            return levels.INFO, gettext(
+                "%(label)s: another worker is refreshing it right now."
+            ) % {"label": label}
+        if self.outcome == Outcome.NOT_DUE:
+            return levels.INFO, gettext(
+                "%(label)s: was refreshed by another worker just now."
+            ) % {"label": label}
+        connection.refresh_from_db(fields=["status"])
+        return levels.WARNING, gettext(
+            '%(label)s: not refreshed; its status is "%(status)s".'
+        ) % {"label": label, "status": connection.get_status_display()}
 
 
 # Refreshing one connection ----------------------------------------------------------------

@@ -23,9 +23,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.contrib.messages import constants as levels
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.translation import gettext
 from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth, signals
@@ -105,6 +107,61 @@ class DisconnectResult:
     def revoked_at_brex(self) -> bool:
         """True once Brex has confirmed the revocation (in this call or before)."""
         return self.connection.revocation_status == RevocationStatus.DONE
+
+    def user_message(self, name: str) -> tuple[int, str]:
+        """What the person who disconnected ``name`` (the connection's display name) is
+        told, in their language: a ``django.contrib.messages`` level and the text."""
+        if not self.disconnected:
+            return levels.INFO, gettext("%(name)s was already disconnected.") % {"name": name}
+        if self.attempt.outcome == RevokeOutcome.NOT_POSSIBLE:
+            return levels.WARNING, gettext(
+                "%(name)s is disconnected and this site no longer uses it. Brex could not be "
+                "told to revoke the access, because this site can no longer read its stored "
+                "credentials for it; the site's administrators can see this in its records."
+            ) % {"name": name}
+        if self.revoked_at_brex:
+            return levels.SUCCESS, gettext(
+                "%(name)s is disconnected, and Brex has revoked this site's access to it."
+            ) % {"name": name}
+        return levels.WARNING, gettext(
+            "%(name)s is disconnected and this site no longer uses it. Brex could not be "
+            "reached to revoke the access; this site will keep asking Brex until it does."
+        ) % {"name": name}
+
+    def staff_message(self, label: str) -> tuple[int, str]:
+        """What staff are told in the admin about the connection ``label``: a
+        ``django.contrib.messages`` level and the text."""
+        outcome = self.attempt.outcome
+        if outcome == RevokeOutcome.REVOKED:
+            return levels.SUCCESS, gettext(
+                "%(label)s: revoked at Brex; its tokens are wiped."
+            ) % {"label": label}
+        if outcome == RevokeOutcome.NOT_PENDING:
+            return levels.INFO, gettext("%(label)s: was revoked at Brex already.") % {
+                "label": label
+            }
+        if outcome == RevokeOutcome.NOT_POSSIBLE:
+            return levels.ERROR, gettext(
+                "%(label)s: disconnected and its tokens wiped here, but Brex could not "
+                "be told: no configured key decrypts its stored token "
+                "(BREX_OAUTH['ENCRYPTION_KEY'] or ENCRYPTION_KEY_FALLBACKS)."
+            ) % {"label": label}
+        if outcome == RevokeOutcome.QUEUED:
+            return levels.WARNING, gettext(
+                "%(label)s: disconnected here; Brex is not answering, so its "
+                "revocation is queued."
+            ) % {"label": label}
+        if self.retry_queued:
+            text = gettext(
+                "%(label)s: disconnected here, but Brex did not confirm the "
+                "revocation (%(error)s); it will be retried shortly."
+            )
+        else:
+            text = gettext(
+                "%(label)s: disconnected here, but Brex did not confirm the "
+                "revocation (%(error)s); the revocation sweep will retry it."
+            )
+        return levels.WARNING, text % {"label": label, "error": self.attempt.error}
 
 
 def _lock_pending(connection_id: int) -> BrexConnection | None:
