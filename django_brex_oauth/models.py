@@ -43,6 +43,20 @@ def team_note(team) -> str:
     return "" if team is None else f"For team {team} (id {team.pk})."
 
 
+def with_team_note(detail: str, connection) -> str:
+    """``detail`` followed by the :func:`team_note` of ``connection``'s team (a connection,
+    or its primary key: then the team is read, one query, only with a team model), so that
+    every event of a team's connection names the team."""
+    if team_model_setting() is None:
+        return detail
+    if not isinstance(connection, BrexConnection):
+        connection = (
+            BrexConnection.objects.select_related("team").filter(pk=connection).first()
+        )
+    team = connection.owning_team if connection is not None else None
+    return " ".join(filter(None, (detail, team_note(team))))
+
+
 def owner_deleted(collector, field, sub_objs, using):
     """``on_delete`` of ``BrexConnection.owner`` when a team model is configured.
 

@@ -47,7 +47,9 @@ refresh_failed = Signal()
 #: kwargs: ``event`` (the stored :class:`~django_brex_oauth.models.BrexWebhookEvent`:
 #: ``webhook_id``, ``event_type``, ``company_id``, ``payload``), ``connections`` (a list of
 #: the *active* connections whose Brex company is the payload's ``company_id``; empty for
-#: an event with no ``company_id``, such as the referral events). An event whose company
+#: an event with no ``company_id``, such as the referral events), ``teams`` (with
+#: ``BREX_OAUTH_TEAM_MODEL``, the teams those connections belong to, each once; empty when
+#: they are all personal, and always empty without a team model). An event whose company
 #: has no active connection here is recorded and not signalled.
 webhook_received = Signal()
 

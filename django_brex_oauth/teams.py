@@ -45,6 +45,19 @@ def get_team_model() -> type[models.Model]:
         ) from err
 
 
+def teams_of(connections) -> list:
+    """The teams ``connections`` belong to, each once, in the order of their first
+    connection (personal connections add none; always empty without a team model). One
+    query, for the teams not already loaded."""
+    if not teams_enabled():
+        return []
+    team_ids = list(dict.fromkeys(c.team_id for c in connections if c.team_id is not None))
+    if not team_ids:
+        return []
+    by_pk = get_team_model()._default_manager.in_bulk(team_ids)
+    return [by_pk[pk] for pk in team_ids if pk in by_pk]
+
+
 def _is_staff_with(user, permission: str) -> bool:
     return bool(getattr(user, "is_staff", False) and user.has_perm(permission))
 

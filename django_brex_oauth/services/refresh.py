@@ -51,6 +51,7 @@ from ..models import (
     EventKind,
     connection_pk,
     team_note,
+    with_team_note,
 )
 from . import lease, refresh_save, throttle, unreadable
 
@@ -438,7 +439,8 @@ def _discard(started: BrexToken, answer: oauth.TokenResponse, rotated: bool) -> 
             oauth.revoke_quietly(answer.access_token, "access_token", issuer=issuer)
     if current is not None:
         ConnectionEvent.objects.create(
-            connection_id=connection_id, kind=EventKind.REFRESH_DISCARDED, detail=detail
+            connection_id=connection_id, kind=EventKind.REFRESH_DISCARDED,
+            detail=with_team_note(detail, current.connection),
         )
     logger.info("Brex connection %s: %s", connection_id, detail)
     if current is None or current.connection.status != ConnectionStatus.ACTIVE:
@@ -509,7 +511,8 @@ def _record_transient_failure(connection_id: int, err: BrexOAuthError) -> None:
             last_error=reason, updated_at=timezone.now()
         )
         ConnectionEvent.objects.create(
-            connection_id=connection_id, kind=EventKind.REFRESH_FAILED, detail=reason
+            connection_id=connection_id, kind=EventKind.REFRESH_FAILED,
+            detail=with_team_note(reason, connection_id),
         )
     logger.warning("Refreshing Brex connection %s failed: %s", connection_id, err)
 

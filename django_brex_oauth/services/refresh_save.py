@@ -42,6 +42,7 @@ from ..models import (
     ConnectionStatus,
     EventKind,
     team_note,
+    with_team_note,
 )
 
 logger = logging.getLogger("django_brex_oauth")
@@ -138,7 +139,9 @@ def plan_refreshed(
     if scopes_changed:
         change = _scope_change(old_scopes, new_scopes)
         events.append(
-            (EventKind.SCOPES_CHANGED, f"On refresh, Brex changed the granted scopes ({change}).")
+            (EventKind.SCOPES_CHANGED, " ".join(filter(None, (
+                f"On refresh, Brex changed the granted scopes ({change}).", team_note(team)
+            ))))
         )
     missing = oauth.missing_required_scopes(new_scopes)
     if missing:
@@ -205,7 +208,7 @@ def plan_malformed(
             "refresh_token_expires_at": refresh_token_end(answer.received_at),
             **_release_claim_fields(claimant),
         },
-        events=[(EventKind.REFRESH_FAILED, reason)],
+        events=[(EventKind.REFRESH_FAILED, with_team_note(reason, started.connection))],
     )
 
 
@@ -308,7 +311,8 @@ def _record_unsaved(connection_id: int, failures: list[str], window: float) -> N
                 last_error=reason, updated_at=timezone.now()
             )
             ConnectionEvent.objects.create(
-                connection_id=connection_id, kind=EventKind.REFRESH_FAILED, detail=reason
+                connection_id=connection_id, kind=EventKind.REFRESH_FAILED,
+                detail=with_team_note(reason, connection_id),
             )
     except DatabaseError:
         logger.error("Brex connection %s: the failure could not be recorded either.",

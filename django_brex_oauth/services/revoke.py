@@ -46,6 +46,7 @@ from ..models import (
     RevocationStatus,
     connection_pk,
     team_note,
+    with_team_note,
 )
 from . import throttle, unreadable, webhook_subscriptions
 
@@ -379,7 +380,7 @@ def _finish(
         locked.save(update_fields=["revocation_status", "last_error", "updated_at"])
         ConnectionEvent.objects.create(
             connection=locked, kind=EventKind.REVOKED, actor=actor,
-            detail=f"Attempt {attempt_number}: {reason} Tokens wiped.",
+            detail=with_team_note(f"Attempt {attempt_number}: {reason} Tokens wiped.", locked),
         )
     logger.info("Revoked Brex connection %s at Brex (attempt %s).", connection_id,
                 attempt_number)
@@ -405,7 +406,8 @@ def _give_up_unreadable(connection_id: int, attempt_number: int, actor) -> Revoc
         locked.last_error = reason
         locked.save(update_fields=["revocation_status", "last_error", "updated_at"])
         ConnectionEvent.objects.create(
-            connection=locked, kind=EventKind.REVOKE_FAILED, actor=actor, detail=reason
+            connection=locked, kind=EventKind.REVOKE_FAILED, actor=actor,
+            detail=with_team_note(reason, locked),
         )
     logger.error("Brex connection %s: %s", connection_id, reason)
     return RevocationAttempt(RevokeOutcome.NOT_POSSIBLE, connection_id, attempt_number,
@@ -427,8 +429,11 @@ def _record_failure(
         ).update(last_error=reason, updated_at=timezone.now())
         ConnectionEvent.objects.create(
             connection_id=connection_id, kind=EventKind.REVOKE_FAILED, actor=actor,
-            detail=reason + (" It will be tried again." if retryable else
-                             " It will be tried again by the revocation sweep."),
+            detail=with_team_note(
+                reason + (" It will be tried again." if retryable else
+                          " It will be tried again by the revocation sweep."),
+                connection_id,
+            ),
         )
     logger.warning("Revoking Brex connection %s failed (attempt %s): %s", connection_id,
                    attempt_number, error)

@@ -37,6 +37,7 @@ from ..client import BrexClient
 from ..conf import brex_settings
 from ..exceptions import BrexOAuthError
 from ..models import BrexConnection, BrexWebhookEvent, ConnectionStatus, WebhookEventStatus
+from ..teams import teams_of
 from .queue import send_task
 
 logger = logging.getLogger("django_brex_oauth")
@@ -161,7 +162,8 @@ def _run_handlers(event: BrexWebhookEvent, connections: list[BrexConnection]) ->
     # After the app's own handler; a receiver that raises is recorded, not re-raised, so
     # that every receiver hears of the event once.
     for receiver, result in signals.webhook_received.send_robust(
-        sender=BrexWebhookEvent, event=event, connections=connections
+        sender=BrexWebhookEvent, event=event, connections=connections,
+        teams=teams_of(connections),
     ):
         if isinstance(result, Exception):
             name = getattr(receiver, "__qualname__", type(receiver).__name__)

@@ -29,6 +29,7 @@ from ..models import (
     ConnectionStatus,
     EventKind,
     SubscriptionStatus,
+    with_team_note,
 )
 from . import webhook_subscriptions as subs
 
@@ -152,8 +153,11 @@ def _update(report: Report, subscription: BrexWebhookSubscription, url: str,
     subscription.save(update_fields=["url", "event_types", "updated_at"])
     ConnectionEvent.objects.create(
         connection_id=subscription.connection_id, kind=EventKind.WEBHOOK_SUBSCRIBED,
-        detail=f"Subscription {subscription.brex_webhook_id} updated to "
-        f"{', '.join(types)} at {url}.",
+        detail=with_team_note(
+            f"Subscription {subscription.brex_webhook_id} updated to "
+            f"{', '.join(types)} at {url}.",
+            subscription.connection_id,
+        ),
     )
     report.add(f"{subscription.brex_webhook_id}: updated to {', '.join(types)}")
 

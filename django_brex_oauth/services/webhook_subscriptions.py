@@ -39,6 +39,7 @@ from ..models import (
     EventKind,
     SubscriptionStatus,
     connection_pk,
+    with_team_note,
 )
 from .queue import send_task
 
@@ -233,7 +234,8 @@ def _record(subscription, status, kind, detail, actor, *, error: str = "") -> Sy
         subscription.save(update_fields=["status", "last_error", "brex_webhook_id",
                                          "updated_at"])
         ConnectionEvent.objects.create(
-            connection_id=subscription.connection_id, kind=kind, detail=detail,
+            connection_id=subscription.connection_id, kind=kind,
+            detail=with_team_note(detail, subscription.connection_id),
             actor=actor if getattr(actor, "pk", None) else None,
         )
     log = logger.warning if error else logger.info
