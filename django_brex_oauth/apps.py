@@ -13,7 +13,7 @@ class BrexOAuthConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import pre_delete
 
-        from . import checks  # noqa: F401  (registers the system checks)
+        from . import checks, team_schema  # noqa: F401  (they register the system checks)
         from .http import silence_secret_logging
         from .models import BrexConnection
         from .services.revoke import revoke_when_deleted

@@ -107,6 +107,53 @@ class BrexConnectionQuerySet(models.QuerySet):
 _TEAM_MODEL = team_model_setting()
 
 
+# What a team model changes in BrexConnection, one definition for each shape: the model
+# below and the brex_oauth_team_schema command (which turns teams on or off on a site whose
+# tables exist) both build it from these.
+
+
+def owner_field(*, teams: bool) -> models.ForeignKey:
+    """``BrexConnection.owner``: with teams, nullable and kept (as null) when the user who
+    connected a team's connection is deleted."""
+    if not teams:
+        return models.ForeignKey(
+            settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="brex_connections",
+            verbose_name=_("owner"),
+        )
+    return models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=owner_deleted, null=True, blank=True,
+        related_name="brex_connections", verbose_name=_("owner"),
+    )
+
+
+def team_field(team_model: str) -> models.ForeignKey:
+    """``BrexConnection.team``. A team deleted: its connections are deleted with it, and the
+    pre_delete receiver revokes each at Brex before the rows go."""
+    return models.ForeignKey(
+        team_model, on_delete=models.CASCADE, null=True, blank=True,
+        related_name="brex_connections", verbose_name=_("team"),
+    )
+
+
+def owner_brex_user_constraint(*, teams: bool) -> models.UniqueConstraint:
+    """One connection per owner and Brex user. A team's connection is unique per team and
+    company instead (a member may also hold the same Brex user personally)."""
+    return models.UniqueConstraint(
+        fields=["owner", "environment", "brex_user_id"],
+        name="brex_oauth_unique_owner_brex_user",
+        condition=models.Q(team__isnull=True) if teams else None,
+    )
+
+
+def team_company_constraint() -> models.UniqueConstraint:
+    """One live connection per team, environment and Brex company."""
+    return models.UniqueConstraint(
+        fields=["team", "environment", "brex_company_id"],
+        name="brex_oauth_unique_team_company",
+        condition=models.Q(team__isnull=False, status="active") & ~models.Q(brex_company_id=""),
+    )
+
+
 class BrexConnection(models.Model):
     """A link to one Brex user in one Brex environment, made by a site user (``owner``)
     for themselves or, with ``BREX_OAUTH_TEAM_MODEL`` set, for a team (``team``).
@@ -119,33 +166,9 @@ class BrexConnection(models.Model):
 
     Status = ConnectionStatus
 
-    if _TEAM_MODEL is None:
-        owner = models.ForeignKey(
-            settings.AUTH_USER_MODEL,
-            on_delete=models.CASCADE,
-            related_name="brex_connections",
-            verbose_name=_("owner"),
-        )
-    else:
-        # Kept (as null) when the user who connected a team's connection is deleted.
-        owner = models.ForeignKey(
-            settings.AUTH_USER_MODEL,
-            on_delete=owner_deleted,
-            null=True,
-            blank=True,
-            related_name="brex_connections",
-            verbose_name=_("owner"),
-        )
-        # A team deleted: its connections are deleted with it, and the pre_delete
-        # receiver revokes each at Brex before the rows go.
-        team = models.ForeignKey(
-            _TEAM_MODEL,
-            on_delete=models.CASCADE,
-            null=True,
-            blank=True,
-            related_name="brex_connections",
-            verbose_name=_("team"),
-        )
+    owner = owner_field(teams=_TEAM_MODEL is not None)
+    if _TEAM_MODEL is not None:
+        team = team_field(_TEAM_MODEL)
     environment = models.CharField(
         max_length=16, choices=Environment.choices, verbose_name=_("environment")
     )
@@ -190,21 +213,8 @@ class BrexConnection(models.Model):
         verbose_name_plural = _("Brex connections")
         ordering = ["-connected_at"]
         constraints = [
-            models.UniqueConstraint(
-                fields=["owner", "environment", "brex_user_id"],
-                name="brex_oauth_unique_owner_brex_user",
-                # A team's connection is unique per team and company (below), not per
-                # person: a member may also hold the same Brex user personally.
-                condition=None if _TEAM_MODEL is None else models.Q(team__isnull=True),
-            ),
-            *([] if _TEAM_MODEL is None else [
-                models.UniqueConstraint(
-                    fields=["team", "environment", "brex_company_id"],
-                    name="brex_oauth_unique_team_company",
-                    condition=models.Q(team__isnull=False, status="active")
-                    & ~models.Q(brex_company_id=""),
-                ),
-            ]),
+            owner_brex_user_constraint(teams=_TEAM_MODEL is not None),
+            *([] if _TEAM_MODEL is None else [team_company_constraint()]),
         ]
         permissions = [("revoke_brexconnection", "Can revoke Brex connections at Brex")]
         indexes = [

@@ -57,7 +57,12 @@ if os.environ.get("BREX_OAUTH_TEST_DATABASE") == "postgres":
         )
     }
 else:
-    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    # BREX_OAUTH_TEST_SQLITE_NAME: a database file several processes share (the tests that
+    # migrate a site in one process and switch teams on in another).
+    DATABASES = {"default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.environ.get("BREX_OAUTH_TEST_SQLITE_NAME", ":memory:"),
+    }}
 
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 

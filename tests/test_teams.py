@@ -4,6 +4,7 @@ tests (tests/team_mode/) run in their own pytest process with tests.settings_tea
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -131,3 +132,97 @@ def test_without_a_team_model_the_client_for_a_user_is_for_their_own_connections
     assert BrexClient.for_user(user, mine.pk).connection == mine
     with pytest.raises(BrexConnection.DoesNotExist):
         BrexClient.for_user(other_user, mine.pk)
+
+
+# Turning teams on later, and off again --------------------------------------------------
+
+
+@pytest.fixture
+def shared_database(tmp_path):
+    """A database that processes with different settings take turns on: a SQLite file, or
+    with BREX_OAUTH_TEST_DATABASE=postgres a PostgreSQL database of its own."""
+    if os.environ.get("BREX_OAUTH_TEST_DATABASE") != "postgres":
+        yield {"BREX_OAUTH_TEST_SQLITE_NAME": str(tmp_path / "site.sqlite3")}
+        return
+    import psycopg
+    from django.db import connection
+
+    params = connection.get_connection_params()
+    name = f"{connection.settings_dict['NAME']}_team_switch"
+    admin = {k: v for k, v in params.items() if k in ("host", "port", "user", "password")}
+    with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    user = params.get("user", "postgres")
+    auth = user + (f":{params['password']}" if params.get("password") else "")
+    url = f"postgres://{auth}@{params.get('host', '127.0.0.1')}:{params.get('port', 5432)}/{name}"
+    try:
+        yield {"DATABASE_URL": url}
+    finally:
+        with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def step(database: dict, settings_module: str, name: str, *args) -> dict:
+    """Run one step of tests/team_switch.py in a process of its own; what it printed."""
+    env = {**os.environ, **database, "DJANGO_SETTINGS_MODULE": settings_module,
+           "PYTHONPATH": "."}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.team_switch", name, *map(str, args)], cwd=REPO_DIR,
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+OFF, ON = "tests.settings", "tests.settings_teams"
+
+
+def test_teams_turned_on_later_add_the_column_in_place_and_keep_every_connection(
+    shared_database, tmp_path
+):
+    assert "W033" not in step(shared_database, OFF, "migrate")["check"]
+    seeded = step(shared_database, OFF, "seed")
+    pk = seeded["connection"]
+
+    # The team model is set: migrate creates its table and warns what is left to do.
+    assert "brex_oauth.W033" in step(shared_database, ON, "migrate")["check"]
+    switched = step(shared_database, ON, "switch")
+
+    assert "Added the team column" in switched["output"]
+    assert "W033" not in switched["check"]
+    # The same table as a site that had teams from the start.
+    fresh = {**shared_database}
+    if "BREX_OAUTH_TEST_SQLITE_NAME" in fresh:
+        fresh["BREX_OAUTH_TEST_SQLITE_NAME"] = str(tmp_path / "fresh.sqlite3")
+        step(fresh, ON, "migrate")
+        assert switched["schema"] == step(fresh, ON, "schema")
+    assert switched["schema"]["columns"]["team_id"] is True
+    assert switched["schema"]["columns"]["owner_id"] is True
+    assert switched["schema"]["named"] == [
+        "brex_oauth_unique_owner_brex_user", "brex_oauth_unique_team_company"
+    ]
+    # Nothing lost, and the connection works as a team's connection.
+    used = step(shared_database, ON, "use_teams", pk)
+    assert used["before"] == {"owner": seeded["user"], "status": "active", "team": None,
+                              "refresh_token": seeded["refresh_token"], "events": 1}
+    assert used["after"] == {**used["before"], "owner": None, "team": used["team"]}
+    assert used["second_refused"] is True
+    # Run again, it has nothing to do.
+    assert "nothing to do" in step(shared_database, ON, "switch")["output"]
+
+    # Teams off again: refused while a connection belongs to a team...
+    refused = step(shared_database, OFF, "remove_refused")["refused"]
+    assert "1 connection(s) belong to a team" in refused
+    assert step(shared_database, OFF, "kept", pk)["refresh_token"] == seeded["refresh_token"]
+    # ... and done once every connection is someone's own again.
+    owner = step(shared_database, ON, "make_personal", pk)["owner"]
+    removed = step(shared_database, OFF, "switch")
+    assert "Removed the team column" in removed["output"]
+    assert "team_id" not in removed["schema"]["columns"]
+    assert removed["schema"]["columns"]["owner_id"] is False
+    assert removed["schema"]["named"] == ["brex_oauth_unique_owner_brex_user"]
+    gone = step(shared_database, OFF, "owner_takes_it", pk)
+    assert gone["before"] == {"owner": owner, "status": "active", "team": "no team field",
+                              "refresh_token": seeded["refresh_token"], "events": 1}
+    assert gone["gone"] is True
