@@ -138,6 +138,24 @@ def test_a_team_deleted_between_connect_and_callback_stores_nothing(
     assert fake_brex.live_grants() == []
 
 
+def test_a_user_deleted_between_connect_and_callback_leaves_nothing_and_no_grant(
+    member_flow, member, team, fake_brex
+):
+    authorize_url = member_flow.start(team=str(team.pk))
+    back = fake_brex.consent(authorize_url)
+    member.delete()
+
+    response = member_flow.callback(back)
+
+    # Signed out with the user gone: the callback goes to the login page, and nothing of
+    # the attempt is left, here or at Brex.
+    assert response.status_code == 302
+    assert response["Location"].startswith("/login/")
+    assert not BrexConnection.objects.exists()
+    assert not AuthorizationRequest.objects.exists()
+    assert fake_brex.live_grants() == []
+
+
 def test_the_same_company_connected_again_for_the_team_replaces_the_old_connection(
     client_class, member, second_member, team, fake_brex, brex_settings
 ):

@@ -139,6 +139,36 @@ def test_the_admin_shows_and_filters_by_team(people, team, other_team, team_conn
     assert "Rocket accountants" in change.content.decode()
 
 
+@pytest.mark.parametrize("role", sorted(MATRIX))
+def test_the_admin_and_its_actions(role, people, team_connection, client_class, fake_brex):
+    """Only staff reach the admin; for anyone else the list and both actions are the login
+    page, and the connection is left as it was."""
+    client = client_of(client_class, people[role])
+    url = reverse("admin:brex_oauth_brexconnection_changelist")
+    refresh_token = team_connection.token.refresh_token
+
+    listing = client.get(url)
+    actions = [
+        client.post(url, {"action": action, "_selected_action": [str(team_connection.pk)]})
+        for action in ("refresh_now", "revoke_at_brex")
+    ]
+
+    team_connection.refresh_from_db()
+    if role == "staff":
+        assert listing.status_code == 200
+        assert f"/{team_connection.pk}/change/" in listing.content.decode()
+        assert team_connection.status == ConnectionStatus.REVOKED
+        assert fake_brex.stats["token_refresh_token"] == 1
+    else:
+        assert listing.status_code == 302 and "/admin/login/" in listing["Location"]
+        assert all(r.status_code == 302 and "/admin/login/" in r["Location"]
+                   for r in actions)
+        assert team_connection.status == ConnectionStatus.ACTIVE
+        assert team_connection.last_refreshed_at is None
+        assert fake_brex.is_refresh_token_active(refresh_token)
+        assert fake_brex.stats["token_refresh_token"] == 0
+
+
 class MembersOnlyPolicy(TeamPolicy):
     """Staff may not disconnect a team's connection; only its members."""
 
