@@ -384,6 +384,97 @@ def child_throughput(args) -> dict:
     }
 
 
+# The Celery fan-out ---------------------------------------------------------------------------
+
+
+def child_fanout(args) -> dict:
+    """Refreshes per second through real Celery workers on Redis: the beat sweep's task
+    queues one task per due connection, ``--celery-concurrency`` pool processes run them."""
+    import redis
+    from celery import Celery
+    from django.conf import settings
+    from django.db import connection
+
+    setup_django("postgres", args.issuer)
+    from django_brex_oauth.models import BrexConnection, ConnectionEvent
+
+    results = []
+    broker_url = os.environ.get("BREX_OAUTH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    migrate_and_fill(0)
+    for count in args.fanout:
+        ConnectionEvent.objects.all().delete()
+        BrexConnection.objects.all().delete()
+        _fill(count)
+        queue = f"brex-oauth-bench-{os.getpid()}"
+        log = Path(tempfile.gettempdir()) / f"{queue}.log"
+        worker_settings = {
+            "DATABASES": {"default": {**connection.settings_dict}},
+            "BREX_OAUTH": dict(settings.BREX_OAUTH),
+        }
+        env = {
+            **os.environ, "BREX_OAUTH_TEST_CELERY_WORKER": "1",
+            "BREX_OAUTH_TEST_REDIS_URL": broker_url, "BREX_OAUTH_TEST_CELERY_QUEUE": queue,
+            "BREX_OAUTH_TEST_WORKER_SETTINGS": json.dumps(worker_settings, default=str),
+            "PYTHONPATH": str(ROOT),
+        }
+        with open(log, "wb") as output:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker",
+                 "--concurrency", str(args.celery_concurrency), "--pool", "prefork",
+                 "-Q", queue, "-n", f"{queue}@%h", "-l", "WARNING", "--without-gossip",
+                 "--without-mingle", "--without-heartbeat"],
+                cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            time.sleep(5)  # the worker starts (its pool processes connect lazily)
+            sender = Celery("beat-stand-in", broker=broker_url, set_as_current=False)
+            started = time.perf_counter()
+            sender.send_task("django_brex_oauth.tasks.refresh_due_connections", queue=queue)
+            refreshed = ConnectionEvent.objects.filter(kind="refreshed")
+            while refreshed.count() < count:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited: {log.read_text()[-2000:]}")
+                if time.perf_counter() - started > 3600:
+                    raise RuntimeError("the fan-out did not finish within an hour")
+                time.sleep(0.5)
+            elapsed = time.perf_counter() - started
+            sender.close()
+        finally:
+            os.killpg(worker.pid, 15)
+            worker.wait(timeout=30)
+            client = redis.Redis.from_url(broker_url)
+            leftovers = list(client.scan_iter(match=f"*{queue}*"))
+            if leftovers:
+                client.delete(*leftovers)
+        results.append({"connections": count, "rate": count / elapsed,
+                        "processes": args.celery_concurrency})
+    return {"fanout": results}
+
+
+def _fill(count: int) -> None:
+    from django.contrib.auth import get_user_model
+    from django.utils import timezone
+
+    from django_brex_oauth.models import BrexConnection, BrexToken
+
+    owner, _ = get_user_model().objects.get_or_create(username="benchmark")
+    now = timezone.now()
+    for start in range(0, count, 5000):
+        made = BrexConnection.objects.bulk_create(
+            BrexConnection(owner=owner, environment="staging", brex_user_id=f"cuuser_{i}",
+                           granted_scopes=SCOPES)
+            for i in range(start, min(count, start + 5000))
+        )
+        BrexToken.objects.bulk_create(
+            BrexToken(connection=c, access_token="at-initial", refresh_token="rt-initial",
+                      access_token_expires_at=now + timedelta(seconds=30),
+                      refresh_token_issued_at=now, refresh_token_used_at=now,
+                      refresh_token_expires_at=now + timedelta(days=90))
+            for c in made
+        )
+
+
 # The parent: token server, children, the table -----------------------------------------------
 
 
@@ -419,12 +510,14 @@ def run_child(kind: str, database: str, issuer: str, args) -> dict:
         sys.executable, str(Path(__file__).resolve()), "--child", kind, "--database", database,
         "--issuer", issuer, "--connections", str(args.connections), "--rounds", str(args.rounds),
         "--workers", ",".join(str(w) for w in (args.workers if database == "postgres" else [1])),
+        "--fanout", ",".join(str(n) for n in args.fanout),
+        "--celery-concurrency", str(args.celery_concurrency),
     ]
     done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def print_table(results: list[dict]) -> None:
+def print_table(results: list[dict], fanout: list[dict]) -> None:
     print()
     print(f"Machine: {machine_description()}")
     for result in results:
@@ -449,6 +542,15 @@ def print_table(results: list[dict]) -> None:
             ratio = hot[name]["us"] / hot["orm_get"]["us"]
             lines.append((vendor, "1", label, f"{hot[name]['us']:.0f} us/call",
                           f"{ratio:.2f}x .get()", "", str(hot[name]["queries"])))
+    in_process = next((r["rows"][0]["rates"]["app"] for r in results
+                       if r["vendor"] == "postgresql" and r["rows"][0]["workers"] == 1), None)
+    for run in fanout:
+        per_process = run["rate"] / run["processes"]
+        lines.append((
+            "postgresql", f"{run['processes']}p", f"Celery fan-out, {run['connections']:,} due",
+            f"{run['rate']:.0f} ({per_process:.0f}/process)",
+            f"{per_process / in_process:.2f}x in-process" if in_process else "", "", "-",
+        ))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     print("-+-".join("-" * w for w in widths))
@@ -466,15 +568,20 @@ def main() -> int:
     parser.add_argument("--databases", default="postgres,sqlite")
     parser.add_argument("--workers", default="1,2,4",
                         help="concurrent processes to run on PostgreSQL (SQLite: 1)")
+    parser.add_argument("--fanout", default="2000",
+                        help="due connections to send through Celery workers on Redis, "
+                             "comma-separated (empty: none)")
+    parser.add_argument("--celery-concurrency", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
     parser.add_argument("--issuer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.workers = [int(w) for w in args.workers.split(",") if w]
+    args.fanout = [int(n) for n in args.fanout.split(",") if n]
 
     if args.child:
         try:
-            result = child_throughput(args)
+            result = child_fanout(args) if args.child == "fanout" else child_throughput(args)
         finally:
             drop_scratch_database()
         print(json.dumps(result))
@@ -486,10 +593,15 @@ def main() -> int:
         for database in [d for d in args.databases.split(",") if d]:
             print(f"Running on {database}...", file=sys.stderr, flush=True)
             results.append(run_child("throughput", database, issuer, args))
+        if args.fanout and "postgres" in args.databases:
+            print("Running the Celery fan-out...", file=sys.stderr, flush=True)
+            fanout = run_child("fanout", "postgres", issuer, args)["fanout"]
+        else:
+            fanout = []
     finally:
         server.terminate()
         server.wait()
-    print_table(results)
+    print_table(results, fanout)
     return 0
 
 

@@ -12,10 +12,13 @@ refresher would present the rotated-out one again: Brex may then revoke the whol
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 from django.apps import apps
-from django.db import transaction
+from django.db import connections, transaction
+from django.db.models import Model, QuerySet
+from django.db.models.sql import UpdateQuery
 
 #: ``BEGIN`` modes that take SQLite's write lock at once.
 _WRITING_MODES = frozenset({"IMMEDIATE", "EXCLUSIVE"})
@@ -45,3 +48,31 @@ def write_transaction(using: str | None = None) -> Iterator[None]:
                     f"UPDATE {table} SET refresh_claimed_by = refresh_claimed_by WHERE 0"
                 )
         yield
+
+
+def update_sql(queryset: QuerySet, values: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """The ``UPDATE`` statement (SQL and parameters) that ``queryset.update(**values)``
+    would run, for composing into a larger statement. The queryset's filters must be on
+    its own table (a join becomes a subquery, whose rows a concurrent writer's commit does
+    not re-check)."""
+    query = cast(UpdateQuery, queryset.query.chain(UpdateQuery))
+    query.add_update_values(values)
+    sql, params = query.get_compiler(queryset.db).as_sql()
+    return sql, tuple(params)
+
+
+def from_row(model: type[Model], using: str, values: Sequence[Any]) -> Model:
+    """An instance of ``model`` from a row of its concrete fields' columns, in their
+    order, converted as the ORM converts what it reads (``from_db_value``, the backend's
+    converters)."""
+    connection = connections[using]
+    fields = model._meta.concrete_fields
+    converted = []
+    for field, value in zip(fields, values, strict=True):
+        column = field.get_col(model._meta.db_table)
+        for converter in (
+            *connection.ops.get_db_converters(column), *field.get_db_converters(connection)
+        ):
+            value = converter(value, column, connection)
+        converted.append(value)
+    return model.from_db(using, [field.attname for field in fields], converted)

@@ -61,8 +61,12 @@ def celery_app():
 
 @pytest.fixture(autouse=True)
 def _clear_caches():
+    from django_brex_oauth.services import throttle
+
     for cache in caches.all():
         cache.clear()
+    # The waits this process read belong to the test before (its rows are gone).
+    throttle.forget_waits()
     yield
 
 

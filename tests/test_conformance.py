@@ -501,6 +501,20 @@ def _fail_db_write(monkeypatch, model, field: str) -> None:
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(compiler, "execute_sql", execute_sql)
+    # Statements composed from the ORM's SQL and run on the cursor (on PostgreSQL a
+    # refresh saves in one statement): fail the one that sets the column.
+    table, column = model._meta.db_table, model._meta.get_field(field).column
+
+    def fail_composed(execute, sql, params, many, context):
+        if f'UPDATE "{table}" SET ' in sql and f'"{column}" = ' in sql:
+            raise DeepFailure(f"planted in the write of {model.__name__}.{field}")
+        return execute(sql, params, many, context)
+
+    from django.db import connections
+
+    database = connections["default"]
+    monkeypatch.setattr(database, "execute_wrappers",
+                        [*database.execute_wrappers, fail_composed])
 
 
 def _record(monkeypatch, owner, name: str) -> list:

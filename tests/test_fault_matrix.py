@@ -347,7 +347,9 @@ def database_drops(monkeypatch):
         dropped: list[str] = []
 
         def drop(execute, sql, params, many, context):
-            saving = sql.startswith('UPDATE "brex_oauth_brexconnection"') and (
+            # The save's first statement (on PostgreSQL, inside its one WITH statement).
+            update = 'UPDATE "brex_oauth_brexconnection"'
+            saving = sql.startswith((update, f"WITH c AS ({update}")) and (
                 '"last_refreshed_at"' in sql
             )
             if len(dropped) < times and saving:

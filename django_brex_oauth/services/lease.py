@@ -10,17 +10,22 @@ a claim that simply expires after ``REFRESH_LEASE_SECONDS``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import threading
 import uuid
 from datetime import timedelta
+from typing import Any, cast
 
-from django.db.models import F, Q
+from django.db import connections, router, transaction
+from django.db.models import F, Q, QuerySet
 from django.db.models.functions import Now
 
 from ..conf import brex_settings
-from ..models import BrexToken
+from ..db import from_row, update_sql
+from ..models import BrexConnection, BrexToken, ConnectionStatus
 
 
 def lease_seconds() -> float:
@@ -53,6 +58,110 @@ def claim(connection_id: int, claimant: str) -> bool:
         .update(refresh_claimed_until=Now() + lease, refresh_claimed_by=claimant)
     )
     return taken == 1
+
+
+def load(connection_id: int) -> BrexToken | None:
+    """A connection's token row with its connection (one query), or None."""
+    return BrexToken.objects.select_related("connection").filter(pk=connection_id).first()
+
+
+def claim_and_load(
+    connection_id: int, claimant: str, condition: Q | None = None
+) -> BrexToken | None:
+    """Claim an active connection whose token row also meets ``condition`` (a condition on
+    the token table's own columns), and read that row with its connection as the claim
+    left it, in one statement (``UPDATE … RETURNING``); None when nothing was claimed
+    (busy, not active, or not meeting it)."""
+    return claim_and_load_then(connection_id, claimant, condition)[0]
+
+
+def claim_and_load_then(
+    connection_id: int,
+    claimant: str,
+    condition: Q | None = None,
+    then: tuple[str, tuple] | None = None,
+) -> tuple[BrexToken | None, bool]:
+    """:func:`claim_and_load`, and, only when it claimed, ``then``: an ``UPDATE … WHERE``
+    (SQL and parameters; e.g. taking a request from the sweep's budget) that may or may
+    not match. Returns the token (or None) and whether ``then`` updated a row.
+
+    On PostgreSQL both are one statement (``WITH claimed AS (UPDATE …) UPDATE …``);
+    elsewhere two in one transaction. Either way there is one commit.
+    """
+    alias = router.db_for_write(BrexToken)
+    rows = BrexToken.objects.using(alias).filter(pk=connection_id).filter(unclaimed())
+    if condition is not None:
+        rows = rows.filter(condition)
+    values = {
+        "refresh_claimed_until": Now() + timedelta(seconds=lease_seconds()),
+        "refresh_claimed_by": claimant,
+    }
+    connection = connections[alias]
+    postgres = connection.vendor == "postgresql"
+    statement, params = _claim_statement(rows, values, postgres)
+    then_done = False
+    if postgres and then is not None:
+        statement = (
+            f"WITH claimed AS ({statement}), then_done AS ({then[0]} AND EXISTS "
+            "(SELECT 1 FROM claimed) RETURNING 1) "
+            "SELECT claimed.*, EXISTS (SELECT 1 FROM then_done) FROM claimed"
+        )
+        params = (*params, *then[1])
+    with transaction.atomic(using=alias) if then is not None and not postgres else (
+        contextlib.nullcontext()
+    ), connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        row = cursor.fetchone()
+        if row is not None and then is not None:
+            if postgres:
+                row, then_done = row[:-1], bool(row[-1])
+            else:
+                cursor.execute(f"{then[0]} RETURNING 1", then[1])
+                then_done = cursor.fetchone() is not None
+    if row is None:
+        return None, False
+    split = len(BrexToken._meta.concrete_fields)
+    token = cast(BrexToken, from_row(BrexToken, alias, row[:split]))
+    connection_values = row[split:] if postgres else json.loads(row[split])
+    token.connection = cast(BrexConnection, from_row(BrexConnection, alias, connection_values))
+    return token, then_done
+
+
+def _claim_statement(
+    rows: QuerySet, values: dict[str, Any], postgres: bool
+) -> tuple[str, tuple]:
+    """The claim's ``UPDATE`` of ``rows``, only while the connection is active, returning
+    the token row's columns and then its connection's (PostgreSQL: as columns of a join;
+    SQLite, whose ``RETURNING`` cannot name a joined table: as one JSON array)."""
+    quote = connections[rows.db].ops.quote_name
+    sql, params = update_sql(rows, values)
+    head, where = sql.split(" WHERE ", 1)
+    token_table = quote(BrexToken._meta.db_table)
+    connection_table = quote(BrexConnection._meta.db_table)
+    token_fields = [str(f.column) for f in BrexToken._meta.concrete_fields]
+    connection_fields = [str(f.column) for f in BrexConnection._meta.concrete_fields]
+    same = f"c.{quote('id')} = {token_table}.{quote('connection_id')}"
+    active = f"c.{quote('status')} = %s"
+    if not postgres:
+        token_columns = ", ".join(f"{token_table}.{quote(column)}" for column in token_fields)
+        connection_columns = ", ".join(f"c.{quote(column)}" for column in connection_fields)
+        statement = (
+            f"{head} WHERE ({where}) AND EXISTS (SELECT 1 FROM {connection_table} AS c "
+            f"WHERE {same} AND {active}) RETURNING {token_columns}, "
+            f"(SELECT json_array({connection_columns}) FROM {connection_table} AS c "
+            f"WHERE {same})"
+        )
+        return statement, (*params, ConnectionStatus.ACTIVE.value)
+    # Named apart: both tables have an updated_at.
+    returning = ", ".join([
+        *(f"{token_table}.{quote(column)} AS t{n}" for n, column in enumerate(token_fields)),
+        *(f"c.{quote(column)} AS c{n}" for n, column in enumerate(connection_fields)),
+    ])
+    statement = (
+        f"{head} FROM {connection_table} AS c WHERE ({where}) AND {same} AND {active} "
+        f"RETURNING {returning}"
+    )
+    return statement, (*params, ConnectionStatus.ACTIVE.value)
 
 
 def renew_claim(connection_id: int, claimant: str) -> bool:

@@ -50,6 +50,7 @@ from ..models import (
     ConnectionStatus,
     EventKind,
     connection_pk,
+    due_condition,
     team_note,
     with_team_note,
 )
@@ -141,8 +142,7 @@ class RefreshResult:
 # Refreshing one connection ----------------------------------------------------------------
 
 
-def _load(connection_id: int) -> BrexToken | None:
-    return BrexToken.objects.select_related("connection").filter(pk=connection_id).first()
+_load = lease.load
 
 
 @sensitive_variables()
@@ -186,6 +186,14 @@ def refresh_connection(
     :class:`RefreshPaused`.
     """
     connection_id = connection_pk(connection)
+    claimant = ""  # the one id this call's claims are taken under, made when first needed
+    if not wait and stale_access_token is None and min_validity is None:
+        # The sweep and its tasks: the connection is most likely due, so claim it and read
+        # it in one go; anything unusual goes the long way below, which finds out why.
+        claimant = lease.new_claimant_id()
+        done = _claim_at_once(connection_id, claimant, force=force, budget=budget)
+        if done is not None:
+            return done
     try:
         token = _load(connection_id)
     except UndecryptableValue:
@@ -207,11 +215,37 @@ def refresh_connection(
             max_wait=brex_settings.RETRY_BACKOFF_MAX if wait else 0.0,
             environment=token.connection.environment,
         )
-    claimant = lease.new_claimant_id()
-    settled = _take_claim(connection_id, claimant, token, need, wait)
-    if settled is not None:
-        return settled
-    return _refresh_under_claim(connection_id, claimant, need, budget)
+    claimant = claimant or lease.new_claimant_id()
+    claimed = _take_claim(connection_id, claimant, token, need, wait)
+    if isinstance(claimed, RefreshResult):
+        return claimed
+    return _refresh_under_claim(claimed, claimant, need, budget=budget)
+
+
+def _claim_at_once(
+    connection_id: int, claimant: str, *, force: bool, budget: bool
+) -> RefreshResult | None:
+    """Claim a connection the sweep found due (any active one with ``force``) and read it
+    in one statement, taking the request from the sweep's budget with it (in the same
+    statement on PostgreSQL), then refresh it; None when it was not claimed that way."""
+    condition = None if force else due_condition(timezone.now())
+    budget_sql = throttle.sweep_budget_sql() if budget else None
+    try:
+        token, budget_taken = lease.claim_and_load_then(
+            connection_id, claimant, condition, budget_sql
+        )
+    except UndecryptableValue:
+        lease.release_claim(connection_id, claimant)
+        return None
+    if token is None:
+        return None
+    need = _Need(token.access_token or "") if force else _Need()
+    try:
+        throttle.before_token_request(environment=token.connection.environment)
+    except Exception:
+        lease.release_claim(connection_id, claimant)
+        raise
+    return _refresh_under_claim(token, claimant, need, budget=budget and not budget_taken)
 
 
 @dataclass(frozen=True)
@@ -252,11 +286,11 @@ def _settled(connection_id: int, token: BrexToken | None, need: _Need) -> Refres
 
 def _take_claim(
     connection_id: int, claimant: str, token: BrexToken | None, need: _Need, wait: bool
-) -> RefreshResult | None:
-    """Take the claim (None once this caller holds it), or the result when there is
-    nothing to do: the tokens need no refresh (any more), or another worker holds the
-    claim and ``wait`` is off. With ``wait``, a caller that loses the race waits for the
-    winner (and then finds its tokens) or for a dead winner's claim to run out."""
+) -> BrexToken | RefreshResult:
+    """Take the claim and read the tokens under it, or the result when there is nothing
+    to do: the tokens need no refresh (any more), or another worker holds the claim and
+    ``wait`` is off. With ``wait``, a caller that loses the race waits for the winner (and
+    then finds its tokens) or for a dead winner's claim to run out."""
     looks = itertools.chain([0], jittered_waits(first=0.05, cap=0.5,
                                                 timeout=lease.lease_seconds() + 5))
     for look in looks:
@@ -265,8 +299,9 @@ def _take_claim(
         settled = _settled(connection_id, token, need)
         if settled is not None:
             return settled
-        if lease.claim(connection_id, claimant):
-            return None
+        claimed = lease.claim_and_load(connection_id, claimant)
+        if claimed is not None:
+            return claimed
         if not wait:
             return RefreshResult(Outcome.BUSY, connection_id, token)
     raise BrexUnavailable("Another worker is still refreshing this Brex connection.")
@@ -274,17 +309,18 @@ def _take_claim(
 
 @sensitive_variables()
 def _refresh_under_claim(
-    connection_id: int, claimant: str, need: _Need, budget: bool
+    token: BrexToken, claimant: str, need: _Need, *, budget: bool
 ) -> RefreshResult:
+    """Refresh ``token``, read under this caller's claim, and release the claim whatever
+    happens (saving the tokens releases it in the same statement)."""
+    connection_id = token.connection_id
     claimed_at = time.monotonic()
     released = False
     try:
-        # Read again under the claim: the previous holder may have finished in between.
-        token = _load(connection_id)
+        # The previous holder of the claim may have finished in between.
         settled = _settled(connection_id, token, need)
         if settled is not None:
             return settled
-        assert token is not None
         if budget:
             ticket = throttle.take_sweep_budget()
             if not ticket.granted:

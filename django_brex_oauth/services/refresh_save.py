@@ -34,6 +34,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth, signals
 from ..conf import brex_settings
+from ..db import update_sql
 from ..exceptions import MalformedTokenResponse
 from ..models import (
     BrexConnection,
@@ -218,32 +219,82 @@ def _write(started: BrexToken, plan: SavePlan, note: str = "") -> BrexToken | No
     longer the ones the refresh started from (or the connection is no longer active)."""
     connection_id = started.connection_id
     now = timezone.now()
+    connection_rows = BrexConnection.objects.filter(
+        pk=connection_id, status=ConnectionStatus.ACTIVE
+    )
+    connection_values = {**plan.connection_fields, "updated_at": now}
+    token_rows = BrexToken.objects.filter(pk=connection_id, generation=started.generation)
+    token_values = {**plan.token_fields, "generation": F("generation") + 1, "updated_at": now}
+    events = [(kind, f"{detail} {note}".strip()[:2000]) for kind, detail in plan.events]
     # A plain atomic block, not write_transaction(): the first statement is a write, so
     # SQLite takes its write lock at once, with no read lock to upgrade.
     with transaction.atomic():
-        # The connection first (every writer locks it before the token row): its status
-        # is re-checked after any concurrent writer commits.
-        if not BrexConnection.objects.filter(
-            pk=connection_id, status=ConnectionStatus.ACTIVE
-        ).update(**plan.connection_fields, updated_at=now):
-            return None
-        if not BrexToken.objects.filter(
-            pk=connection_id, generation=started.generation
-        ).update(**plan.token_fields, generation=F("generation") + 1, updated_at=now):
+        if connections[token_rows.db].vendor == "postgresql":
+            written = _write_in_one_statement(
+                connection_rows, connection_values, token_rows, token_values, events, now
+            )
+        else:
+            written = _write_in_three_statements(
+                connection_rows, connection_values, token_rows, token_values,
+                [ConnectionEvent(connection_id=connection_id, kind=kind, detail=detail,
+                                 created_at=now) for kind, detail in events],
+            )
+        if not written:
             transaction.set_rollback(True)
             return None
-        ConnectionEvent.objects.bulk_create(
-            ConnectionEvent(
-                connection_id=connection_id, kind=kind, detail=f"{detail} {note}".strip()[:2000]
-            )
-            for kind, detail in plan.events
-        )
         saved = _applied(started, plan, now)
         if plan.on_commit is not None:
             # A partial, not a lambda: the lambda's frame would hold the saved token (and
             # its new refresh token) outside any function marked sensitive.
             transaction.on_commit(partial(plan.on_commit, saved.connection))
     return saved
+
+
+@sensitive_variables()
+def _write_in_three_statements(
+    connection_rows, connection_values, token_rows, token_values, events
+) -> bool:
+    # The connection first (every writer locks it before the token row): its status is
+    # re-checked after any concurrent writer commits.
+    if not connection_rows.update(**connection_values):
+        return False
+    if not token_rows.update(**token_values):
+        return False
+    ConnectionEvent.objects.bulk_create(events)
+    return True
+
+
+@sensitive_variables()
+def _write_in_one_statement(
+    connection_rows, connection_values, token_rows, token_values, events, now
+) -> bool:
+    """The same three writes as one statement (PostgreSQL): the connection's ``UPDATE``
+    (which locks its row first, as every writer does), the token row's, only if the
+    connection's matched, and the events, only if the token row's matched."""
+    connection = connections[token_rows.db]
+    quote = connection.ops.quote_name
+    connection_sql, connection_params = update_sql(connection_rows, connection_values)
+    token_sql, token_params = update_sql(token_rows, token_values)
+    token_table = quote(BrexToken._meta.db_table)
+    head, where = token_sql.rsplit(" WHERE ", 1)
+    columns = ", ".join(map(quote, ("connection_id", "kind", "detail", "created_at")))
+    assert events, "every save records at least one event"
+    rows = ", ".join(["(%s, %s)"] * len(events))
+    created_at = ConnectionEvent._meta.get_field("created_at").get_db_prep_save(now, connection)
+    statement = (
+        f"WITH c AS ({connection_sql} RETURNING {quote('id')}), "
+        f"t AS ({head} WHERE ({where}) AND {token_table}.{quote('connection_id')} IN "
+        f"(SELECT {quote('id')} FROM c) RETURNING {token_table}.{quote('connection_id')}), "
+        f"e AS (INSERT INTO {quote(ConnectionEvent._meta.db_table)} ({columns}) "
+        f"SELECT t.{quote('connection_id')}, v.kind, v.detail, %s::timestamptz FROM t, "
+        f"(VALUES {rows}) AS v (kind, detail) RETURNING 1) "
+        "SELECT count(*) FROM t"
+    )
+    params = (*connection_params, *token_params, created_at,
+              *(value for event in events for value in event))
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        return cursor.fetchone()[0] == 1
 
 
 @sensitive_variables()

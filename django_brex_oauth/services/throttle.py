@@ -16,7 +16,12 @@ may be per process):
   active while refreshing pauses everywhere; one caller probes the credentials every
   ``CLIENT_REJECTED_PROBE_INTERVAL`` seconds and refreshing resumes when they work.
 
-Times are the database's (``NOW()``), so hosts' clocks do not matter.
+Times are the database's (``NOW()``), so hosts' clocks do not matter. A process answers
+"may I call Brex now?" from one reading of every wait in force, taken at most
+``SNAPSHOT_SECONDS`` (1 s) earlier, so the check costs no query per refresh or API call: a
+wait recorded by another process holds this one back at most that long after it was
+recorded, one recorded by this process at once; a wait in force is read afresh at every
+check.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import Case, F, Q, When
 from django.db.models.functions import Now
 
 from .. import oauth, signals
 from ..conf import AUTH_BASE_URLS, brex_settings
+from ..db import update_sql
 from ..exceptions import BrexOAuthError, BrexUnavailable, InvalidClient, RefreshPaused, TokenError
 from ..models import BrexConnection, BrexThrottle, ThrottleReason
 
@@ -103,6 +109,70 @@ def _seconds(delta: timedelta | None) -> float:
     return 0.0 if delta is None else max(0.0, delta.total_seconds())
 
 
+# What this process last read of the waits in force -----------------------------------------
+
+#: How long, in seconds, a process answers "nothing holds me back" from its last reading of
+#: the waits in force instead of asking the database: a wait that another process records
+#: holds this one back at most this long after it was recorded (one this process records,
+#: at once). It keeps the check off the hot path: one query a second per process, not one
+#: per refresh or API call. While a wait holds a call back it is read afresh each time.
+SNAPSHOT_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class _Wait:
+    reason: str
+    detail: str
+    #: Seconds left by the database's clock when it was read (``not_before`` - now).
+    left: float
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    read_at: float
+    waits: dict[str, _Wait]
+
+    def left(self, wait: _Wait) -> float:
+        return max(0.0, wait.left - (time.monotonic() - self.read_at))
+
+
+_snapshot: _Snapshot | None = None
+
+
+def _waits(*scopes: str) -> _Snapshot:
+    """Every wait in force, as read at most ``SNAPSHOT_SECONDS`` ago; read again now when
+    that reading has a wait for one of ``scopes``. Only "nothing holds these back" is
+    answered from memory: a wait in force is always read fresh, so that it ends in every
+    process the moment it ends in the database."""
+    global _snapshot
+    snapshot = _snapshot
+    if (
+        snapshot is None
+        or time.monotonic() - snapshot.read_at > SNAPSHOT_SECONDS
+        or any(scope in snapshot.waits for scope in scopes)
+    ):
+        rows = (
+            BrexThrottle.objects.filter(
+                Q(reason=ThrottleReason.CLIENT_REJECTED)
+                | Q(reason=ThrottleReason.RETRY_AFTER, not_before__gt=Now())
+            )
+            .annotate(left=F("not_before") - Now())
+            .values_list("scope", "reason", "detail", "left")
+        )
+        snapshot = _Snapshot(time.monotonic(), {
+            scope: _Wait(reason, detail, _seconds(left)) for scope, reason, detail, left in rows
+        })
+        _snapshot = snapshot
+    return snapshot
+
+
+def forget_waits() -> None:
+    """Read the waits from the database at the next check (after this process changed
+    them, or a test rolled them back)."""
+    global _snapshot
+    _snapshot = None
+
+
 # Not-before times (Retry-After) ------------------------------------------------------------
 
 
@@ -124,6 +194,7 @@ def hold(scope: str, seconds: float, detail: str) -> None:
     if not _rows(scope).update(**changes):
         _ensure(scope)
         _rows(scope).update(**changes)
+    forget_waits()
     logger.warning(
         "Brex asked this site to wait %.0f s (Retry-After) in %s: %s. Every worker waits.",
         seconds, scope.split(":", 1)[0], detail,
@@ -137,15 +208,13 @@ def hold_for(scope: str, err: BrexUnavailable) -> None:
 
 
 def wait_left(scope: str) -> float:
-    """Seconds left before a request in ``scope`` may be sent (0 when it may go now)."""
-    left = (
-        _rows(scope)
-        .filter(not_before__gt=Now())
-        .annotate(left=F("not_before") - Now())
-        .values_list("left", flat=True)
-        .first()
-    )
-    return min(_seconds(left), brex_settings.RETRY_AFTER_MAX)
+    """Seconds left before a request in ``scope`` may be sent (0 when it may go now), as
+    read at most ``SNAPSHOT_SECONDS`` ago."""
+    snapshot = _waits(scope)
+    wait = snapshot.waits.get(scope)
+    if wait is None or wait.reason != ThrottleReason.RETRY_AFTER:
+        return 0.0
+    return min(snapshot.left(wait), brex_settings.RETRY_AFTER_MAX)
 
 
 def _too_soon(what: str, left: float) -> BrexUnavailable:
@@ -185,7 +254,8 @@ def before_token_request(
     environment: str | None = None,
 ) -> None:
     """Return once this site may ask the token endpoint of ``environment``'s Brex (None:
-    the configured one) to refresh, in one query when nothing holds it back.
+    the configured one) to refresh, answered from this process's reading of the waits in
+    force (at most ``SNAPSHOT_SECONDS`` old; no query at all on most calls).
 
     Raises :class:`BrexUnavailable` while Brex's ``Retry-After`` runs (after sleeping
     through up to ``max_wait`` seconds of it), and :class:`RefreshPaused` while Brex
@@ -194,46 +264,46 @@ def before_token_request(
     caller goes on.
     """
     token, client = token_scope(environment), client_scope(environment)
-    rows = {
-        row.scope: row
-        for row in BrexThrottle.objects.filter(scope__in=[token, client])
-        .exclude(reason="")
-        .annotate(left=F("not_before") - Now())
-    }
-    retry = rows.get(token)
-    if retry is not None and retry.not_before is not None:
-        left = min(_seconds(retry.left), brex_settings.RETRY_AFTER_MAX)
+    snapshot = _waits(token, client)
+    retry = snapshot.waits.get(token)
+    if retry is not None and retry.reason == ThrottleReason.RETRY_AFTER:
+        left = min(snapshot.left(retry), brex_settings.RETRY_AFTER_MAX)
         if left > max_wait:
             raise _too_soon("the token endpoint", left)
         if left > 0:
             sleep(left)
-    pause = rows.get(client)
+    pause = snapshot.waits.get(client)
     if pause is not None and pause.reason == ThrottleReason.CLIENT_REJECTED:
-        left = _seconds(pause.left)
+        left = snapshot.left(pause)
         if left > 0 or not _take_probe(environment):
-            raise _paused(pause, max(left, 1.0))
+            raise _paused(pause.detail, max(left, 1.0))
         _probe(environment)
 
 
-def _paused(pause: BrexThrottle | None, left: float) -> RefreshPaused:
-    reason = pause.detail if pause is not None and pause.detail else (
-        "Brex refused this site's client credentials"
-    )
+def _paused(detail: str, left: float) -> RefreshPaused:
+    reason = detail or "Brex refused this site's client credentials"
     return RefreshPaused(
         f"Refreshing is paused for every connection: {reason}. Next probe in {left:.0f} s.",
         retry_after=left,
     )
 
 
+def _pause_detail(environment: str | None) -> str:
+    pause = client_pause(environment)
+    return pause.detail if pause is not None else ""
+
+
 def _take_probe(environment: str | None) -> bool:
     """Claim the one probe of a pause whose probe time has come: the winner moves the next
     probe time on, so every other caller keeps waiting."""
     interval = timedelta(seconds=brex_settings.CLIENT_REJECTED_PROBE_INTERVAL)
-    return bool(
+    taken = bool(
         _rows(client_scope(environment))
         .filter(reason=ThrottleReason.CLIENT_REJECTED, not_before__lte=Now())
         .update(not_before=Now() + interval)
     )
+    forget_waits()
+    return taken
 
 
 def _probe(environment: str | None) -> None:
@@ -245,13 +315,13 @@ def _probe(environment: str | None) -> None:
         oauth.verify_client_credentials(issuer=brex_settings.issuer_for(environment))
     except InvalidClient as err:
         client_rejected(err, environment=environment)
-        raise _paused(client_pause(environment), interval) from err
+        raise _paused(_pause_detail(environment), interval) from err
     except BrexUnavailable as err:
         hold_for(token_scope(environment), err)
-        raise _paused(client_pause(environment), interval) from err
+        raise _paused(_pause_detail(environment), interval) from err
     except BrexOAuthError as err:
         logger.error("Probing Brex's client credentials failed: %s", err)
-        raise _paused(client_pause(environment), interval) from err
+        raise _paused(_pause_detail(environment), interval) from err
     client_accepted(environment)
 
 
@@ -285,6 +355,7 @@ def client_rejected(
     )
     if not started:
         _rows(scope).update(not_before=Now() + interval, detail=detail)
+    forget_waits()
     logger.error(
         "%s: refreshing is paused for every Brex connection; connections stay active. Fix "
         "BREX_OAUTH CLIENT_ID / CLIENT_SECRET; refreshing resumes by itself once they work "
@@ -310,6 +381,7 @@ def client_accepted(environment: str | None = None) -> bool:
         .filter(reason=ThrottleReason.CLIENT_REJECTED)
         .update(reason="", not_before=None, since=None, detail="")
     )
+    forget_waits()
     if ended:
         logger.warning("Brex accepts this site's client credentials again; refreshing resumes.")
     return ended
@@ -400,6 +472,21 @@ def take_sweep_budget() -> BudgetTicket:
             return BudgetTicket(False, resets_in)
     # Windows kept turning over under us: let the caller come back very soon.
     return BudgetTicket(False, 1.0)
+
+
+def sweep_budget_sql() -> tuple[str, tuple] | None:
+    """The ``UPDATE`` that takes one request from the sweep's budget when the current
+    window has room, as SQL and parameters, for
+    :func:`~django_brex_oauth.services.lease.claim_and_load_then` to run with the claim (in
+    its statement or its transaction); None where the database cannot return rows from an
+    ``UPDATE``. :func:`take_sweep_budget` does the rest (a new window, a refusal and its
+    log line)."""
+    rows = _rows(sweep_scope()).filter(
+        window_started_at__gt=Now() - _window(), window_used__lt=brex_settings.SWEEP_RATE_LIMIT
+    )
+    if not connections[rows.db].features.can_return_columns_from_insert:
+        return None  # SQLite before 3.35: no RETURNING
+    return update_sql(rows, {"window_used": F("window_used") + 1})
 
 
 def sweep_budget_use() -> tuple[int, int, int]:
