@@ -45,6 +45,7 @@ from .models import (
     ConnectionStatus,
     RevocationStatus,
 )
+from .services import refresh as refresh_service
 from .services import revoke as revoke_service
 from .teams import can_manage, can_refresh, teams_enabled
 
@@ -438,8 +439,6 @@ class BrexConnectionAdmin(admin.ModelAdmin):
     @admin.action(description=_("Refresh now"), permissions=["change"])
     def refresh_now(self, request: HttpRequest, queryset: QuerySet) -> None:
         """Refresh each selected connection's tokens at once, reporting each one."""
-        from .services.refresh import refresh_connection
-
         for connection in queryset:
             label = _connection_label(connection)
             if not can_refresh(request.user, connection):
@@ -452,7 +451,7 @@ class BrexConnectionAdmin(admin.ModelAdmin):
                 )
                 continue
             try:
-                result = refresh_connection(connection, force=True, wait=False)
+                result = refresh_service.refresh_connection(connection, force=True, wait=False)
             except BrexOAuthError as err:
                 self.message_user(
                     request,

@@ -1,5 +1,8 @@
 from django.apps import AppConfig
+from django.db.models.signals import pre_delete
 from django.utils.translation import gettext_lazy as _
+
+from .http import silence_secret_logging
 
 
 class BrexOAuthConfig(AppConfig):
@@ -11,17 +14,15 @@ class BrexOAuthConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django.db.models.signals import pre_delete
-
-        from . import checks, team_schema  # noqa: F401  (they register the system checks)
-        from .http import silence_secret_logging
-        from .models import BrexConnection
-        from .services.revoke import revoke_when_deleted
+        # Importing them registers the system checks; like the receiver below, they need
+        # the models, which Django imports only after every app's AppConfig.
+        from . import checks, team_schema  # noqa: F401
+        from .services.revoke import revoke_when_deleted  # needs the models too
 
         silence_secret_logging()
         # However a connection is deleted (its owner deleted, a queryset, the admin), its
         # grant at Brex is revoked: the token is kept for that before the rows go.
         pre_delete.connect(
-            revoke_when_deleted, sender=BrexConnection,
+            revoke_when_deleted, sender="brex_oauth.BrexConnection",
             dispatch_uid="brex_oauth.revoke_when_deleted",
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from django.apps import apps
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
@@ -11,9 +12,10 @@ from django.db import connections
 from django.utils.module_loading import import_string
 from django.views.decorators.debug import sensitive_variables
 
-from .conf import AUTH_BASE_URLS, REQUIRED_SCOPES, SETTINGS, brex_settings
+from .conf import AUTH_BASE_URLS, REQUIRED_SCOPES, SETTINGS, brex_settings, team_model_setting
 from .http import is_loopback_url
 from .oauth import FORBIDDEN_ALGORITHMS
+from .teams import TeamPolicy
 
 # Brex's documented API scopes: read-write ones also come as ``<name>.readonly``; some
 # exist only in their ``.readonly`` form; a few have their own read and write names.
@@ -332,10 +334,6 @@ def check_team_settings(app_configs=None, **kwargs):
     """With ``BREX_OAUTH_TEAM_MODEL`` set: the model exists and the team policy is usable
     (importable, constructible, with every method the app asks; the default policy also
     needs the members relation)."""
-    from django.apps import apps
-
-    from .models import team_model_setting
-
     name = team_model_setting()
     if name is None:
         return []
@@ -368,8 +366,6 @@ def check_team_settings(app_configs=None, **kwargs):
             hint="Subclass django_brex_oauth.teams.TeamPolicy.",
             id="brex_oauth.E031",
         )]
-    from .teams import TeamPolicy
-
     if type(policy).member_teams is TeamPolicy.member_teams:
         attr = brex_settings.TEAM_MEMBERS_ATTR
         try:

@@ -37,8 +37,10 @@ from django.views.decorators.debug import sensitive_variables
 from . import http
 from .backoff import backoff_delay
 from .conf import brex_settings
-from .exceptions import BrexAPIError, BrexAPIUnavailable, ConnectionNotUsable
+from .exceptions import BrexAPIError, BrexAPIUnavailable, BrexUnavailable, ConnectionNotUsable
 from .http import NOT_JSON, is_transient_status, json_body, json_object, retry_after_of, unavailable
+from .models import BrexConnection, ConnectionStatus
+from .services import client_credentials, refresh, throttle
 
 #: Methods that are safe to send again; POST joins them because it always carries an
 #: Idempotency-Key.
@@ -195,9 +197,6 @@ class _APIClient:
     def _wait_for_brex(self, scope: str, method: str, path: str) -> None:
         """Wait out a ``Retry-After`` another call (in any process) got for this scope, or
         raise :class:`BrexAPIUnavailable` when it is longer than ``RETRY_BACKOFF_MAX``."""
-        from .exceptions import BrexUnavailable
-        from .services import throttle
-
         try:
             throttle.wait_for(
                 scope, "the Brex API", max_wait=brex_settings.RETRY_BACKOFF_MAX,
@@ -210,8 +209,6 @@ class _APIClient:
 
     @staticmethod
     def _hold(scope: str, seconds: float, detail: str) -> None:
-        from .services import throttle
-
         throttle.hold(scope, seconds, detail)
 
     # requests holds the token under other names (the headers): hide all of it.
@@ -311,8 +308,6 @@ class BrexClient(_APIClient):
         personal connection or, with ``BREX_OAUTH_TEAM_MODEL``, one of a team the team
         policy lets them see (``BrexConnection.objects.for_user``). Raises
         ``BrexConnection.DoesNotExist`` for any other, so a view can answer 404."""
-        from .models import BrexConnection
-
         return cls(BrexConnection.objects.for_user(user).get(pk=connection_id), **kwargs)
 
     @property
@@ -329,9 +324,6 @@ class BrexClient(_APIClient):
         )
 
     def _access_token(self) -> str:
-        from .models import ConnectionStatus
-        from .services import refresh
-
         margin = brex_settings.CLIENT_REFRESH_MARGIN
         token = self._token
         if token is None or token.access_token_expires_within(margin):
@@ -346,20 +338,14 @@ class BrexClient(_APIClient):
 
     @sensitive_variables()
     def _access_token_rejected(self, access_token: str) -> bool:
-        from .services import refresh
-
         result = refresh.refresh_connection(self.connection, stale_access_token=access_token)
         self._adopt(result)
         return True
 
     def _throttle_scope(self) -> str:
-        from .services import throttle
-
         return throttle.api_scope(self.connection)
 
     def _adopt(self, result) -> None:
-        from .services import refresh
-
         if result.token is not None:
             self.connection.status = result.token.connection.status
         elif result.outcome != refresh.Outcome.BUSY:
@@ -395,20 +381,14 @@ class OnboardingClient(_APIClient):
         self.scopes = list(scopes or [self.REFERRALS_SCOPE])
 
     def _access_token(self) -> str:
-        from .services.client_credentials import get_client_credentials_token
-
-        return get_client_credentials_token(self.scopes)
+        return client_credentials.get_client_credentials_token(self.scopes)
 
     @sensitive_variables()
     def _access_token_rejected(self, access_token: str) -> bool:
-        from .services.client_credentials import forget_client_credentials_token
-
-        forget_client_credentials_token(self.scopes, access_token)
+        client_credentials.forget_client_credentials_token(self.scopes, access_token)
         return True
 
     def _throttle_scope(self) -> str:
-        from .services import throttle
-
         return throttle.api_scope(None)
 
     def create_referral(

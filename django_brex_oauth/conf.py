@@ -366,3 +366,9 @@ SETTINGS: dict[str, Setting[Any]] = {
 DEFAULTS: dict[str, Any] = {name: setting.default for name, setting in SETTINGS.items()}
 
 brex_settings = BrexOAuthSettings()
+
+
+def team_model_setting() -> str | None:
+    """The ``BREX_OAUTH_TEAM_MODEL`` setting (``"app_label.ModelName"``), or None: a
+    top-level setting, like ``AUTH_USER_MODEL``, because it shapes the tables."""
+    return getattr(settings, "BREX_OAUTH_TEAM_MODEL", None) or None

@@ -5,13 +5,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext, pgettext
 from django.utils.translation import gettext_lazy as _
 
-from .conf import REQUIRED_SCOPES, brex_settings
+from .conf import REQUIRED_SCOPES, brex_settings, team_model_setting
 from .fields import EncryptedTextField
+from .teams import get_team_policy
 
 
 class Environment(models.TextChoices):
@@ -31,11 +33,6 @@ class RevocationStatus(models.TextChoices):
     DONE = "done", _("Revoked at Brex")
     #: The stored tokens could not be decrypted, so Brex could not be asked.
     NOT_POSSIBLE = "not_possible", _("Brex could not be told")
-
-
-def team_model_setting() -> str | None:
-    """The ``BREX_OAUTH_TEAM_MODEL`` setting (``"app_label.ModelName"``), or None."""
-    return getattr(settings, "BREX_OAUTH_TEAM_MODEL", None) or None
 
 
 def team_note(team) -> str:
@@ -86,8 +83,6 @@ class BrexConnectionQuerySet(models.QuerySet):
             return self.none()
         if team_model_setting() is None:
             return self.filter(owner=user)
-        from .teams import get_team_policy
-
         return self.filter(
             models.Q(owner=user, team__isnull=True)
             | models.Q(team__in=get_team_policy().visible_teams(user))
@@ -96,8 +91,6 @@ class BrexConnectionQuerySet(models.QuerySet):
     def for_team(self, team) -> BrexConnectionQuerySet:
         """The connections of ``team`` (an instance of the team model, or its key)."""
         if team_model_setting() is None:
-            from django.core.exceptions import ImproperlyConfigured
-
             raise ImproperlyConfigured("for_team() needs settings.BREX_OAUTH_TEAM_MODEL.")
         return self.filter(team=team)
 

@@ -6,7 +6,27 @@ Add the beat entries of :data:`django_brex_oauth.beat.BEAT_SCHEDULE` (or your ow
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
+
+from .backoff import backoff_delay, not_before_delay
+from .conf import brex_settings
+from .exceptions import BrexUnavailable, RefreshPaused
+from .services import (
+    cleanup,
+    connect,
+    health,
+    lease,
+    refresh,
+    revoke,
+    sweep,
+    throttle,
+    webhook_events,
+    webhook_subscriptions,
+)
+
+logger = logging.getLogger("django_brex_oauth")
 
 # --- Refresh (token refresh, sweep) -------------------------------------------------------
 
@@ -32,11 +52,6 @@ def refresh_connection(self, connection_id: int, force: bool = False) -> str:
     rotated-out refresh token). Returns the
     :class:`~django_brex_oauth.services.refresh.Outcome` value.
     """
-    from .backoff import backoff_delay, not_before_delay
-    from .conf import brex_settings
-    from .exceptions import BrexUnavailable, RefreshPaused
-    from .services import lease, refresh
-
     try:
         result = refresh.refresh_connection(connection_id, force=force, wait=False, budget=True)
     except RefreshPaused:
@@ -79,13 +94,6 @@ def refresh_due_connections(all_active: bool = False) -> int:
     While a Brex asks to wait (``Retry-After``) or refuses the client credentials, nothing is
     queued for the connections made in its environment. Returns how many tasks were queued.
     """
-    import logging
-
-    from .conf import brex_settings
-    from .exceptions import RefreshPaused
-    from .services import health, sweep, throttle
-
-    logger = logging.getLogger("django_brex_oauth")
     # Per Brex environment: a wait or a refused client at one Brex holds back only the
     # connections made there.
     held = sweep.held_environments()
@@ -134,8 +142,6 @@ def read_identity(connection_id: int) -> bool:
     not answer in a usable form when it connected. The API client retries 429, 5xx and
     network errors itself; what still fails is left for the next reconnect. Returns True
     once the identity is complete."""
-    from .services import connect
-
     return connect.update_identity(connection_id)
 
 
@@ -153,8 +159,6 @@ def revoke_connection(self, connection_id: int) -> str:
     event. Returns the
     :class:`~django_brex_oauth.services.revoke.RevokeOutcome` value.
     """
-    from .services import revoke
-
     attempt = revoke.revoke_at_brex(connection_id)
     _retry_revocation_while_unavailable(self, attempt)
     return attempt.outcome.value
@@ -168,8 +172,6 @@ def revoke_detached_token(self, revocation_id: int) -> str:
     :func:`sweep_revocations`. Returns the
     :class:`~django_brex_oauth.services.revoke.RevokeOutcome` value.
     """
-    from .services import revoke
-
     attempt = revoke.revoke_detached(revocation_id)
     _retry_revocation_while_unavailable(self, attempt)
     return attempt.outcome.value
@@ -178,9 +180,6 @@ def revoke_detached_token(self, revocation_id: int) -> str:
 def _retry_revocation_while_unavailable(task, attempt) -> None:
     """Retry ``task`` with backoff and jitter while Brex cannot be reached, up to
     ``REVOKE_TASK_MAX_RETRIES`` times, never before Brex's ``Retry-After`` has passed."""
-    from .backoff import backoff_delay, not_before_delay
-    from .conf import brex_settings
-
     max_retries = brex_settings.REVOKE_TASK_MAX_RETRIES
     if attempt.retryable and task.request.retries < max_retries:
         countdown = backoff_delay(
@@ -198,8 +197,6 @@ def sweep_revocations() -> int:
     :func:`revoke_detached_token` for every deleted connection's token still to revoke,
     that nothing has tried for ``REVOKE_RETRY_BACKOFF_MAX`` seconds (a lost or exhausted
     task, say). Returns how many tasks were queued."""
-    from .services import revoke
-
     queued = 0
     app = revoke_connection.app
     with app.producer_or_acquire() as producer:
@@ -217,8 +214,6 @@ def prune() -> dict[str, int]:
     """Delete expired authorization requests and events past their retention
     (``EVENT_RETENTION_DAYS``; ``REFRESH_EVENT_RETENTION_DAYS`` for refresh events).
     Returns how many rows of each were deleted."""
-    from .services import cleanup
-
     return cleanup.prune().as_dict()
 
 
@@ -231,8 +226,6 @@ def prune() -> dict[str, int]:
 def process_webhook_event(event_id: int) -> str:
     """Run the handlers of a stored webhook event once (``WEBHOOK_PROCESS_IN_TASK``).
     Returns the event's status afterwards, or ``"skipped"`` when it was not claimable."""
-    from .services import webhook_events
-
     event = webhook_events.process(event_id)
     return event.status if event is not None else "skipped"
 
@@ -243,9 +236,6 @@ def sync_webhook_subscription(subscription_id: int, retries: int = 0) -> str:
     reached it is queued again with backoff, up to ``WEBHOOK_TASK_MAX_RETRIES`` times;
     ``manage.py brex_oauth_webhooks --sync`` picks up what is left. Returns the
     subscription's status afterwards."""
-    from .conf import brex_settings
-    from .services import webhook_subscriptions
-
     result = webhook_subscriptions.attempt(subscription_id)
     if result is None:
         return "missing"

@@ -8,15 +8,17 @@ All of it is inert unless ``settings.BREX_OAUTH_TEAM_MODEL`` names a model
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured, ObjectDoesNotExist, ValidationError
 from django.db import models
 from django.utils.module_loading import import_string
 
-from .conf import brex_settings
-from .models import BrexConnection, team_model_setting
+from .conf import brex_settings, team_model_setting
+
+if TYPE_CHECKING:
+    from .models import BrexConnection
 
 #: The model permission that lets staff act on every connection (the admin's revoke action).
 REVOKE_PERMISSION = "brex_oauth.revoke_brexconnection"

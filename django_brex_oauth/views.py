@@ -20,11 +20,12 @@ from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.debug import sensitive_variables
 from django.views.decorators.http import require_GET, require_POST
 
-from . import pending, services
+from . import pending
 from .conf import brex_settings
 from .exceptions import BrexOAuthError, RedirectURINotConfigured, TeamNotAllowed, TeamNotFound
 from .models import BrexConnection, ConnectionStatus
 from .redirects import UnsafeNext, safe_next
+from .services import connect as connect_service
 from .services.revoke import disconnect as disconnect_connection
 from .teams import can_manage, find_team, get_team_policy, teams_enabled
 
@@ -133,7 +134,7 @@ def connect(request: HttpRequest) -> HttpResponse:
             )
             return render_error(request, TeamNotAllowed("team not allowed"))
     try:
-        auth_request, url = services.start_authorization(
+        auth_request, url = connect_service.start_authorization(
             user=request.user,
             redirect_uri=redirect_uri,
             next_url=next_url,
@@ -165,7 +166,7 @@ def callback(request: HttpRequest) -> HttpResponse:
     if repeated:
         # Which value counts cannot be known: refuse, taking every attempt a state names.
         states = pending.take_all(request.session, request.GET.getlist("state"))
-        err = services.refuse_repeated_parameters(
+        err = connect_service.refuse_repeated_parameters(
             user=request.user, repeated=repeated, states_in_session=states
         )
         logger.warning("Brex connection failed for user %s: %s: %s", request.user.pk,
@@ -173,7 +174,7 @@ def callback(request: HttpRequest) -> HttpResponse:
         return render_error(request, err)
     in_session = pending.take(request.session, params.get("state", ""))
     try:
-        result = services.complete_authorization(
+        result = connect_service.complete_authorization(
             user=request.user, params=params, state_in_session=in_session
         )
     except BrexOAuthError as err:

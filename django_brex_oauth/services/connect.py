@@ -46,8 +46,9 @@ from ..models import (
     connection_pk,
     team_note,
 )
-from ..tasks import read_identity as read_identity_task
+from ..teams import find_team, teams_enabled
 from . import throttle, webhook_subscriptions
+from .queue import TASKS, send_task
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -357,7 +358,7 @@ def _identity_fields(identity: Identity) -> dict[str, str]:
 
 def _queue_identity_read(connection_id: int) -> None:
     try:
-        read_identity_task.delay(connection_id)
+        send_task(TASKS + "read_identity", (connection_id,))
     except Exception as err:  # noqa: BLE001 - any broker failure; the identity stays unread
         logger.warning(
             "Could not queue reading the identity of Brex connection %s (%s); it is read "
@@ -369,8 +370,6 @@ def _team_of(auth_request: AuthorizationRequest, user):
     """The team a pending authorization is for (None: personal), checked with the policy."""
     if not auth_request.team_key:
         return None
-    from ..teams import find_team, teams_enabled
-
     if not teams_enabled():
         raise TeamNotFound("a team was asked for but no team model is configured")
     try:

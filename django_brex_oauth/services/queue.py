@@ -6,6 +6,10 @@ from importlib import import_module
 
 from celery import current_app
 
+#: The prefix of the names of the tasks in :mod:`django_brex_oauth.tasks` that take Celery's
+#: default name (the module and the function).
+TASKS = "django_brex_oauth.tasks."
+
 
 def send_task(name: str, args: tuple = (), *, countdown: float | None = None) -> None:
     """Queue the app's task ``name`` (e.g. ``"brex_oauth.process_webhook_event"``).

@@ -49,6 +49,7 @@ from ..models import (
     with_team_note,
 )
 from . import throttle, unreadable, webhook_subscriptions
+from .queue import TASKS, send_task
 
 logger = logging.getLogger("django_brex_oauth")
 
@@ -466,9 +467,6 @@ def queue_revocation(
 
 def _queue_after_commit(task_name: str, object_id: int, attempt: int, what: str,
                         using: str | None = None, retry_after: float | None = None) -> bool:
-    from .. import tasks
-
-    task = getattr(tasks, task_name)
     countdown = backoff_delay(
         attempt,
         base=brex_settings.REVOKE_RETRY_BACKOFF,
@@ -480,7 +478,7 @@ def _queue_after_commit(task_name: str, object_id: int, attempt: int, what: str,
     def send() -> None:
         nonlocal queued
         try:
-            task.apply_async((object_id,), countdown=countdown)
+            send_task(TASKS + task_name, (object_id,), countdown=countdown)
         except Exception as err:  # noqa: BLE001 - any broker failure; the sweep recovers
             queued = False
             logger.warning(
