@@ -282,3 +282,44 @@ def test_the_function_import_count_sees_nested_and_method_imports(tmp_path):
     assert [(ast.unparse(i.node), i.in_function) for i in found] == [
         ("import os", False), ("import json", True), ("from . import models", True),
     ]
+
+
+#: The longest a module of the package may be, in lines.
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_over_600_lines():
+    too_long = sorted(
+        f"{path.relative_to(PACKAGE_DIR.parent)}: {lines} lines"
+        for path in MODULES.values()
+        if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    )
+    assert not too_long, (
+        f"modules over {MAX_MODULE_LINES} lines (split them by job):\n" + "\n".join(too_long)
+    )
+
+
+ARCHITECTURE_PAGE = PACKAGE_DIR.parent / "docs" / "architecture.rst"
+
+
+#: Families of modules the page names together, as ``prefix*``.
+FAMILIES = ("admin_", "services/webhook_")
+
+
+def test_the_architecture_page_places_every_module():
+    # Each module of the app (the package's top level and its services) has its place on
+    # docs/architecture.rst, by name or in a family such as ``admin_*``.
+    page = ARCHITECTURE_PAGE.read_text()
+    names = sorted(
+        name.removeprefix(PACKAGE + ".").replace(".", "/")
+        for name, path in MODULES.items()
+        if path.name != "__init__.py" and path.stem != "__about__"
+        and (name.count(".") == 1 or name.startswith(f"{PACKAGE}.services."))
+    )
+    missing = [
+        name for name in names
+        if f"``{name}``" not in page
+        and not any(name.startswith(f) and f"``{f}*``" in page for f in FAMILIES)
+    ]
+    assert "services/refresh" in names and "oauth" in names
+    assert not missing, "not on docs/architecture.rst: " + ", ".join(missing)
