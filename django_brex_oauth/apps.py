@@ -17,7 +17,7 @@ class BrexOAuthConfig(AppConfig):
         # Importing them registers the system checks; like the receiver below, they need
         # the models, which Django imports only after every app's AppConfig.
         from . import checks, team_schema  # noqa: F401
-        from .services.revoke import revoke_when_deleted  # needs the models too
+        from .services.detached import revoke_when_deleted  # needs the models too
 
         silence_secret_logging()
         # However a connection is deleted (its owner deleted, a queryset, the admin), its

@@ -16,6 +16,7 @@ from .exceptions import BrexUnavailable, RefreshPaused
 from .services import (
     cleanup,
     connect,
+    detached,
     health,
     lease,
     refresh,
@@ -172,7 +173,7 @@ def revoke_detached_token(self, revocation_id: int) -> str:
     :func:`sweep_revocations`. Returns the
     :class:`~django_brex_oauth.services.revoke.RevokeOutcome` value.
     """
-    attempt = revoke.revoke_detached(revocation_id)
+    attempt = detached.revoke_detached(revocation_id)
     _retry_revocation_while_unavailable(self, attempt)
     return attempt.outcome.value
 
@@ -203,7 +204,7 @@ def sweep_revocations() -> int:
         for connection_id in revoke.pending_revocation_ids():
             revoke_connection.apply_async((connection_id,), producer=producer)
             queued += 1
-        for revocation_id in revoke.pending_detached_ids():
+        for revocation_id in detached.pending_detached_ids():
             revoke_detached_token.apply_async((revocation_id,), producer=producer)
             queued += 1
     return queued

@@ -9,10 +9,8 @@ can be sent again: by the ``revoke_connection`` task with exponential backoff, a
 ``sweep_revocations`` task for anything a lost task left behind. Every try is recorded as
 an event; ``signals.disconnected`` is sent once per disconnect, after the commit.
 
-A connection that is deleted instead (its owner deleted, a queryset or the admin deleting
-it) takes its events with it, but not its grant at Brex: just before the rows go, its token
-is copied, encrypted, into a :class:`~django_brex_oauth.models.DetachedRevocation`, which
-the ``revoke_detached_token`` task and the same sweep revoke with the same retries.
+A connection that is deleted instead is revoked through
+:mod:`django_brex_oauth.services.detached`.
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ from ..models import (
     BrexToken,
     ConnectionEvent,
     ConnectionStatus,
-    DetachedRevocation,
     EventKind,
     RevocationStatus,
     connection_pk,
@@ -286,7 +283,7 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
     connection_id = connection_pk(connection)
     actor = actor if getattr(actor, "pk", None) else None
     now = timezone.now()
-    waiting = _wait_for_brex(connection_id)
+    waiting = wait_for_brex(connection_id)
     if waiting is not None:
         if not BrexConnection.objects.filter(
             pk=connection_id, status=ConnectionStatus.REVOKED,
@@ -316,7 +313,7 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
         return _give_up_unreadable(connection_id, attempt_number, actor)
 
     for _ in range(_MAX_TOKEN_SWAPS + 1):
-        value, hint = _token_to_revoke(token)
+        value, hint = token_to_revoke(token)
         if value is None:
             reason = "Nothing was left to revoke at Brex."
         else:
@@ -334,7 +331,7 @@ def revoke_at_brex(connection: BrexConnection | int, *, actor=None) -> Revocatio
     )
 
 
-def _wait_for_brex(object_id: int) -> RevocationAttempt | None:
+def wait_for_brex(object_id: int) -> RevocationAttempt | None:
     """A retryable failure, sent nowhere, while Brex's ``Retry-After`` for the revocation
     endpoint runs (any process may have got it); None when a request may go."""
     left = throttle.wait_left(throttle.revocation_scope())
@@ -348,7 +345,7 @@ def _wait_for_brex(object_id: int) -> RevocationAttempt | None:
     )
 
 
-def _token_to_revoke(token: BrexToken | None) -> tuple[str | None, str]:
+def token_to_revoke(token: BrexToken | None) -> tuple[str | None, str]:
     if token is not None and token.refresh_token:
         return token.refresh_token, "refresh_token"
     if token is not None and token.access_token:
@@ -369,7 +366,7 @@ def _finish(
             return RevocationAttempt(RevokeOutcome.NOT_PENDING, connection_id,
                                      attempt_number), None
         token = BrexToken.objects.select_for_update().filter(pk=connection_id).first()
-        current, _hint = _token_to_revoke(token)
+        current, _hint = token_to_revoke(token)
         if current is not None and current != sent:
             return None, token
         BrexToken.objects.filter(pk=connection_id).update(
@@ -418,7 +415,7 @@ def _give_up_unreadable(connection_id: int, attempt_number: int, actor) -> Revoc
 def _record_failure(
     connection_id: int, attempt_number: int, err: BrexOAuthError, actor
 ) -> RevocationAttempt:
-    retryable = _is_retryable(err)
+    retryable = is_retryable(err)
     retry_after = err.retry_after if isinstance(err, BrexUnavailable) else None
     if isinstance(err, BrexUnavailable):
         throttle.hold_for(throttle.revocation_scope(), err)
@@ -442,7 +439,7 @@ def _record_failure(
                              retryable, retry_after)
 
 
-def _is_retryable(err: BrexOAuthError) -> bool:
+def is_retryable(err: BrexOAuthError) -> bool:
     """Whether a failed revocation is worth trying again soon (Brex or discovery was
     unreachable, 429, 5xx), rather than left to the sweep (Brex refused it)."""
     return isinstance(err, BrexUnavailable | DiscoveryError)
@@ -459,13 +456,13 @@ def queue_revocation(
     confirms, so the revocation sweep (or ``manage.py brex_oauth_cleanup``) picks it up.
     """
     connection_id = connection_pk(connection)
-    return _queue_after_commit(
+    return queue_after_commit(
         "revoke_connection", connection_id, attempt, f"Brex connection {connection_id}",
         retry_after=retry_after,
     )
 
 
-def _queue_after_commit(task_name: str, object_id: int, attempt: int, what: str,
+def queue_after_commit(task_name: str, object_id: int, attempt: int, what: str,
                         using: str | None = None, retry_after: float | None = None) -> bool:
     countdown = backoff_delay(
         attempt,
@@ -490,127 +487,6 @@ def _queue_after_commit(task_name: str, object_id: int, attempt: int, what: str,
     return queued
 
 
-# --- Deleted connections -------------------------------------------------------------------
-
-
-@sensitive_variables()
-def detach_before_delete(connection: BrexConnection, *, using: str | None = None) -> None:
-    """Keep what is needed to revoke ``connection`` at Brex once its rows are deleted.
-
-    Connected to ``pre_delete`` of :class:`~django_brex_oauth.models.BrexConnection`, so it
-    runs for every way a connection is deleted (one row, a queryset, the admin, a cascade
-    from its owner), inside the deleting transaction and before any row goes: the refresh
-    token (or the access token, when only that is left) is copied, encrypted, into a
-    :class:`~django_brex_oauth.models.DetachedRevocation`, and the ``revoke_detached_token``
-    task is queued after the commit. A deletion that rolls back leaves nothing behind. A
-    connection whose tokens were already wiped (revoked and confirmed) needs nothing. A token
-    that no configured key can decrypt cannot be revoked; the deletion goes on and a warning
-    says so.
-    """
-    tokens = BrexToken.objects.using(using).filter(pk=connection.pk)
-    try:
-        token = tokens.only("connection_id", "access_token", "refresh_token").first()
-    except UndecryptableValue:
-        logger.warning(
-            "Brex connection %s was deleted with tokens no configured key can decrypt; they "
-            "could not be revoked at Brex.", connection.pk,
-        )
-        return
-    value, hint = _token_to_revoke(token)
-    if value is None:
-        return
-    revocation = DetachedRevocation.objects.using(using).create(
-        token=value,
-        token_type_hint=hint,
-        environment=connection.environment,
-        former_connection_id=connection.pk,
-        brex_user_id=connection.brex_user_id,
-    )
-    logger.info(
-        "Brex connection %s is being deleted; its %s will be revoked at Brex (revocation %s).",
-        connection.pk, hint.replace("_", " "), revocation.pk,
-    )
-    _queue_after_commit(
-        "revoke_detached_token", revocation.pk, 0,
-        f"deleted Brex connection {connection.pk}", using=using,
-    )
-
-
-def revoke_when_deleted(sender, instance: BrexConnection, using: str | None = None,
-                        **kwargs) -> None:
-    """The ``pre_delete`` receiver for connections: :func:`detach_before_delete`."""
-    detach_before_delete(instance, using=using)
-
-
-@sensitive_variables()
-def revoke_detached(revocation: DetachedRevocation | int) -> RevocationAttempt:
-    """Ask Brex once to revoke the token of a deleted connection.
-
-    On success (or when the revocation is gone: another worker finished it) the
-    :class:`~django_brex_oauth.models.DetachedRevocation` is deleted; on failure its
-    ``attempts``, ``attempted_at`` and ``last_error`` say why and the token is kept
-    (encrypted) for the next try. The returned attempt's ``connection_id`` is the id the
-    deleted connection had.
-    """
-    revocation_id = int(
-        revocation.pk if isinstance(revocation, DetachedRevocation) else revocation
-    )
-    waiting = _wait_for_brex(0)
-    if waiting is not None:
-        return waiting
-    with write_transaction():
-        locked = (
-            DetachedRevocation.objects.select_for_update().filter(pk=revocation_id).first()
-        )
-        if locked is None:
-            return RevocationAttempt(RevokeOutcome.NOT_PENDING, 0)
-        locked.attempts += 1
-        locked.attempted_at = timezone.now()
-        locked.save(update_fields=["attempts", "attempted_at"])
-    former = int(locked.former_connection_id)
-    try:
-        oauth.revoke(locked.token, locked.token_type_hint,
-                     issuer=brex_settings.issuer_for(locked.environment))
-    except BrexOAuthError as err:
-        retryable = _is_retryable(err)
-        retry_after = err.retry_after if isinstance(err, BrexUnavailable) else None
-        if isinstance(err, BrexUnavailable):
-            throttle.hold_for(throttle.revocation_scope(), err)
-        error = str(err)[:1000]
-        DetachedRevocation.objects.filter(pk=revocation_id).update(
-            last_error=f"Revocation at Brex failed (attempt {locked.attempts}): {error}"
-        )
-        logger.warning(
-            "Revoking the token of deleted Brex connection %s failed (attempt %s): %s",
-            former, locked.attempts, error,
-        )
-        return RevocationAttempt(RevokeOutcome.FAILED, former, locked.attempts, error,
-                                 retryable, retry_after)
-    DetachedRevocation.objects.filter(pk=revocation_id).delete()
-    logger.info(
-        "Revoked the %s of deleted Brex connection %s at Brex (attempt %s).",
-        locked.token_type_hint.replace("_", " "), former, locked.attempts,
-    )
-    return RevocationAttempt(RevokeOutcome.REVOKED, former, locked.attempts)
-
-
-def pending_detached_ids(now: datetime | None = None) -> Iterator[int]:
-    """Ids of detached revocations that nothing has tried for ``REVOKE_RETRY_BACKOFF_MAX``
-    seconds (a task retrying one is left alone), as :func:`pending_revocation_ids`."""
-    if throttle.wait_left(throttle.revocation_scope()) > 0:
-        return iter(())
-    now = now or timezone.now()
-    quiet_since = now - timedelta(seconds=brex_settings.REVOKE_RETRY_BACKOFF_MAX)
-    return (
-        DetachedRevocation.objects.filter(
-            Q(attempted_at__isnull=True) | Q(attempted_at__lte=quiet_since)
-        )
-        .order_by("attempted_at", "pk")
-        .values_list("pk", flat=True)
-        .iterator(chunk_size=500)
-    )
-
-
 def pending_revocation_ids(now: datetime | None = None) -> Iterator[int]:
     """Ids of revoked connections whose revocation Brex has not confirmed and that nothing
     has tried for ``REVOKE_RETRY_BACKOFF_MAX`` seconds (a task retrying one is left alone).
@@ -629,31 +505,3 @@ def pending_revocation_ids(now: datetime | None = None) -> Iterator[int]:
         .values_list("pk", flat=True)
         .iterator(chunk_size=500)
     )
-
-
-@dataclass
-class RevocationReport:
-    """Counts of what :func:`retry_pending_revocations` did."""
-
-    revoked: int = 0
-    failed: int = 0
-    skipped: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.revoked + self.failed + self.skipped
-
-
-def retry_pending_revocations(now: datetime | None = None) -> RevocationReport:
-    """Try once more, in this process, every revocation the sweep would pick up (for cron)."""
-    report = RevocationReport()
-    attempts = [revoke_at_brex(pk) for pk in list(pending_revocation_ids(now))]
-    attempts += [revoke_detached(pk) for pk in list(pending_detached_ids(now))]
-    for attempt in attempts:
-        if attempt.outcome == RevokeOutcome.REVOKED:
-            report.revoked += 1
-        elif attempt.outcome == RevokeOutcome.FAILED:
-            report.failed += 1
-        else:
-            report.skipped += 1
-    return report

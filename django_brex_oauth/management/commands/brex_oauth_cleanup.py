@@ -5,11 +5,11 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand
 
 from django_brex_oauth.services.cleanup import prune
-from django_brex_oauth.services.revoke import (
+from django_brex_oauth.services.detached import (
     pending_detached_ids,
-    pending_revocation_ids,
     retry_pending_revocations,
 )
+from django_brex_oauth.services.revoke import pending_revocation_ids
 
 
 class Command(BaseCommand):
