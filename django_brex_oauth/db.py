@@ -12,6 +12,7 @@ refresher would present the rotated-out one again: Brex may then revoke the whol
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
@@ -66,13 +67,29 @@ def from_row(model: type[Model], using: str, values: Sequence[Any]) -> Model:
     order, converted as the ORM converts what it reads (``from_db_value``, the backend's
     converters)."""
     connection = connections[using]
-    fields = model._meta.concrete_fields
+    cache = _row_converters.setdefault(connection, {})
+    if model not in cache:
+        fields = model._meta.concrete_fields
+        columns = [field.get_col(model._meta.db_table) for field in fields]
+        cache[model] = (
+            [field.attname for field in fields],
+            [
+                (column, (*connection.ops.get_db_converters(column),
+                          *field.get_db_converters(connection)))
+                for field, column in zip(fields, columns, strict=True)
+            ],
+        )
+    names, converters = cache[model]
     converted = []
-    for field, value in zip(fields, values, strict=True):
-        column = field.get_col(model._meta.db_table)
-        for converter in (
-            *connection.ops.get_db_converters(column), *field.get_db_converters(connection)
-        ):
+    for (column, column_converters), value in zip(converters, values, strict=True):
+        for converter in column_converters:
             value = converter(value, column, connection)
         converted.append(value)
-    return model.from_db(using, [field.attname for field in fields], converted)
+    return model.from_db(using, names, converted)
+
+
+#: from_row()'s field names and converters, by database connection (some are its methods)
+#: and model: the same for every row, and finding them costs more than converting.
+_row_converters: weakref.WeakKeyDictionary[Any, dict[type[Model], tuple[list[str], list]]] = (
+    weakref.WeakKeyDictionary()
+)

@@ -89,16 +89,15 @@ def claim_and_load_then(
     elsewhere two in one transaction. Either way there is one commit.
     """
     alias = router.db_for_write(BrexToken)
-    rows = BrexToken.objects.using(alias).filter(pk=connection_id).filter(unclaimed())
-    if condition is not None:
-        rows = rows.filter(condition)
-    values = {
-        "refresh_claimed_until": Now() + timedelta(seconds=lease_seconds()),
-        "refresh_claimed_by": claimant,
-    }
     connection = connections[alias]
     postgres = connection.vendor == "postgresql"
-    statement, params = _claim_statement(rows, values, postgres)
+    if condition is None:
+        statement, params = _plain_claim_statement(alias, postgres, connection_id, claimant)
+    else:
+        statement, params = _claim_statement(
+            _claim_rows(alias, connection_id, condition),
+            _claim_values(claimant), postgres,
+        )
     then_done = False
     if postgres and then is not None:
         statement = (
@@ -125,6 +124,47 @@ def claim_and_load_then(
     connection_values = row[split:] if postgres else json.loads(row[split])
     token.connection = cast(BrexConnection, from_row(BrexConnection, alias, connection_values))
     return token, then_done
+
+
+def _claim_rows(alias: str, connection_id: int, condition: Q | None) -> QuerySet:
+    rows = BrexToken.objects.using(alias).filter(pk=connection_id).filter(unclaimed())
+    return rows if condition is None else rows.filter(condition)
+
+
+def _claim_values(claimant: str) -> dict[str, Any]:
+    return {
+        "refresh_claimed_until": Now() + timedelta(seconds=lease_seconds()),
+        "refresh_claimed_by": claimant,
+    }
+
+
+#: Stand-ins for the connection and the claimant in the cached claim statements: the ORM
+#: passes both to the driver as they are (an integer, a string), so they are found among
+#: the statement's parameters and replaced.
+_SOME_CONNECTION = -7_700_000_000_001
+_SOME_CLAIMANT = "\x00claimant\x00"
+#: The claim statement without a condition, by (database, lease), with the stand-ins.
+_plain_claims: dict[tuple[str, float], tuple[str, tuple]] = {}
+
+
+def _plain_claim_statement(
+    alias: str, postgres: bool, connection_id: int, claimant: str
+) -> tuple[str, tuple]:
+    """:func:`_claim_statement` with no condition, built through the ORM once per process
+    and lease length (a refresh spends more time building it than PostgreSQL running it)."""
+    key = (alias, lease_seconds())
+    if key not in _plain_claims:
+        _plain_claims[key] = _claim_statement(
+            _claim_rows(alias, _SOME_CONNECTION, None), _claim_values(_SOME_CLAIMANT), postgres
+        )
+        found = [p for p in _plain_claims[key][1] if p in (_SOME_CONNECTION, _SOME_CLAIMANT)]
+        assert sorted(map(str, found)) == sorted(map(str, [_SOME_CONNECTION, _SOME_CLAIMANT]))
+    statement, params = _plain_claims[key]
+    stand_ins = {_SOME_CONNECTION: connection_id, _SOME_CLAIMANT: claimant}
+    return statement, tuple(
+        stand_ins.get(p, p) if isinstance(p, (int, str)) and not isinstance(p, bool) else p
+        for p in params
+    )
 
 
 def _claim_statement(

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import connections, transaction
+from django.db import connections, router, transaction
 from django.db.models import Case, F, Q, When
 from django.db.models.functions import Now
 
@@ -481,12 +481,25 @@ def sweep_budget_sql() -> tuple[str, tuple] | None:
     its statement or its transaction); None where the database cannot return rows from an
     ``UPDATE``. :func:`take_sweep_budget` does the rest (a new window, a refusal and its
     log line)."""
-    rows = _rows(sweep_scope()).filter(
-        window_started_at__gt=Now() - _window(), window_used__lt=brex_settings.SWEEP_RATE_LIMIT
-    )
-    if not connections[rows.db].features.can_return_columns_from_insert:
-        return None  # SQLite before 3.35: no RETURNING
-    return update_sql(rows, {"window_used": F("window_used") + 1})
+    scope, window, limit = sweep_scope(), _window(), brex_settings.SWEEP_RATE_LIMIT
+    alias = router.db_for_write(BrexThrottle)
+    # The statement depends on nothing else (its times are the database's), so it is
+    # built through the ORM once per process and setting, not at every refresh.
+    key = (alias, scope, window, limit)
+    if key not in _budget_statements:
+        rows = _rows(scope).using(alias).filter(
+            window_started_at__gt=Now() - window, window_used__lt=limit
+        )
+        _budget_statements[key] = (
+            update_sql(rows, {"window_used": F("window_used") + 1})
+            # SQLite before 3.35: no RETURNING
+            if connections[alias].features.can_return_columns_from_insert else None
+        )
+    return _budget_statements[key]
+
+
+#: sweep_budget_sql()'s statements, by (database, scope, window, limit).
+_budget_statements: dict[tuple, tuple[str, tuple] | None] = {}
 
 
 def sweep_budget_use() -> tuple[int, int, int]:
