@@ -452,7 +452,63 @@ def child_fanout(args) -> dict:
     return {"fanout": results}
 
 
-def _fill(count: int) -> None:
+def child_sweep_memory(args) -> dict:
+    """Peak memory (tracemalloc) of the beat sweep's task over ``--sweep-memory`` due
+    connections: selecting them and queueing one task each to a sender that only counts
+    (no broker), against holding all their ids in one list, as the sweep did before."""
+    import tracemalloc
+    from unittest import mock
+
+    setup_django("postgres", args.issuer)
+    from django.db import connection
+
+    from django_brex_oauth import tasks
+    from django_brex_oauth.models import BrexConnection, BrexToken
+
+    migrate_and_fill(0)
+    results = []
+    for count in args.sweep_memory:
+        with connection.cursor() as cursor:
+            cursor.execute(f"TRUNCATE {BrexConnection._meta.db_table} CASCADE")
+        _fill(count, spread=True)
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE")  # as autovacuum would after such an insert
+        sent = [0]
+
+        def send(*_args, sent=sent, **_kwargs):
+            sent[0] += 1
+
+        figures = {}
+        for name in ("warm-up", "sweep", "one list"):
+            tracemalloc.start()
+            tracemalloc.reset_peak()
+            started = time.perf_counter()
+            if name in ("warm-up", "sweep"):
+                sent[0] = 0
+                with mock.patch.object(tasks.refresh_connection, "apply_async", send), \
+                        mock.patch.object(tasks.refresh_connection.app, "producer_or_acquire",
+                                          lambda: contextlib.nullcontext()):
+                    queued = tasks.refresh_due_connections.run()
+                if queued != count or sent[0] != count:
+                    raise RuntimeError(f"the sweep queued {queued} of {count}")
+            else:
+                ids = list(BrexToken.objects.refresh_candidates().unclaimed()
+                           .order_by("access_token_expires_at")
+                           .values_list("connection_id", flat=True))
+                if len(ids) != count:
+                    raise RuntimeError(f"listed {len(ids)} of {count}")
+                del ids
+            elapsed = time.perf_counter() - started
+            _current, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            figures[name] = {"peak": peak, "seconds": elapsed}
+        results.append({"connections": count, **figures})
+    return {"sweep_memory": results}
+
+
+def _fill(count: int, spread: bool = False) -> None:
+    """``count`` due connections; with ``spread``, their access tokens expire a
+    microsecond apart (as real ones do) rather than all at once."""
     from django.contrib.auth import get_user_model
     from django.utils import timezone
 
@@ -468,7 +524,8 @@ def _fill(count: int) -> None:
         )
         BrexToken.objects.bulk_create(
             BrexToken(connection=c, access_token="at-initial", refresh_token="rt-initial",
-                      access_token_expires_at=now + timedelta(seconds=30),
+                      access_token_expires_at=now + timedelta(
+                          seconds=30, microseconds=c.pk if spread else 0),
                       refresh_token_issued_at=now, refresh_token_used_at=now,
                       refresh_token_expires_at=now + timedelta(days=90))
             for c in made
@@ -512,6 +569,7 @@ def run_child(kind: str, database: str, issuer: str, args) -> dict:
         "--workers", ",".join(str(w) for w in (args.workers if database == "postgres" else [1])),
         "--fanout", ",".join(str(n) for n in args.fanout),
         "--celery-concurrency", str(args.celery_concurrency),
+        "--sweep-memory", ",".join(str(n) for n in args.sweep_memory),
     ]
     done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -561,6 +619,24 @@ def print_table(results: list[dict], fanout: list[dict]) -> None:
           "queries: statements Django logged per refresh (BEGIN/COMMIT included).")
 
 
+def print_sweep_memory(runs: list[dict]) -> None:
+    print()
+    print("Sweep memory (PostgreSQL; tracemalloc peak; queueing to a sender that only counts):")
+    print()
+    lines = [("due connections", "sweep (batches)", "one list of ids (before)")]
+    for run in runs:
+        lines.append((
+            f"{run['connections']:,}",
+            f"{run['sweep']['peak'] / 1024:,.0f} KiB in {run['sweep']['seconds']:.2f} s",
+            f"{run['one list']['peak'] / 1024:,.0f} KiB in {run['one list']['seconds']:.2f} s",
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    for n, line in enumerate(lines):
+        print(" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
+        if n == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=300)
@@ -572,16 +648,23 @@ def main() -> int:
                         help="due connections to send through Celery workers on Redis, "
                              "comma-separated (empty: none)")
     parser.add_argument("--celery-concurrency", type=int, default=2)
+    parser.add_argument("--sweep-memory", default="",
+                        help="due connections to measure the sweep's peak memory at, "
+                             "comma-separated, e.g. 10000,100000 (empty: none)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
     parser.add_argument("--issuer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.workers = [int(w) for w in args.workers.split(",") if w]
     args.fanout = [int(n) for n in args.fanout.split(",") if n]
+    args.sweep_memory = [int(n) for n in args.sweep_memory.split(",") if n]
 
     if args.child:
         try:
-            result = child_fanout(args) if args.child == "fanout" else child_throughput(args)
+            child = {"fanout": child_fanout, "sweep_memory": child_sweep_memory}.get(
+                args.child, child_throughput
+            )
+            result = child(args)
         finally:
             drop_scratch_database()
         print(json.dumps(result))
@@ -593,6 +676,11 @@ def main() -> int:
         for database in [d for d in args.databases.split(",") if d]:
             print(f"Running on {database}...", file=sys.stderr, flush=True)
             results.append(run_child("throughput", database, issuer, args))
+        if args.sweep_memory:
+            print("Measuring the sweep's memory...", file=sys.stderr, flush=True)
+            sweep_memory = run_child("sweep_memory", "postgres", issuer, args)["sweep_memory"]
+        else:
+            sweep_memory = []
         if args.fanout and "postgres" in args.databases:
             print("Running the Celery fan-out...", file=sys.stderr, flush=True)
             fanout = run_child("fanout", "postgres", issuer, args)["fanout"]
@@ -601,7 +689,10 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait()
-    print_table(results, fanout)
+    if results or fanout:
+        print_table(results, fanout)
+    if sweep_memory:
+        print_sweep_memory(sweep_memory)
     return 0
 
 

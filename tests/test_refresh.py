@@ -14,6 +14,7 @@ from datetime import timedelta
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection as db_connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from django_brex_oauth import oauth, signals, tasks
@@ -173,6 +174,34 @@ def test_sweep_refreshes_what_is_due_and_nothing_else(brex, received, settings):
     # A second sweep right after finds nothing to do.
     assert tasks.refresh_due_connections.delay().get() == 0
     assert brex.stats["token_refresh_token"] == 3
+
+
+def test_sweep_reads_its_ids_one_bounded_batch_at_a_time(brex, settings):
+    """The sweep never holds every due id: each batch is one query with a LIMIT, run only
+    when the batch before has been used (keyset pagination along each partial index)."""
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "SWEEP_BATCH_SIZE": 2}
+    expiring = [create_connection(brex, expires_in=n) for n in (-30, 100, 200, 300, 400)]
+    idle = [
+        create_connection(
+            brex, expires_in=3000, refresh_token_used_at=timezone.now() - timedelta(days=d)
+        )
+        for d in (62, 61, 63)
+    ]
+    create_connection(brex, expires_in=3000)  # not due
+
+    batches = sweep.batched_due_connection_ids()
+    with CaptureQueriesContext(db_connection) as first:
+        assert next(batches) == [expiring[0].pk, expiring[1].pk]
+    assert len(first) == 1
+    assert "LIMIT 2" in first[0]["sql"]
+    with CaptureQueriesContext(db_connection) as rest:
+        remaining = list(batches)
+    # Soonest expiry first, then the longest unused.
+    assert remaining == [
+        [expiring[2].pk, expiring[3].pk], [expiring[4].pk], [idle[2].pk, idle[0].pk],
+        [idle[1].pk],
+    ]
+    assert all("LIMIT 2" in query["sql"] for query in rest)
 
 
 def test_refresh_token_kept_when_brex_does_not_rotate(brex, received):

@@ -15,13 +15,15 @@ import random
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from ..conf import brex_settings
 from ..exceptions import BrexOAuthError, BrexUnavailable, RefreshPaused
 from ..fields import UndecryptableValue
-from ..models import BrexConnection, BrexToken, ConnectionStatus
+from ..models import SWEPT_TOKENS, BrexConnection, BrexToken, ConnectionStatus, due_limits
 from . import health, throttle
 from .refresh import Outcome, RefreshResult, refresh_connection
 
@@ -30,13 +32,15 @@ logger = logging.getLogger("django_brex_oauth")
 
 
 def batched_due_connection_ids(
-    *, all_active: bool = False, exclude_environments: Collection[str] = ()
+    *, all_active: bool = False, exclude_environments: Collection[str] = (),
+    now: datetime | None = None,
 ) -> Iterator[list[int]]:
     """Ids of the connections the sweep should refresh, ``SWEEP_BATCH_SIZE`` at a time,
     most urgent first. Connections another worker is refreshing are left out.
 
-    They come from :meth:`BrexTokenQuerySet.refresh_candidates`, answered by its partial
-    indexes without looking at the connections table: the services wipe the access token
+    They are the rows of :meth:`BrexTokenQuerySet.refresh_candidates`, read one arm of
+    the rule at a time, each in bounded batches along its partial index, without looking
+    at the connections table: the services wipe the access token
     expiry of every connection that stops being active, which drops it from those indexes,
     and :func:`refresh_connection` checks the status anyway (and wipes a stray expiry), so
     joining every candidate to its connection here would only add cost. ``all_active``
@@ -45,21 +49,67 @@ def batched_due_connection_ids(
     (the join is made only then: while a Brex holds the sweep back).
     """
     size = brex_settings.SWEEP_BATCH_SIZE
-    now = timezone.now()
+    now = now or timezone.now()
     if all_active:
-        tokens = BrexToken.objects.filter(
-            connection__status=ConnectionStatus.ACTIVE, refresh_token__isnull=False
-        ).order_by("pk")
+        arms: list[tuple[QuerySet, str | None]] = [(_all_active(), None)]
     else:
-        tokens = BrexToken.objects.refresh_candidates(now).order_by("access_token_expires_at")
-    # One plain query: a server-side cursor would make PostgreSQL pick a fast-start plan
-    # (walking an index in order) that is far slower for this OR-ed condition, and the ids
-    # are small (a million of them take a few tens of MB).
-    if exclude_environments:
-        tokens = tokens.exclude(connection__environment__in=list(exclude_environments))
-    ids = list(tokens.unclaimed(now).values_list("connection_id", flat=True))
-    for start in range(0, len(ids), size):
-        yield ids[start : start + size]
+        # Each arm of the due rule on its own, walked in the order of its partial index:
+        # the access tokens that expire soon, soonest first, then the refresh tokens left
+        # unused too long (and not listed already), longest unused first.
+        expires_by, idle_since = due_limits(now)
+        swept = BrexToken.objects.filter(SWEPT_TOKENS, refresh_token__isnull=False)
+        arms = [
+            (swept.filter(access_token_expires_at__lte=expires_by), "access_token_expires_at"),
+            (
+                swept.filter(
+                    refresh_token_used_at__lte=idle_since, access_token_expires_at__gt=expires_by
+                ),
+                "refresh_token_used_at",
+            ),
+        ]
+    for tokens, column in arms:
+        if exclude_environments:
+            # The join is made only then: while a Brex holds the sweep back.
+            tokens = tokens.exclude(connection__environment__in=list(exclude_environments))
+        yield from _keyset_batches(tokens.unclaimed(now), column, size)
+
+
+def _all_active() -> QuerySet:
+    return BrexToken.objects.filter(
+        connection__status=ConnectionStatus.ACTIVE, refresh_token__isnull=False
+    )
+
+
+def _count(all_active: bool, now: datetime) -> int:
+    """How many ids :func:`batched_due_connection_ids` would list now (for the progress)."""
+    tokens = _all_active() if all_active else BrexToken.objects.refresh_candidates(now)
+    return tokens.unclaimed(now).count()
+
+
+def _keyset_batches(tokens: QuerySet, column: str | None, size: int) -> Iterator[list[int]]:
+    """The connection ids of ``tokens`` in order of ``column`` (then of the id; the id
+    alone when None), ``size`` at a time: each batch is one query that starts after the
+    last row of the one before (keyset pagination), so a sweep holds one batch of ids, not
+    all of them, and each query reads one stretch of the index."""
+    after: tuple | None = None
+    while True:
+        rows = tokens
+        if after is not None:
+            last_value, last_id = after
+            # The range start (>=) lets the database begin the index scan there; the rest
+            # steps past the rows of the same value already listed.
+            rows = rows.filter(
+                Q(**{f"{column}__gte": last_value})
+                & (Q(**{f"{column}__gt": last_value}) | Q(connection_id__gt=last_id))
+                if column else Q(connection_id__gt=last_id)
+            )
+        fields = (column, "connection_id") if column else ("connection_id",)
+        page = list(rows.order_by(*fields).values_list(*fields)[:size])
+        if page:
+            yield [row[-1] for row in page]
+        if len(page) < size:
+            return
+        after = (page[-1][0], page[-1][-1]) if column else (None, page[-1][-1])
 
 
 def due_connection_ids(*, all_active: bool = False) -> list[int]:
@@ -115,15 +165,21 @@ def sweep(
     environment go on. ``progress`` is called after each connection with (done, total,
     report).
     """
-    connection_ids = due_connection_ids(all_active=all_active)
+    now = timezone.now()
+    total = _count(all_active, now)
+    # One batch of ids at a time: the sweep's memory does not grow with the connections.
+    connection_ids = (
+        pk for batch in batched_due_connection_ids(all_active=all_active, now=now)
+        for pk in batch
+    )
     report = SweepReport()
     #: Environment -> why its Brex is not to be called now.
     held: dict[str, BrexUnavailable] = {}
-    if connection_ids:
+    if total:
         used, limit, _refused = throttle.sweep_budget_use()
         logger.info(
             "Refresh sweep: %s connection(s) due; rate budget: %s of %s token requests used "
-            "in this window.", len(connection_ids), used, limit,
+            "in this window.", total, used, limit,
         )
         held = held_environments()
         for err in held.values():
@@ -133,7 +189,7 @@ def sweep(
         if held and _environment_of(connection_id) in held:
             report.deferred += 1
             if progress is not None:
-                progress(done, len(connection_ids), report)
+                progress(done, max(total, done), report)
             continue
         try:
             result = _sweep_one(connection_id, all_active)
@@ -156,7 +212,7 @@ def sweep(
         else:
             report.add(result.outcome)
         if progress is not None:
-            progress(done, len(connection_ids), report)
+            progress(done, max(total, done), report)
     if report.held_back:
         logger.warning("Refresh sweep: %s connection(s) deferred: %s", report.deferred,
                        report.held_back)
