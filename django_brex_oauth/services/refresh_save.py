@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from django.db import (
     DatabaseError,
@@ -28,7 +28,7 @@ from django.db import (
     router,
     transaction,
 )
-from django.db.models import Case, F, Model, Q, QuerySet, Value, When
+from django.db.models import Case, F, Field, Model, Q, QuerySet, Value, When
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
@@ -293,7 +293,7 @@ def _set_clause(
     quote = connection.ops.quote_name
     assignments, params = [], []
     for name, value in values.items():
-        field = model._meta.get_field(name)
+        field = cast(Field, model._meta.get_field(name))
         column = quote(field.column)
         if isinstance(value, _ReleasedIfMine):
             released = "NULL" if value.released is None else "''"
@@ -332,8 +332,8 @@ def _write_in_one_plain_statement(
         return None
     token_table = quote(BrexToken._meta.db_table)
     connection_table = quote(BrexConnection._meta.db_table)
-    connection_pk = quote(BrexConnection._meta.pk.column)
-    token_pk = quote(BrexToken._meta.pk.column)
+    connection_pk = quote("id")
+    token_pk = quote("connection_id")
     generation = quote("generation")
     columns = ", ".join(map(quote, ("connection_id", "kind", "detail", "created_at")))
     assert events, "every save records at least one event"

@@ -23,7 +23,14 @@ from django.utils import timezone
 from ..conf import brex_settings
 from ..exceptions import BrexOAuthError, BrexUnavailable, RefreshPaused
 from ..fields import UndecryptableValue
-from ..models import SWEPT_TOKENS, BrexConnection, BrexToken, ConnectionStatus, due_limits
+from ..models import (
+    SWEPT_TOKENS,
+    BrexConnection,
+    BrexToken,
+    BrexTokenQuerySet,
+    ConnectionStatus,
+    due_limits,
+)
 from . import health, throttle
 from .refresh import Outcome, RefreshResult, refresh_connection
 
@@ -51,7 +58,7 @@ def batched_due_connection_ids(
     size = brex_settings.SWEEP_BATCH_SIZE
     now = now or timezone.now()
     if all_active:
-        arms: list[tuple[QuerySet, str | None]] = [(_all_active(), None)]
+        arms: list[tuple[BrexTokenQuerySet, str | None]] = [(_all_active(), None)]
     else:
         # Each arm of the due rule on its own, walked in the order of its partial index:
         # the access tokens that expire soon, soonest first, then the refresh tokens left
@@ -74,7 +81,7 @@ def batched_due_connection_ids(
         yield from _keyset_batches(tokens.unclaimed(now), column, size)
 
 
-def _all_active() -> QuerySet:
+def _all_active() -> BrexTokenQuerySet:
     return BrexToken.objects.filter(
         connection__status=ConnectionStatus.ACTIVE, refresh_token__isnull=False
     )
