@@ -61,8 +61,29 @@ def claim(connection_id: int, claimant: str) -> bool:
 
 
 def load(connection_id: int) -> BrexToken | None:
-    """A connection's token row with its connection (one query), or None."""
-    return BrexToken.objects.select_related("connection").filter(pk=connection_id).first()
+    """A connection's token row with its connection (one query), or None.
+
+    The ``SELECT`` is built through the ORM once per database (with a stand-in for the
+    connection); each call runs it and converts the row as the ORM would."""
+    alias = router.db_for_read(BrexToken)
+    if alias not in _loads:
+        rows = BrexToken.objects.using(alias).select_related("connection")
+        _loads[alias] = rows.filter(pk=_SOME_CONNECTION).query.sql_with_params()
+    statement, params = _loads[alias]
+    params = tuple(connection_id if p == _SOME_CONNECTION else p for p in params)
+    with connections[alias].cursor() as cursor:
+        cursor.execute(statement, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    split = len(BrexToken._meta.concrete_fields)
+    token = cast(BrexToken, from_row(BrexToken, alias, row[:split]))
+    token.connection = cast(BrexConnection, from_row(BrexConnection, alias, row[split:]))
+    return token
+
+
+#: load()'s statement by database, with the stand-in for the connection.
+_loads: dict[str, tuple[str, tuple]] = {}
 
 
 def claim_and_load(
