@@ -197,7 +197,7 @@ class BrexOAuthSettings:
     # Base and cap, in seconds, of the refresh task's exponential backoff (with jitter).
     REFRESH_RETRY_BACKOFF = Setting[float](15, float)
     REFRESH_RETRY_BACKOFF_MAX = Setting[float](300, float)
-    # Refresh tasks the sweep sends per broker connection (the due ids are read in one query).
+    # Due ids the sweep reads per query, and refresh tasks it sends per broker connection.
     SWEEP_BATCH_SIZE = Setting(500, int, minimum=1)
     # The sweep's shared rate budget: at most this many token requests per SWEEP_RATE_WINDOW
     # seconds, counted in the database across every worker and host (Brex allows 1,000
