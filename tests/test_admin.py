@@ -269,8 +269,10 @@ def test_search_by_owner_brex_user_and_company(
 ):
     mine = make_connection(user, fake=fake_brex)
     theirs = make_connection(other_user, brex_user="cuuser_searchable")
+    # A fixed company id: the factory's random hex one may hold "ada" and match that search.
     BrexConnection.objects.filter(pk=theirs.pk).update(
-        brex_company_name="Globex Corporation", brex_user_email="hank@globex.example"
+        brex_company_name="Globex Corporation", brex_user_email="hank@globex.example",
+        brex_company_id="cuacc_globex",
     )
     for term, expected in (
         ("ada", {mine.pk}),  # owner username
