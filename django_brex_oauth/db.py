@@ -88,6 +88,18 @@ def from_row(model: type[Model], using: str, values: Sequence[Any]) -> Model:
     return model.from_db(using, names, converted)
 
 
+def cache_related(instance: Model, field_name: str, related: Model) -> None:
+    """Make ``instance.<field_name>`` (a forward relation) read ``related`` without a query.
+
+    Unlike assigning through the relation's descriptor, this does not also cache
+    ``instance`` on ``related`` (Django's one-to-one descriptor does both): that back
+    reference makes a reference cycle, which only the garbage collector frees. The refresh
+    path made two such cycles per connection, and the collections they brought on, each
+    walking every object the process holds, cost it more than its own Python did."""
+    field = cast(Any, instance._meta.get_field(field_name))
+    field.set_cached_value(instance, related)
+
+
 #: from_row()'s field names and converters, by database connection (some are its methods)
 #: and model: the same for every row, and finding them costs more than converting.
 _row_converters: weakref.WeakKeyDictionary[Any, dict[type[Model], tuple[list[str], list]]] = (

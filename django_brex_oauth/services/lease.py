@@ -24,7 +24,7 @@ from django.db.models import F, Q, QuerySet
 from django.db.models.functions import Now
 
 from ..conf import brex_settings
-from ..db import from_row, update_sql
+from ..db import cache_related, from_row, update_sql
 from ..models import BrexConnection, BrexToken, ConnectionStatus
 
 
@@ -78,7 +78,7 @@ def load(connection_id: int) -> BrexToken | None:
         return None
     split = len(BrexToken._meta.concrete_fields)
     token = cast(BrexToken, from_row(BrexToken, alias, row[:split]))
-    token.connection = cast(BrexConnection, from_row(BrexConnection, alias, row[split:]))
+    cache_related(token, "connection", from_row(BrexConnection, alias, row[split:]))
     return token
 
 
@@ -143,7 +143,7 @@ def claim_and_load_then(
     split = len(BrexToken._meta.concrete_fields)
     token = cast(BrexToken, from_row(BrexToken, alias, row[:split]))
     connection_values = row[split:] if postgres else json.loads(row[split])
-    token.connection = cast(BrexConnection, from_row(BrexConnection, alias, connection_values))
+    cache_related(token, "connection", from_row(BrexConnection, alias, connection_values))
     return token, then_done
 
 
