@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from django.db import (
     DatabaseError,
@@ -34,7 +34,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth, signals
 from ..conf import brex_settings
-from ..db import update_sql
+from ..db import cache_related, update_sql
 from ..exceptions import MalformedTokenResponse
 from ..models import (
     BrexConnection,
@@ -71,9 +71,9 @@ class SavePlan:
 def _applied(started: BrexToken, plan: SavePlan, now: datetime) -> BrexToken:
     """A copy of ``started`` (token and connection) as :func:`_write` left the rows, so
     that nothing is read again."""
-    token, connection = copy.copy(started), copy.copy(started.connection)
+    token, connection = _copy(started), _copy(started.connection)
     for name, value in plan.token_fields.items():
-        if not isinstance(value, Case):
+        if not isinstance(value, _ReleasedIfMine):
             setattr(token, name, value)
     if token.refresh_claimed_by == plan.claimant:
         token.refresh_claimed_until, token.refresh_claimed_by = None, ""
@@ -81,19 +81,38 @@ def _applied(started: BrexToken, plan: SavePlan, now: datetime) -> BrexToken:
     token.updated_at = connection.updated_at = now
     for name, value in plan.connection_fields.items():
         setattr(connection, name, value)
-    token.connection = connection
+    cache_related(token, "connection", connection)
     return token
 
 
-class _ReleasedIfMine(Case):
-    """``CASE WHEN refresh_claimed_by = <claimant> THEN <released> ELSE <column> END``,
-    remembering its parts so that :func:`_set_clause` can write it without the ORM."""
+M = TypeVar("M", bound=Model)
+
+
+def _copy(instance: M) -> M:
+    """A copy of a model instance, as ``copy.copy()`` makes one (its own state and cache of
+    related objects) without going through pickling's protocol."""
+    copied = instance.__class__.__new__(instance.__class__)
+    copied.__dict__ = instance.__dict__.copy()
+    state = copied._state = copy.copy(instance._state)
+    state.fields_cache = instance._state.fields_cache.copy()
+    return copied
+
+
+class _ReleasedIfMine:
+    """``CASE WHEN refresh_claimed_by = <claimant> THEN <released> ELSE <column> END``:
+    the claim's release, written by :func:`_write_in_one_plain_statement` directly and
+    given to the ORM as :meth:`as_case`."""
+
+    __slots__ = ("claimant", "column", "released")
 
     def __init__(self, claimant: str, column: str, released: None | str) -> None:
-        super().__init__(
-            When(Q(refresh_claimed_by=claimant), then=Value(released)), default=F(column)
-        )
         self.claimant, self.column, self.released = claimant, column, released
+
+    def as_case(self) -> Case:
+        return Case(
+            When(Q(refresh_claimed_by=self.claimant), then=Value(self.released)),
+            default=F(self.column),
+        )
 
 
 def _release_claim_fields(claimant: str) -> dict[str, Any]:
@@ -231,19 +250,6 @@ def _write(started: BrexToken, plan: SavePlan, note: str = "") -> BrexToken | No
     alias = router.db_for_write(BrexToken)
     events = [(kind, f"{detail} {note}".strip()[:2000]) for kind, detail in plan.events]
 
-    @sensitive_variables()
-    def orm_writes() -> tuple[QuerySet, dict[str, Any], QuerySet, dict[str, Any]]:
-        return (
-            BrexConnection.objects.using(alias).filter(
-                pk=connection_id, status=ConnectionStatus.ACTIVE
-            ),
-            {**plan.connection_fields, "updated_at": now},
-            BrexToken.objects.using(alias).filter(
-                pk=connection_id, generation=started.generation
-            ),
-            {**plan.token_fields, "generation": F("generation") + 1, "updated_at": now},
-        )
-
     # A plain atomic block, not write_transaction(): the first statement is a write, so
     # SQLite takes its write lock at once, with no read lock to upgrade.
     with transaction.atomic(using=alias):
@@ -252,10 +258,12 @@ def _write(started: BrexToken, plan: SavePlan, note: str = "") -> BrexToken | No
                 alias, started, plan.connection_fields, plan.token_fields, events, now
             )
             if written is None:  # a value the plain statement cannot write
-                written = _write_in_one_statement(*orm_writes(), events, now)
+                written = _write_in_one_statement(
+                    *_orm_writes(alias, started, plan, now), events, now
+                )
         else:
             written = _write_in_three_statements(
-                *orm_writes(),
+                *_orm_writes(alias, started, plan, now),
                 [ConnectionEvent(connection_id=connection_id, kind=kind, detail=detail,
                                  created_at=now) for kind, detail in events],
             )
@@ -268,6 +276,27 @@ def _write(started: BrexToken, plan: SavePlan, note: str = "") -> BrexToken | No
             # its new refresh token) outside any function marked sensitive.
             transaction.on_commit(partial(plan.on_commit, saved.connection), using=alias)
     return saved
+
+
+@sensitive_variables()
+def _orm_writes(
+    alias: str, started: BrexToken, plan: SavePlan, now: datetime
+) -> tuple[QuerySet, dict[str, Any], QuerySet, dict[str, Any]]:
+    """The rows :func:`_write` updates and their values, as querysets."""
+    return (
+        BrexConnection.objects.using(alias).filter(
+            pk=started.connection_id, status=ConnectionStatus.ACTIVE
+        ),
+        {**plan.connection_fields, "updated_at": now},
+        BrexToken.objects.using(alias).filter(
+            pk=started.connection_id, generation=started.generation
+        ),
+        {
+            **{name: value.as_case() if isinstance(value, _ReleasedIfMine) else value
+               for name, value in plan.token_fields.items()},
+            "generation": F("generation") + 1, "updated_at": now,
+        },
+    )
 
 
 @sensitive_variables()
@@ -285,33 +314,50 @@ def _write_in_three_statements(
 
 
 def _set_clause(
-    model: type[Model], connection: Any, values: dict[str, Any]
-) -> tuple[list[str], list[Any]] | None:
-    """The assignments and parameters of ``UPDATE … SET`` for ``values``, written as the
-    ORM writes them (``get_db_prep_save``, ``NULL`` for None), without its compiler; None
-    when a value is an expression other than the claim's release."""
+    model: type[Model], connection: Any, names: tuple[str, ...]
+) -> tuple[str, list[Field | None]]:
+    """The ``SET`` assignments of ``names`` (``%s`` for each value, the claim's release
+    as its ``CASE`` with the claimant as its parameter) and the field of each parameter
+    (None for a claimant), as the ORM's compiler would write them."""
     quote = connection.ops.quote_name
-    assignments, params = [], []
-    for name, value in values.items():
+    assignments: list[str] = []
+    fields: list[Field | None] = []
+    for name in names:
         field = cast(Field, model._meta.get_field(name))
         column = quote(field.column)
-        if isinstance(value, _ReleasedIfMine):
-            released = "NULL" if value.released is None else "''"
+        if name in _RELEASED:
             assignments.append(
                 f"{column} = CASE WHEN {quote('refresh_claimed_by')} = %s "
-                f"THEN {released} ELSE {quote(value.column)} END"
+                f"THEN {_RELEASED[name]} ELSE {column} END"
             )
-            params.append(value.claimant)
-            continue
-        if hasattr(value, "resolve_expression") or hasattr(field, "get_placeholder"):
-            return None
-        value = field.get_db_prep_save(value, connection)
-        if value is None:
-            assignments.append(f"{column} = NULL")
+            fields.append(None)
         else:
             assignments.append(f"{column} = %s")
-            params.append(value)
-    return assignments, params
+            fields.append(field)
+    return ", ".join(assignments), fields
+
+
+#: The columns the claim's release sets, and what it sets them to.
+_RELEASED = {"refresh_claimed_until": "NULL", "refresh_claimed_by": "''"}
+
+
+def _plain_values(values: dict[str, Any]) -> bool:
+    """Whether :func:`_write_in_one_plain_statement` can write ``values``: plain values and
+    the claim's release, no other expression."""
+    return all(
+        isinstance(value, _ReleasedIfMine) if name in _RELEASED
+        else not hasattr(value, "resolve_expression")
+        for name, value in values.items()
+    )
+
+
+def _parameters(fields: list[Field | None], values: list[Any], connection: Any) -> list[Any]:
+    # Each value prepared as the ORM prepares it (encryption included); the claimant of
+    # a release as it is.
+    return [
+        value.claimant if field is None else field.get_db_prep_save(value, connection)
+        for field, value in zip(fields, values, strict=True)
+    ]
 
 
 @sensitive_variables()
@@ -320,29 +366,49 @@ def _write_in_one_plain_statement(
     token_fields: dict[str, Any], events: list[tuple[str, str]], now: datetime,
 ) -> bool | None:
     """:func:`_write_in_one_statement`, its SQL written here rather than through the ORM's
-    compiler (which costs a refresh more than PostgreSQL takes to run it); None when a
-    value is one it cannot write."""
-    connection = connections[alias]
-    quote = connection.ops.quote_name
-    connection_set = _set_clause(
-        BrexConnection, connection, {**connection_fields, "updated_at": now}
-    )
-    token_set = _set_clause(BrexToken, connection, {**token_fields, "updated_at": now})
-    if connection_set is None or token_set is None:
+    compiler (which costs a refresh more than PostgreSQL takes to run it) and built once
+    per process for each set of columns; None when a value is one it cannot write."""
+    connection_values = {**connection_fields, "updated_at": now}
+    token_values = {**token_fields, "updated_at": now}
+    if not (_plain_values(connection_values) and _plain_values(token_values)):
         return None
+    connection = connections[alias]
+    assert events, "every save records at least one event"
+    shape = (alias, tuple(connection_values), tuple(token_values), len(events))
+    if shape not in _plain_statements:
+        _plain_statements[shape] = _plain_statement(connection, *shape[1:])
+    statement, connection_params, token_params, created_at = _plain_statements[shape]
+    params = (
+        *_parameters(connection_params, list(connection_values.values()), connection),
+        started.connection_id, ConnectionStatus.ACTIVE.value,
+        *_parameters(token_params, list(token_values.values()), connection),
+        started.connection_id, started.generation, created_at.get_db_prep_save(now, connection),
+        *(value for event in events for value in event),
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        return cursor.fetchone()[0] == 1
+
+
+def _plain_statement(
+    connection: Any, connection_names: tuple[str, ...], token_names: tuple[str, ...],
+    event_count: int,
+) -> tuple[str, list[Field | None], list[Field | None], Field]:
+    quote = connection.ops.quote_name
+    connection_set, connection_params = _set_clause(BrexConnection, connection, connection_names)
+    token_set, token_params = _set_clause(BrexToken, connection, token_names)
     token_table = quote(BrexToken._meta.db_table)
     connection_table = quote(BrexConnection._meta.db_table)
     connection_pk = quote("id")
     token_pk = quote("connection_id")
     generation = quote("generation")
     columns = ", ".join(map(quote, ("connection_id", "kind", "detail", "created_at")))
-    assert events, "every save records at least one event"
-    rows = ", ".join(["(%s, %s)"] * len(events))
+    rows = ", ".join(["(%s, %s)"] * event_count)
     statement = (
-        f"WITH c AS (UPDATE {connection_table} SET {', '.join(connection_set[0])} "
+        f"WITH c AS (UPDATE {connection_table} SET {connection_set} "
         f"WHERE {connection_table}.{connection_pk} = %s AND "
         f"{connection_table}.{quote('status')} = %s RETURNING {connection_pk}), "
-        f"t AS (UPDATE {token_table} SET {', '.join(token_set[0])}, "
+        f"t AS (UPDATE {token_table} SET {token_set}, "
         f"{generation} = {token_table}.{generation} + 1 "
         f"WHERE {token_table}.{token_pk} = %s AND {token_table}.{generation} = %s "
         f"AND {token_table}.{token_pk} IN (SELECT {connection_pk} FROM c) "
@@ -352,15 +418,12 @@ def _write_in_one_plain_statement(
         f"(VALUES {rows}) AS v (kind, detail) RETURNING 1) "
         "SELECT count(*) FROM t"
     )
-    created_at = ConnectionEvent._meta.get_field("created_at").get_db_prep_save(now, connection)
-    params = (
-        *connection_set[1], started.connection_id, ConnectionStatus.ACTIVE.value,
-        *token_set[1], started.connection_id, started.generation, created_at,
-        *(value for event in events for value in event),
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params)
-        return cursor.fetchone()[0] == 1
+    created_at = cast(Field, ConnectionEvent._meta.get_field("created_at"))
+    return statement, connection_params, token_params, created_at
+
+
+#: _write_in_one_plain_statement()'s statements, by database and the columns they set.
+_plain_statements: dict[tuple, tuple[str, list[Field | None], list[Field | None], Field]] = {}
 
 
 @sensitive_variables()
