@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.utils import get_environ_proxies
 
 from . import __version__
 from .conf import brex_settings
@@ -57,10 +58,19 @@ def silence_secret_logging() -> None:
 
 
 class TimeoutSession(requests.Session):
-    """A :class:`requests.Session` that always sends a timeout and our User-Agent.
+    """A :class:`requests.Session` that always sends a timeout and our User-Agent, and
+    reads the environment once per origin rather than at every request.
 
     Without a ``timeout`` of its own it sends ``HTTP_TIMEOUT`` as the setting is at the time
     of each request, so a long-lived session follows the settings.
+
+    The environment is what a plain session reads: the proxies (``HTTPS_PROXY``,
+    ``NO_PROXY``…) and the CA bundle (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``). A plain
+    session reads them, and stats the ``.netrc`` files, at every request, which costs a
+    token refresh about as much CPU as everything else it does in Python; this one reads
+    them the first time it calls an origin (a scheme and host) and keeps them for the
+    process, as HTTPX does. ``.netrc`` is never read: a call to Brex carries its own
+    credentials.
     """
 
     def __init__(self, timeout: float | None = None) -> None:
@@ -70,6 +80,10 @@ class TimeoutSession(requests.Session):
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=16)
         self.mount("https://", adapter)
         self.mount("http://", adapter)
+        # Off for requests' own per-request reading (and .netrc); the same environment is
+        # read below, once per origin.
+        self.trust_env = False
+        self._environment: dict[tuple[str, str], tuple[dict[str, str], str | None]] = {}
 
     @property
     def timeout(self) -> float:
@@ -81,6 +95,21 @@ class TimeoutSession(requests.Session):
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.timeout
         return super().request(method, url, *args, **kwargs)
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        origin = urlsplit(url)[:2]
+        known = self._environment.get(origin)
+        if known is None:
+            # What requests reads with trust_env on, for this origin.
+            known = self._environment[origin] = (
+                get_environ_proxies(url),
+                os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"),
+            )
+        environ_proxies, ca_bundle = known
+        proxies = {**environ_proxies, **(proxies or {})}
+        if (verify is True or verify is None) and ca_bundle:
+            verify = ca_bundle
+        return super().merge_environment_settings(url, proxies, stream, verify, cert)
 
 
 def new_session(timeout: float | None = None) -> TimeoutSession:

@@ -29,6 +29,7 @@ class _KeepAliveBrex(ThreadingHTTPServer):
         self.connections = 0
         self.paths: list[str] = []
         self.cookies: list[str | None] = []
+        self.authorizations: list[str | None] = []
         self.issuer = f"http://127.0.0.1:{self.server_address[1]}"
 
 
@@ -56,6 +57,7 @@ class _KeepAliveHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (BaseHTTPRequestHandler's name)
         self.server.paths.append(self.path)
         self.server.cookies.append(self.headers.get("Cookie"))
+        self.server.authorizations.append(self.headers.get("Authorization"))
         issuer = self.server.issuer
         if self.path == "/.well-known/openid-configuration":
             self._answer({
@@ -157,6 +159,63 @@ def test_a_forked_child_makes_its_own_session():
         os.waitpid(pid, 0)
     assert verdict == b"own"
     assert http.session() is parent
+
+
+# The environment: read as a plain requests session reads it, but once per origin.
+
+
+def test_the_session_sends_through_the_environments_proxy(keep_alive_brex, monkeypatch):
+    # The loopback server stands in for a proxy: a proxied request names the whole URL.
+    monkeypatch.setenv("HTTP_PROXY", keep_alive_brex.issuer)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    session = http.new_session(5)
+    assert session.get("http://brex.invalid/v2/users/me").json() == {"id": "u1"}
+    assert keep_alive_brex.paths == ["http://brex.invalid/v2/users/me"]
+
+
+def test_no_proxy_still_bypasses_the_proxy(keep_alive_brex, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    session = http.new_session(5)
+    assert session.get(keep_alive_brex.issuer + "/v2/users/me").json() == {"id": "u1"}
+    assert keep_alive_brex.paths == ["/v2/users/me"]
+
+
+def test_the_environment_is_read_once_per_origin(keep_alive_brex, monkeypatch):
+    reads: list[str] = []
+    real = http.get_environ_proxies
+    monkeypatch.setattr(http, "get_environ_proxies", lambda url: reads.append(url) or real(url))
+    session = http.new_session(5)
+    for path in ("/v2/users/me", "/v2/companies/me", "/v2/users/me"):
+        session.get(keep_alive_brex.issuer + path)
+    assert reads == [keep_alive_brex.issuer + "/v2/users/me"]
+    session.merge_environment_settings("https://api.brex.com/v2/users/me", {}, None, None, None)
+    assert len(reads) == 2
+
+
+def test_the_ca_bundle_of_the_environment_verifies_https(monkeypatch, tmp_path):
+    bundle = tmp_path / "corporate-ca.pem"
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    session = http.new_session(5)
+    merged = session.merge_environment_settings(
+        "https://api.brex.com/v2/users/me", {}, None, None, None
+    )
+    assert merged["verify"] == str(bundle)
+    # verify=False given for one call is kept, as requests keeps it.
+    assert session.merge_environment_settings(
+        "https://api.brex.com/v2/users/me", {}, None, False, None
+    )["verify"] is False
+
+
+def test_netrc_credentials_never_ride_along(keep_alive_brex, monkeypatch, tmp_path):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password netrc-password\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert requests.utils.get_netrc_auth(keep_alive_brex.issuer) == ("someone", "netrc-password")
+    http.new_session(5).get(keep_alive_brex.issuer + "/v2/users/me")
+    assert keep_alive_brex.authorizations == [None]
 
 
 def test_send_reports_a_network_error_without_the_url(db):
