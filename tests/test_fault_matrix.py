@@ -347,11 +347,9 @@ def database_drops(monkeypatch):
         dropped: list[str] = []
 
         def drop(execute, sql, params, many, context):
-            # The save's first statement (on PostgreSQL, inside its one WITH statement).
+            # The save's first statement (on PostgreSQL its one WITH statement).
             update = 'UPDATE "brex_oauth_brexconnection"'
-            saving = sql.startswith((update, f"WITH c AS ({update}")) and (
-                '"last_refreshed_at"' in sql
-            )
+            saving = sql.startswith((update, "WITH c AS (")) and '"last_refreshed_at"' in sql
             if len(dropped) < times and saving:
                 time.sleep(pause)
                 dropped.append(sql)

@@ -14,6 +14,7 @@ from datetime import timedelta
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection as db_connection
+from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -524,6 +525,33 @@ def test_disconnected_during_refresh_keeps_no_tokens(brex, received, monkeypatch
     assert received["refreshed"] == []
     # The discarded answer is on the record, for staff.
     assert event_kinds(connection) == [EventKind.REFRESH_DISCARDED]
+
+
+def test_a_save_that_loses_to_another_writer_changes_nothing(brex, received, monkeypatch):
+    # Another writer replaces the tokens while Brex answers: the save must write all or
+    # nothing, so the connection's row keeps what that writer left.
+    connection = create_connection(brex, expires_in=30)
+    real_refresh = oauth.refresh
+
+    def refresh_while_another_saves(refresh_token, **kwargs):
+        answer = real_refresh(refresh_token, **kwargs)
+        BrexToken.objects.filter(pk=connection.pk).update(generation=F("generation") + 1)
+        BrexConnection.objects.filter(pk=connection.pk).update(
+            last_error="left by the other writer", granted_scopes="openid users.readonly"
+        )
+        return answer
+
+    monkeypatch.setattr(oauth, "refresh", refresh_while_another_saves)
+
+    result = refresh.refresh_connection(connection)
+
+    assert result.outcome == Outcome.NOT_DUE
+    row = BrexConnection.objects.get(pk=connection.pk)
+    assert row.last_error == "left by the other writer"
+    assert row.granted_scopes == "openid users.readonly"
+    assert row.last_refreshed_at == connection.last_refreshed_at
+    assert event_kinds(connection) == [EventKind.REFRESH_DISCARDED]
+    assert received["refreshed"] == []
 
 
 # The management command --------------------------------------------------------------------

@@ -34,7 +34,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from .. import oauth, signals
 from ..conf import brex_settings
-from ..db import cache_related, update_sql
+from ..db import cache_related
 from ..exceptions import MalformedTokenResponse
 from ..models import (
     BrexConnection,
@@ -100,7 +100,7 @@ def _copy(instance: M) -> M:
 
 class _ReleasedIfMine:
     """``CASE WHEN refresh_claimed_by = <claimant> THEN <released> ELSE <column> END``:
-    the claim's release, written by :func:`_write_in_one_plain_statement` directly and
+    the claim's release, written by :func:`_write_in_one_statement` directly and
     given to the ORM as :meth:`as_case`."""
 
     __slots__ = ("claimant", "column", "released")
@@ -250,31 +250,36 @@ def _write(started: BrexToken, plan: SavePlan, note: str = "") -> BrexToken | No
     alias = router.db_for_write(BrexToken)
     events = [(kind, f"{detail} {note}".strip()[:2000]) for kind, detail in plan.events]
 
+    if connections[alias].vendor == "postgresql":
+        # One statement, atomic on its own: no transaction block around it (two round
+        # trips fewer), and inside a caller's transaction it simply joins it.
+        if not _write_in_one_statement(
+            alias, started, plan.connection_fields, plan.token_fields, events, now
+        ):
+            return None
+        return _saved(alias, started, plan, now)
     # A plain atomic block, not write_transaction(): the first statement is a write, so
     # SQLite takes its write lock at once, with no read lock to upgrade.
     with transaction.atomic(using=alias):
-        if connections[alias].vendor == "postgresql":
-            written = _write_in_one_plain_statement(
-                alias, started, plan.connection_fields, plan.token_fields, events, now
-            )
-            if written is None:  # a value the plain statement cannot write
-                written = _write_in_one_statement(
-                    *_orm_writes(alias, started, plan, now), events, now
-                )
-        else:
-            written = _write_in_three_statements(
-                *_orm_writes(alias, started, plan, now),
-                [ConnectionEvent(connection_id=connection_id, kind=kind, detail=detail,
-                                 created_at=now) for kind, detail in events],
-            )
+        written = _write_in_three_statements(
+            *_orm_writes(alias, started, plan, now),
+            [ConnectionEvent(connection_id=connection_id, kind=kind, detail=detail,
+                             created_at=now) for kind, detail in events],
+        )
         if not written:
             transaction.set_rollback(True, using=alias)
             return None
-        saved = _applied(started, plan, now)
-        if plan.on_commit is not None:
-            # A partial, not a lambda: the lambda's frame would hold the saved token (and
-            # its new refresh token) outside any function marked sensitive.
-            transaction.on_commit(partial(plan.on_commit, saved.connection), using=alias)
+        return _saved(alias, started, plan, now)
+
+
+@sensitive_variables()
+def _saved(alias: str, started: BrexToken, plan: SavePlan, now: datetime) -> BrexToken:
+    """The token as :func:`_write` saved it, its signal sent once the save is committed."""
+    saved = _applied(started, plan, now)
+    if plan.on_commit is not None:
+        # A partial, not a lambda: the lambda's frame would hold the saved token (and its
+        # new refresh token) outside any function marked sensitive.
+        transaction.on_commit(partial(plan.on_commit, saved.connection), using=alias)
     return saved
 
 
@@ -341,16 +346,6 @@ def _set_clause(
 _RELEASED = {"refresh_claimed_until": "NULL", "refresh_claimed_by": "''"}
 
 
-def _plain_values(values: dict[str, Any]) -> bool:
-    """Whether :func:`_write_in_one_plain_statement` can write ``values``: plain values and
-    the claim's release, no other expression."""
-    return all(
-        isinstance(value, _ReleasedIfMine) if name in _RELEASED
-        else not hasattr(value, "resolve_expression")
-        for name, value in values.items()
-    )
-
-
 def _parameters(fields: list[Field | None], values: list[Any], connection: Any) -> list[Any]:
     # Each value prepared as the ORM prepares it (encryption included); the claimant of
     # a release as it is.
@@ -361,28 +356,34 @@ def _parameters(fields: list[Field | None], values: list[Any], connection: Any) 
 
 
 @sensitive_variables()
-def _write_in_one_plain_statement(
+def _write_in_one_statement(
     alias: str, started: BrexToken, connection_fields: dict[str, Any],
     token_fields: dict[str, Any], events: list[tuple[str, str]], now: datetime,
-) -> bool | None:
-    """:func:`_write_in_one_statement`, its SQL written here rather than through the ORM's
-    compiler (which costs a refresh more than PostgreSQL takes to run it) and built once
-    per process for each set of columns; None when a value is one it cannot write."""
+) -> bool:
+    """The save as one statement (PostgreSQL); whether it wrote.
+
+    It locks the connection's row while the connection is active (first, as every writer
+    does), then updates the token row if it is still the generation the refresh started
+    from, and only if that matched, the connection's row and the events. So it writes all
+    or nothing, and a connection disconnected or reconnected meanwhile is not touched.
+
+    Its SQL is written here rather than through the ORM's compiler (which costs a refresh
+    more than PostgreSQL takes to run it), once per process for each set of columns; each
+    value is prepared by its field as the ORM prepares it (encryption included)."""
     connection_values = {**connection_fields, "updated_at": now}
     token_values = {**token_fields, "updated_at": now}
-    if not (_plain_values(connection_values) and _plain_values(token_values)):
-        return None
     connection = connections[alias]
     assert events, "every save records at least one event"
     shape = (alias, tuple(connection_values), tuple(token_values), len(events))
-    if shape not in _plain_statements:
-        _plain_statements[shape] = _plain_statement(connection, *shape[1:])
-    statement, connection_params, token_params, created_at = _plain_statements[shape]
+    if shape not in _statements:
+        _statements[shape] = _statement(connection, *shape[1:])
+    statement, connection_params, token_params, created_at = _statements[shape]
     params = (
-        *_parameters(connection_params, list(connection_values.values()), connection),
         started.connection_id, ConnectionStatus.ACTIVE.value,
         *_parameters(token_params, list(token_values.values()), connection),
-        started.connection_id, started.generation, created_at.get_db_prep_save(now, connection),
+        started.connection_id, started.generation,
+        *_parameters(connection_params, list(connection_values.values()), connection),
+        created_at.get_db_prep_save(now, connection),
         *(value for event in events for value in event),
     )
     with connection.cursor() as cursor:
@@ -390,7 +391,7 @@ def _write_in_one_plain_statement(
         return cursor.fetchone()[0] == 1
 
 
-def _plain_statement(
+def _statement(
     connection: Any, connection_names: tuple[str, ...], token_names: tuple[str, ...],
     event_count: int,
 ) -> tuple[str, list[Field | None], list[Field | None], Field]:
@@ -405,14 +406,15 @@ def _plain_statement(
     columns = ", ".join(map(quote, ("connection_id", "kind", "detail", "created_at")))
     rows = ", ".join(["(%s, %s)"] * event_count)
     statement = (
-        f"WITH c AS (UPDATE {connection_table} SET {connection_set} "
-        f"WHERE {connection_table}.{connection_pk} = %s AND "
-        f"{connection_table}.{quote('status')} = %s RETURNING {connection_pk}), "
+        f"WITH c AS (SELECT {connection_pk} FROM {connection_table} "
+        f"WHERE {connection_pk} = %s AND {quote('status')} = %s FOR NO KEY UPDATE), "
         f"t AS (UPDATE {token_table} SET {token_set}, "
         f"{generation} = {token_table}.{generation} + 1 "
         f"WHERE {token_table}.{token_pk} = %s AND {token_table}.{generation} = %s "
         f"AND {token_table}.{token_pk} IN (SELECT {connection_pk} FROM c) "
         f"RETURNING {token_table}.{token_pk}), "
+        f"u AS (UPDATE {connection_table} SET {connection_set} "
+        f"WHERE {connection_table}.{connection_pk} IN (SELECT {token_pk} FROM t) RETURNING 1), "
         f"e AS (INSERT INTO {quote(ConnectionEvent._meta.db_table)} ({columns}) "
         f"SELECT t.{token_pk}, v.kind, v.detail, %s::timestamptz FROM t, "
         f"(VALUES {rows}) AS v (kind, detail) RETURNING 1) "
@@ -422,41 +424,8 @@ def _plain_statement(
     return statement, connection_params, token_params, created_at
 
 
-#: _write_in_one_plain_statement()'s statements, by database and the columns they set.
-_plain_statements: dict[tuple, tuple[str, list[Field | None], list[Field | None], Field]] = {}
-
-
-@sensitive_variables()
-def _write_in_one_statement(
-    connection_rows, connection_values, token_rows, token_values, events, now
-) -> bool:
-    """The same three writes as one statement (PostgreSQL): the connection's ``UPDATE``
-    (which locks its row first, as every writer does), the token row's, only if the
-    connection's matched, and the events, only if the token row's matched."""
-    connection = connections[token_rows.db]
-    quote = connection.ops.quote_name
-    connection_sql, connection_params = update_sql(connection_rows, connection_values)
-    token_sql, token_params = update_sql(token_rows, token_values)
-    token_table = quote(BrexToken._meta.db_table)
-    head, where = token_sql.rsplit(" WHERE ", 1)
-    columns = ", ".join(map(quote, ("connection_id", "kind", "detail", "created_at")))
-    assert events, "every save records at least one event"
-    rows = ", ".join(["(%s, %s)"] * len(events))
-    created_at = ConnectionEvent._meta.get_field("created_at").get_db_prep_save(now, connection)
-    statement = (
-        f"WITH c AS ({connection_sql} RETURNING {quote('id')}), "
-        f"t AS ({head} WHERE ({where}) AND {token_table}.{quote('connection_id')} IN "
-        f"(SELECT {quote('id')} FROM c) RETURNING {token_table}.{quote('connection_id')}), "
-        f"e AS (INSERT INTO {quote(ConnectionEvent._meta.db_table)} ({columns}) "
-        f"SELECT t.{quote('connection_id')}, v.kind, v.detail, %s::timestamptz FROM t, "
-        f"(VALUES {rows}) AS v (kind, detail) RETURNING 1) "
-        "SELECT count(*) FROM t"
-    )
-    params = (*connection_params, *token_params, created_at,
-              *(value for event in events for value in event))
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params)
-        return cursor.fetchone()[0] == 1
+#: _write_in_one_statement()'s statements, by database and the columns they set.
+_statements: dict[tuple, tuple[str, list[Field | None], list[Field | None], Field]] = {}
 
 
 @sensitive_variables()
