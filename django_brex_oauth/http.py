@@ -6,7 +6,8 @@
 - :func:`is_transient_status`: the one rule for "try again later" (429 or any 5xx), and
   :func:`outage` / :func:`retry_after_of` for Brex's ``Retry-After``.
 - :func:`json_body`: an answer's JSON, decoded once, or :data:`NOT_JSON`.
-- loopback-only insecure transport for a local fake Brex, and logging that cannot leak a token.
+- :func:`check_token_transport`: HTTPS, or plain HTTP on loopback only (a local fake
+  Brex), and logging that cannot leak a token.
 
 Everything above this module (``oauth``, ``discovery``, ``client``) sends through here, so a
 change such as "treat 408 as transient" is made in :func:`is_transient_status` alone.
@@ -14,19 +15,19 @@ change such as "treat 408 as transient" is made in :func:`is_transient_status` a
 
 from __future__ import annotations
 
-import contextlib
 import http.cookiejar
 import ipaddress
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from oauthlib.oauth2 import InsecureTransportError
 from requests.adapters import HTTPAdapter
 from requests.utils import get_environ_proxies
 
@@ -199,38 +200,21 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-_insecure_lock = threading.Lock()
-_insecure_users = 0
-_ENV_FLAG = "OAUTHLIB_INSECURE_TRANSPORT"
+def check_token_transport(url: str) -> None:
+    """oauthlib's rule for a token request, applied here: HTTPS, or plain HTTP only on
+    this machine (a local fake Brex) or with ``OAUTHLIB_INSECURE_TRANSPORT`` set by the
+    operator. Raises oauthlib's ``InsecureTransportError`` otherwise.
 
-
-@contextlib.contextmanager
-def allow_insecure_loopback(url: str) -> Iterator[None]:
-    """Let oauthlib use plain ``http://`` for ``url`` while inside the block, but only
-    when ``url`` is on loopback (a local fake Brex). For any other URL this does
-    nothing, so production HTTPS checks stay on.
-    """
-    if urlsplit(url).scheme != "http" or not is_loopback_url(url):
-        yield
+    oauthlib reads the rule from that variable. Setting it around a loopback call would
+    lift the rule for every thread of the process at once, letting another thread's call
+    to any plain-HTTP host through; so the rule is checked here (oauthlib builds only the
+    request's body) and the variable is never written."""
+    scheme = urlsplit(url).scheme
+    if scheme == "https" or (scheme == "http" and is_loopback_url(url)):
         return
-    global _insecure_users
-    with _insecure_lock:
-        operator_set = _insecure_users == 0 and _ENV_FLAG in os.environ
-        if not operator_set:
-            if _insecure_users == 0:
-                os.environ[_ENV_FLAG] = "1"
-            _insecure_users += 1
-    if operator_set:
-        # Set by the operator for the whole process: not ours to change.
-        yield
+    if os.environ.get("OAUTHLIB_INSECURE_TRANSPORT"):
         return
-    try:
-        yield
-    finally:
-        with _insecure_lock:
-            _insecure_users -= 1
-            if _insecure_users == 0:
-                os.environ.pop(_ENV_FLAG, None)
+    raise InsecureTransportError()
 
 
 def describe_request_error(err: requests.RequestException) -> str:

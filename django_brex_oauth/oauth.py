@@ -48,7 +48,14 @@ from .exceptions import (
     MalformedTokenResponse,
     TokenError,
 )
-from .http import NOT_JSON, allow_insecure_loopback, is_transient_status, json_body, outage, send
+from .http import (
+    NOT_JSON,
+    check_token_transport,
+    is_transient_status,
+    json_body,
+    outage,
+    send,
+)
 
 # The id_token checks have a module of their own; callers find them here too.
 from .id_token import FORBIDDEN_ALGORITHMS as FORBIDDEN_ALGORITHMS
@@ -352,19 +359,19 @@ def _read_token_answer(response: requests.Response, client: Client) -> Any:
 
 @sensitive_variables()
 def _call_token_endpoint(
-    client: Client, prepare: Callable[[str], tuple[str, dict, str]], issuer: str | None = None
+    client: Client, prepare_body: Callable[[], str], issuer: str | None = None
 ) -> tuple[Any, datetime]:
-    """Send the token request ``prepare(token_url)`` builds with ``client`` (oauthlib: the
-    form body, and its refusal of a plain ``http://`` endpoint not on loopback) through the
-    process's HTTP session; the decoded answer (any JSON value) and when it arrived."""
+    """Send the token request whose form body ``prepare_body()`` builds with ``client``
+    (oauthlib) through the process's HTTP session, once
+    :func:`~.http.check_token_transport` allows the endpoint; the decoded answer (any JSON value) and when it arrived."""
     token_url = discovery.get_endpoint("token_endpoint", issuer=issuer)
     try:
-        with allow_insecure_loopback(token_url):
-            url, headers, body = prepare(token_url)
+        check_token_transport(token_url)
+        body = prepare_body()
     except OAuth2Error as err:
         raise _token_error(err) from None
     response = send(
-        "POST", url, data=dict(urldecode(body)), headers={**headers, **_ACCEPT_JSON},
+        "POST", token_url, data=dict(urldecode(body)), headers=_TOKEN_REQUEST_HEADERS,
         on_unreachable=lambda: discovery.invalidate(issuer),
     )
     received_at = _received_now()
@@ -372,6 +379,10 @@ def _call_token_endpoint(
 
 
 _ACCEPT_JSON = {"Accept": "application/json"}
+#: What oauthlib sends with a token request's form, and Accept.
+_TOKEN_REQUEST_HEADERS = {
+    "Content-Type": "application/x-www-form-urlencoded;charset=UTF-8", **_ACCEPT_JSON
+}
 
 
 def _client_id() -> str:
@@ -396,10 +407,9 @@ def exchange_code(
     client = WebApplicationClient(_client_id())
     body, received_at = _call_token_endpoint(
         client,
-        lambda url: client.prepare_token_request(
-            url,
+        lambda: client.prepare_request_body(
             code=code,
-            redirect_url=redirect_uri,
+            redirect_uri=redirect_uri,
             code_verifier=code_verifier,
             client_secret=brex_settings.CLIENT_SECRET,
             include_client_id=True,
@@ -423,8 +433,7 @@ def refresh(refresh_token: str, *, issuer: str | None = None) -> TokenResponse:
     client = WebApplicationClient(_client_id())
     body, received_at = _call_token_endpoint(
         client,
-        lambda url: client.prepare_refresh_token_request(
-            url,
+        lambda: client.prepare_refresh_body(
             refresh_token=refresh_token,
             client_id=brex_settings.CLIENT_ID,
             client_secret=brex_settings.CLIENT_SECRET,
@@ -463,9 +472,8 @@ def client_credentials(scopes: list[str]) -> TokenResponse:
     client = BackendApplicationClient(_client_id())
     body, received_at = _call_token_endpoint(
         client,
-        lambda url: client.prepare_token_request(
-            url,
-            scope=scopes,
+        lambda: client.prepare_request_body(
+            scope=" ".join(scopes),
             client_secret=brex_settings.CLIENT_SECRET,
             include_client_id=True,
         ),

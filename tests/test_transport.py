@@ -12,10 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
+from oauthlib.oauth2 import InsecureTransportError
 
 from django_brex_oauth import http, oauth
 from django_brex_oauth.client import get_with_token
-from django_brex_oauth.exceptions import BrexUnavailable
+from django_brex_oauth.exceptions import BrexUnavailable, TokenError
 
 
 class _KeepAliveBrex(ThreadingHTTPServer):
@@ -231,3 +232,54 @@ def test_send_reports_a_network_error_without_the_url(db):
 ])
 def test_the_one_transient_rule(status, transient):
     assert http.is_transient_status(status) is transient
+
+
+# Plain HTTP: only on this machine, checked by the app, never by setting oauthlib's variable.
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://accounts.brex.com/oauth2/default/v1/token", True),
+    ("http://127.0.0.1:8000/oauth2/v1/token", True),
+    ("http://localhost/oauth2/v1/token", True),
+    ("http://[::1]:9000/token", True),
+    ("http://accounts.brex.com/oauth2/default/v1/token", False),
+    ("http://10.0.0.5/token", False),
+    ("ftp://127.0.0.1/token", False),
+])
+def test_the_token_endpoints_transport_rule(url, allowed, monkeypatch):
+    monkeypatch.delenv("OAUTHLIB_INSECURE_TRANSPORT", raising=False)
+    if allowed:
+        http.check_token_transport(url)
+    else:
+        with pytest.raises(InsecureTransportError):
+            http.check_token_transport(url)
+
+
+def test_plain_http_off_this_machine_is_refused_before_anything_is_sent(monkeypatch, db):
+    monkeypatch.delenv("OAUTHLIB_INSECURE_TRANSPORT", raising=False)
+    monkeypatch.setattr(oauth.discovery, "get_endpoint",
+                        lambda name, issuer=None: "http://accounts.brex.com/token")
+    sent: list[str] = []
+    monkeypatch.setattr(oauth, "send", lambda method, url, **kwargs: sent.append(url))
+    with pytest.raises(TokenError) as refused:
+        oauth.refresh("refresh-1")
+    assert refused.value.error == "insecure_transport"
+    assert sent == []
+    # The operator's variable lifts the rule, as it does for oauthlib.
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+    http.check_token_transport("http://accounts.brex.com/token")
+
+
+def test_a_loopback_token_request_never_sets_oauthlibs_variable(keep_alive_brex, monkeypatch, db):
+    monkeypatch.delenv("OAUTHLIB_INSECURE_TRANSPORT", raising=False)
+    seen: list[str | None] = []
+    real_send = oauth.send
+
+    def send(*args, **kwargs):
+        seen.append(os.environ.get("OAUTHLIB_INSECURE_TRANSPORT"))
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(oauth, "send", send)
+    assert oauth.refresh("refresh-1").refresh_token == "refresh-2"
+    assert seen == [None]
+    assert "OAUTHLIB_INSECURE_TRANSPORT" not in os.environ
