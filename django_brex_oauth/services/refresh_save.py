@@ -1,9 +1,9 @@
 """Saving Brex's answer to a refresh: the rows it writes, written once, durably.
 
-A refresh that Brex answered writes one :class:`SavePlan`: two conditional ``UPDATE``
-statements (the connection, only while it is active; the token row, only at the
-generation the refresh started from, which also releases the claim) and one ``INSERT`` of
-its events, in one transaction. By the time it is written Brex has rotated the refresh
+A refresh that Brex answered writes one :class:`SavePlan`, all or nothing: the token row,
+only at the generation the refresh started from (which also releases the claim), and
+only then the connection's row and its events, all while the connection is active. On
+PostgreSQL that is one statement, atomic on its own; on SQLite three, in one transaction. By the time it is written Brex has rotated the refresh
 token, so :func:`write_within_grace` keeps trying through a dropped database connection for
 as long as Brex's grace period for the old one allows.
 """
