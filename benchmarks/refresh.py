@@ -249,23 +249,28 @@ LOOP_FUNCTIONS = {"bare": bare_loop, "ideal": ideal_loop, "app": app_loop}
 # Running a loop in W processes ---------------------------------------------------------------
 
 
+def _timed(loop: str, ids: list[int]) -> tuple[float, float]:
+    """Seconds of wall time and of this process's CPU time that ``loop`` took over ``ids``."""
+    started, cpu = time.perf_counter(), time.process_time()
+    LOOP_FUNCTIONS[loop](ids)
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
 def _worker(loop: str, ids: list[int], barrier, results) -> None:
     from django.db import connection
 
     connection.ensure_connection()
     barrier.wait()
-    started = time.perf_counter()
-    LOOP_FUNCTIONS[loop](ids)
-    results.put(time.perf_counter() - started)
+    results.put(_timed(loop, ids))
     connection.close()
 
 
-def run_loop(loop: str, ids: list[int], workers: int) -> float:
-    """Refreshes per second of ``loop`` over ``ids``, split among ``workers`` processes."""
+def run_loop(loop: str, ids: list[int], workers: int) -> tuple[float, float]:
+    """Refreshes per second of ``loop`` over ``ids``, split among ``workers`` processes,
+    and the CPU time of the refreshing processes per refresh, in milliseconds."""
     if workers == 1:
-        started = time.perf_counter()
-        LOOP_FUNCTIONS[loop](ids)
-        return len(ids) / (time.perf_counter() - started)
+        elapsed, cpu = _timed(loop, ids)
+        return len(ids) / elapsed, cpu / len(ids) * 1000
     from django.db import connections
 
     connections.close_all()
@@ -278,12 +283,13 @@ def run_loop(loop: str, ids: list[int], workers: int) -> float:
     ]
     for process in processes:
         process.start()
-    elapsed = [results.get(timeout=600) for _ in processes]
+    timings = [results.get(timeout=600) for _ in processes]
     for process in processes:
         process.join()
         if process.exitcode:
             raise RuntimeError(f"{loop}: a worker process failed")
-    return len(ids) / max(elapsed)
+    return (len(ids) / max(elapsed for elapsed, _cpu in timings),
+            sum(cpu for _elapsed, cpu in timings) / len(ids) * 1000)
 
 
 def count_queries(loop: str, ids: list[int]) -> float:
@@ -363,14 +369,18 @@ def child_throughput(args) -> dict:
     rows = []
     for workers in args.workers:
         rates: dict[str, list[float]] = {loop: [] for loop in LOOPS}
+        cpu: dict[str, list[float]] = {loop: [] for loop in LOOPS}
         for round_no in range(args.rounds):
             order = LOOPS[round_no % 3:] + LOOPS[:round_no % 3]
             for loop in order:
-                rates[loop].append(run_loop(loop, ids, workers))
+                rate, cpu_ms = run_loop(loop, ids, workers)
+                rates[loop].append(rate)
+                cpu[loop].append(cpu_ms)
         connection.ensure_connection()
         rows.append({
             "workers": workers,
             "rates": {loop: statistics.median(values) for loop, values in rates.items()},
+            "cpu_ms": {loop: statistics.median(values) for loop, values in cpu.items()},
             "all_rates": rates,
         })
     queries = {loop: count_queries(loop, ids[:50]) for loop in ("ideal", "app")}
@@ -581,7 +591,8 @@ def print_table(results: list[dict], fanout: list[dict]) -> None:
     for result in results:
         print(f"Database: {result['database']}")
     print()
-    header = ("database", "W", "loop", "refreshes/s", "vs ideal", "vs bare", "queries/refresh")
+    header = ("database", "W", "loop", "refreshes/s", "vs ideal", "vs bare", "queries/refresh",
+              "CPU ms/refresh")
     lines = []
     for result in results:
         vendor = result["vendor"]
@@ -593,13 +604,14 @@ def print_table(results: list[dict], fanout: list[dict]) -> None:
                     vendor, str(row["workers"]), loop, f"{rates[loop]:.0f}",
                     f"{rates[loop] / rates['ideal']:.2f}", f"{rates[loop] / rates['bare']:.2f}",
                     "-" if queries is None or row["workers"] != 1 else f"{queries:.1f}",
+                    f"{row['cpu_ms'][loop]:.2f}",
                 ))
         hot = result["hot_path"]
         for name, label in (("client", "hot path: BrexClient token"),
                             ("orm_get", "hot path: ORM .get()")):
             ratio = hot[name]["us"] / hot["orm_get"]["us"]
             lines.append((vendor, "1", label, f"{hot[name]['us']:.0f} us/call",
-                          f"{ratio:.2f}x .get()", "", str(hot[name]["queries"])))
+                          f"{ratio:.2f}x .get()", "", str(hot[name]["queries"]), ""))
     in_process = next((r["rows"][0]["rates"]["app"] for r in results
                        if r["vendor"] == "postgresql" and r["rows"][0]["workers"] == 1), None)
     for run in fanout:
@@ -607,7 +619,7 @@ def print_table(results: list[dict], fanout: list[dict]) -> None:
         lines.append((
             "postgresql", f"{run['processes']}p", f"Celery fan-out, {run['connections']:,} due",
             f"{run['rate']:.0f} ({per_process:.0f}/process)",
-            f"{per_process / in_process:.2f}x in-process" if in_process else "", "", "-",
+            f"{per_process / in_process:.2f}x in-process" if in_process else "", "", "-", "",
         ))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
@@ -616,7 +628,9 @@ def print_table(results: list[dict], fanout: list[dict]) -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
     print()
     print("refreshes/s: median of the rounds; vs ideal / vs bare: ratios of those medians; "
-          "queries: statements Django logged per refresh (BEGIN/COMMIT included).")
+          "queries: statements Django logged per refresh (BEGIN/COMMIT included); CPU: the "
+          "refreshing processes' own CPU time per refresh (median), not the database's or "
+          "the token endpoint's.")
 
 
 def print_sweep_memory(runs: list[dict]) -> None:
@@ -639,15 +653,19 @@ def print_sweep_memory(runs: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--databases", default="postgres,sqlite")
+    parser.add_argument("--connections", type=int, default=300,
+                        help="due connections each loop refreshes, per round (default 300)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each loop runs; the table gives medians (default 3)")
+    parser.add_argument("--databases", default="postgres,sqlite",
+                        help="comma-separated: postgres, sqlite (default both)")
     parser.add_argument("--workers", default="1,2,4",
                         help="concurrent processes to run on PostgreSQL (SQLite: 1)")
     parser.add_argument("--fanout", default="2000",
                         help="due connections to send through Celery workers on Redis, "
                              "comma-separated (empty: none)")
-    parser.add_argument("--celery-concurrency", type=int, default=2)
+    parser.add_argument("--celery-concurrency", type=int, default=2,
+                        help="pool processes of the Celery worker for --fanout (default 2)")
     parser.add_argument("--sweep-memory", default="",
                         help="due connections to measure the sweep's peak memory at, "
                              "comma-separated, e.g. 10000,100000 (empty: none)")
