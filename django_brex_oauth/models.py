@@ -276,6 +276,12 @@ class BrexConnection(models.Model):
 #: active, which takes it out of the sweep (and of the indexes) without a join.
 SWEPT_TOKENS = models.Q(access_token_expires_at__isnull=False)
 
+#: Each arm's partial index key, the order the sweep reads the arm in and its batches'
+#: keyset: the instant, then the connection (a batch starts after the last row of the one
+#: before, an index range however many tokens share that instant).
+DUE_KEY = ("access_token_expires_at", "connection_id")
+IDLE_KEY = ("refresh_token_used_at", "connection_id")
+
 
 def due_limits(now: datetime) -> tuple[datetime, datetime]:
     """(expires by, idle since): tokens are due when the access token expires by the first
@@ -381,12 +387,12 @@ class BrexToken(models.Model):
             # The two arms of the refresh sweep (due_for_refresh). Rows without an access
             # token expiry (revoked, or needing re-authorization) are left out of both.
             models.Index(
-                fields=["access_token_expires_at"],
+                fields=list(DUE_KEY),
                 name="brex_oauth_token_due",
                 condition=SWEPT_TOKENS,
             ),
             models.Index(
-                fields=["refresh_token_used_at"],
+                fields=list(IDLE_KEY),
                 name="brex_oauth_token_idle",
                 condition=SWEPT_TOKENS,
             ),

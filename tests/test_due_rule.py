@@ -17,6 +17,8 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from django_brex_oauth.models import (
+    DUE_KEY,
+    IDLE_KEY,
     SWEPT_TOKENS,
     BrexConnection,
     BrexToken,
@@ -77,7 +79,60 @@ def test_the_partial_indexes_are_built_from_the_swept_condition():
     }
     assert conditions == {"brex_oauth_token_due": SWEPT_TOKENS,
                           "brex_oauth_token_idle": SWEPT_TOKENS}
+    # Keyed as the sweep reads each arm: the instant, then the connection.
+    keys = {index.name: tuple(index.fields) for index in BrexToken._meta.indexes}
+    assert keys["brex_oauth_token_due"] == DUE_KEY == ("access_token_expires_at", "connection_id")
+    assert keys["brex_oauth_token_idle"] == IDLE_KEY == ("refresh_token_used_at", "connection_id")
     # The due condition is the swept one and more, so the indexes can answer it.
     assert (due_condition(timezone.now()) & SWEPT_TOKENS).children[:1] == [
         ("access_token_expires_at__isnull", False)
     ]
+
+
+def test_each_batch_of_the_sweep_is_a_range_of_its_partial_index_postgres(settings):
+    """The statements the sweep runs (first and later batches of each arm) are answered by
+    the partial indexes, the keyset (instant, connection) included in the index condition,
+    so a batch starts where the one before ended."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from django_brex_oauth.services import sweep
+    from tests.conftest import require_postgres
+
+    require_postgres()
+    settings.BREX_OAUTH = {**settings.BREX_OAUTH, "SWEEP_BATCH_SIZE": 2}
+    now = timezone.now()
+    expires_by, idle_since = due_limits(now)
+    owner = get_user_model().objects.create(username="due-rule-plans")
+    connections = BrexConnection.objects.bulk_create(
+        BrexConnection(owner=owner, environment="staging", brex_user_id=f"cuuser_{n}")
+        for n in range(6)
+    )
+    BrexToken.objects.bulk_create(
+        BrexToken(connection=connection, access_token="at", refresh_token="rt",
+                  access_token_expires_at=expires_by - timedelta(minutes=1) if n < 3
+                  else now + timedelta(days=1),
+                  refresh_token_used_at=now if n < 3 else idle_since - timedelta(days=1))
+        for n, connection in enumerate(connections)
+    )
+    with CaptureQueriesContext(connection) as queries:
+        listed = [pk for batch in sweep.batched_due_connection_ids(now=now) for pk in batch]
+    assert listed == [c.pk for c in connections]
+    plans = []
+    with connection.cursor() as cursor:
+        # A table this small is read whole otherwise; at scale the planner takes the
+        # indexes by itself (benchmarks/sweep_index.py).
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("SET LOCAL enable_bitmapscan = off")
+        for query in queries:
+            cursor.execute(f"EXPLAIN {query['sql']}")
+            plans.append("\n".join(row[0] for row in cursor.fetchall()))
+    assert len(plans) == 4  # each arm: a full batch, then the rest after its keyset
+    indexes = ["brex_oauth_token_due"] * 2 + ["brex_oauth_token_idle"] * 2
+    for plan, index in zip(plans, indexes, strict=True):
+        assert f"Index Scan using {index} on brex_oauth_brextoken" in plan, plan
+        assert "Sort" not in plan, plan
+    for plan, column in zip(plans[1::2], ["access_token_expires_at", "refresh_token_used_at"],
+                            strict=True):
+        index_condition = next(line for line in plan.splitlines() if "Index Cond" in line)
+        assert f"ROW({column}, connection_id) > ROW(" in index_condition, plan

@@ -17,13 +17,16 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import Q, QuerySet
+from django.db import connections
+from django.db.models import BooleanField, Func, QuerySet
 from django.utils import timezone
 
 from ..conf import brex_settings
 from ..exceptions import BrexOAuthError, BrexUnavailable, RefreshPaused
 from ..fields import UndecryptableValue
 from ..models import (
+    DUE_KEY,
+    IDLE_KEY,
     SWEPT_TOKENS,
     BrexConnection,
     BrexToken,
@@ -58,7 +61,9 @@ def batched_due_connection_ids(
     size = brex_settings.SWEEP_BATCH_SIZE
     now = now or timezone.now()
     if all_active:
-        arms: list[tuple[BrexTokenQuerySet, str | None]] = [(_all_active(), None)]
+        arms: list[tuple[BrexTokenQuerySet, tuple[str, ...]]] = [
+            (_all_active(), ("connection_id",))
+        ]
     else:
         # Each arm of the due rule on its own, walked in the order of its partial index:
         # the access tokens that expire soon, soonest first, then the refresh tokens left
@@ -66,19 +71,19 @@ def batched_due_connection_ids(
         expires_by, idle_since = due_limits(now)
         swept = BrexToken.objects.filter(SWEPT_TOKENS, refresh_token__isnull=False)
         arms = [
-            (swept.filter(access_token_expires_at__lte=expires_by), "access_token_expires_at"),
+            (swept.filter(access_token_expires_at__lte=expires_by), DUE_KEY),
             (
                 swept.filter(
                     refresh_token_used_at__lte=idle_since, access_token_expires_at__gt=expires_by
                 ),
-                "refresh_token_used_at",
+                IDLE_KEY,
             ),
         ]
-    for tokens, column in arms:
+    for tokens, key in arms:
         if exclude_environments:
             # The join is made only then: while a Brex holds the sweep back.
             tokens = tokens.exclude(connection__environment__in=list(exclude_environments))
-        yield from _keyset_batches(tokens.unclaimed(now), column, size)
+        yield from _keyset_batches(tokens.unclaimed(now), key, size)
 
 
 def _all_active() -> BrexTokenQuerySet:
@@ -93,30 +98,55 @@ def _count(all_active: bool, now: datetime) -> int:
     return tokens.unclaimed(now).count()
 
 
-def _keyset_batches(tokens: QuerySet, column: str | None, size: int) -> Iterator[list[int]]:
-    """The connection ids of ``tokens`` in order of ``column`` (then of the id; the id
-    alone when None), ``size`` at a time: each batch is one query that starts after the
-    last row of the one before (keyset pagination), so a sweep holds one batch of ids, not
-    all of them, and each query reads one stretch of the index."""
-    after: tuple | None = None
+class _After(Func):
+    """``(a, b, ...) > (%s, %s, ...)``: the rows after a keyset, as one row comparison that a
+    B-tree index on those columns answers as a range. The values are left as placeholders,
+    filled in at each execution (see :func:`_keyset_batches`)."""
+
+    conditional = True
+    output_field = BooleanField()
+
+    def as_sql(self, compiler, connection, **extra_context):  # type: ignore[override]
+        columns, params = [], []
+        for expression in self.source_expressions:
+            sql, column_params = compiler.compile(expression)
+            columns.append(sql)
+            params.extend(column_params)
+        placeholders = ", ".join(["%s"] * len(columns))
+        return f"({', '.join(columns)}) > ({placeholders})", params
+
+
+def _keyset_batches(tokens: QuerySet, key: tuple[str, ...], size: int) -> Iterator[list[int]]:
+    """The connection ids of ``tokens`` in the order of ``key`` (columns, the last the
+    connection id), ``size`` at a time: each batch is one query that starts after the last
+    row of the one before (keyset pagination, ``(key) > (last row's key)``), so a sweep
+    holds one batch of ids, not all of them, and each query reads one stretch of the index.
+
+    The two statements (the first batch, the next ones) are compiled once and run with the
+    last row's values as they came from the database: compiling a query per batch would
+    cost every batch the ORM's work and leave the interpreter's caches filling as it goes
+    (CPython 3.11's type attribute cache keeps each distinct name string that Django builds
+    to look up a backend's ``as_<vendor>`` method, a few thousand of them at most).
+    """
+    rows = tokens.order_by(*key).values_list(*key)
+    alias = rows.db
+    compilers = (
+        rows[:size].query.get_compiler(alias),
+        rows.filter(_After(*key))[:size].query.get_compiler(alias),
+    )
+    (first, first_params), (after, after_params) = (c.as_sql() for c in compilers)
+    statement, params = first, first_params
     while True:
-        rows = tokens
-        if after is not None:
-            last_value, last_id = after
-            # The range start (>=) lets the database begin the index scan there; the rest
-            # steps past the rows of the same value already listed.
-            rows = rows.filter(
-                Q(**{f"{column}__gte": last_value})
-                & (Q(**{f"{column}__gt": last_value}) | Q(connection_id__gt=last_id))
-                if column else Q(connection_id__gt=last_id)
-            )
-        fields = (column, "connection_id") if column else ("connection_id",)
-        page = list(rows.order_by(*fields).values_list(*fields)[:size])
+        with connections[alias].cursor() as cursor:
+            cursor.execute(statement, params)
+            page = cursor.fetchall()
         if page:
             yield [row[-1] for row in page]
         if len(page) < size:
             return
-        after = (page[-1][0], page[-1][-1]) if column else (None, page[-1][-1])
+        # The keyset's placeholders are the statement's last ones (its last condition, and
+        # nothing after the WHERE clause takes parameters).
+        statement, params = after, (*after_params, *page[-1])
 
 
 def due_connection_ids(*, all_active: bool = False) -> list[int]:
