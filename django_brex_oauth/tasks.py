@@ -88,8 +88,9 @@ def refresh_connection(self, connection_id: int, force: bool = False) -> str:
 def refresh_due_connections(all_active: bool = False) -> int:
     """The sweep: queue one :func:`refresh_connection` task per connection that is due.
 
-    The due connection ids are read in one query and queued ``SWEEP_BATCH_SIZE`` at a time,
-    each batch over one broker connection. ``all_active`` queues every active connection,
+    The due connection ids are read ``SWEEP_BATCH_SIZE`` at a time, one query per batch
+    (:func:`~django_brex_oauth.services.sweep.batched_due_connection_ids`), and each batch is
+    queued over one broker connection. ``all_active`` queues every active connection,
     forced. Beyond ``SWEEP_RATE_LIMIT`` tasks, each further ``SWEEP_RATE_LIMIT`` is sent for
     one ``SWEEP_RATE_WINDOW`` later, so that the shared budget rarely has to defer one.
     While a Brex asks to wait (``Retry-After``) or refuses the client credentials, nothing is
