@@ -225,8 +225,8 @@ def main() -> int:
               f"listed); middle batch {execution_ms(middle_plan):.1f} ms")
         uses = all(name in with_indexes for name in INDEXES)
         print(f"sweep plan uses both partial indexes: {uses}")
-        batch_uses = "Index Scan using brex_oauth_token_due" in middle_plan
-        print(f"middle batch is an index scan of brex_oauth_token_due: {batch_uses}")
+        batch_uses = "brex_oauth_token_due" in middle_plan
+        print(f"middle batch reads brex_oauth_token_due: {batch_uses}")
         # With every token due, reading the whole table is the better plan for the query
         # in one piece; the batches must still read their index.
         return 0 if batch_uses and (uses or args.same_instant) else 1
