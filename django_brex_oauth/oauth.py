@@ -363,7 +363,8 @@ def _call_token_endpoint(
 ) -> tuple[Any, datetime]:
     """Send the token request whose form body ``prepare_body()`` builds with ``client``
     (oauthlib) through the process's HTTP session, once
-    :func:`~.http.check_token_transport` allows the endpoint; the decoded answer (any JSON value) and when it arrived."""
+    :func:`~.http.check_token_transport` allows the endpoint; the decoded answer (any JSON
+    value) and when it arrived."""
     token_url = discovery.get_endpoint("token_endpoint", issuer=issuer)
     try:
         check_token_transport(token_url)

@@ -3,9 +3,10 @@
 A refresh that Brex answered writes one :class:`SavePlan`, all or nothing: the token row,
 only at the generation the refresh started from (which also releases the claim), and
 only then the connection's row and its events, all while the connection is active. On
-PostgreSQL that is one statement, atomic on its own; on SQLite three, in one transaction. By the time it is written Brex has rotated the refresh
-token, so :func:`write_within_grace` keeps trying through a dropped database connection for
-as long as Brex's grace period for the old one allows.
+PostgreSQL that is one statement, atomic on its own; on SQLite three, in one transaction.
+By the time it is written Brex has rotated the refresh token, so :func:`write_within_grace`
+keeps trying through a dropped database connection for as long as Brex's grace period for
+the old one allows.
 """
 
 from __future__ import annotations
