@@ -113,7 +113,13 @@ class _After(Func):
             columns.append(sql)
             params.extend(column_params)
         placeholders = ", ".join(["%s"] * len(columns))
-        return f"({', '.join(columns)}) > ({placeholders})", params
+        return f"({', '.join(columns)}) > ({placeholders})", [*params, *_KEYSET[:len(columns)]]
+
+
+#: Stand-ins for the keyset's values among a compiled statement's parameters, replaced by
+#: the last row's values at each execution (wherever the backend put them: Django 6 on
+#: SQLite, for one, compares the condition to a parameter after them).
+_KEYSET = tuple(object() for _ in range(4))
 
 
 def _keyset_batches(tokens: QuerySet, key: tuple[str, ...], size: int) -> Iterator[list[int]]:
@@ -135,6 +141,7 @@ def _keyset_batches(tokens: QuerySet, key: tuple[str, ...], size: int) -> Iterat
         rows.filter(_After(*key))[:size].query.get_compiler(alias),
     )
     (first, first_params), (after, after_params) = (c.as_sql() for c in compilers)
+    slots = [after_params.index(marker) for marker in _KEYSET[:len(key)]]
     statement, params = first, first_params
     while True:
         with connections[alias].cursor() as cursor:
@@ -144,9 +151,10 @@ def _keyset_batches(tokens: QuerySet, key: tuple[str, ...], size: int) -> Iterat
             yield [row[-1] for row in page]
         if len(page) < size:
             return
-        # The keyset's placeholders are the statement's last ones (its last condition, and
-        # nothing after the WHERE clause takes parameters).
-        statement, params = after, (*after_params, *page[-1])
+        values = list(after_params)
+        for slot, value in zip(slots, page[-1], strict=True):
+            values[slot] = value
+        statement, params = after, tuple(values)
 
 
 def due_connection_ids(*, all_active: bool = False) -> list[int]:
