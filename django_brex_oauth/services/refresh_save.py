@@ -120,9 +120,13 @@ def _release_claim_fields(claimant: str) -> dict[str, Any]:
     # Release the claim only if this worker still holds it: one that took over after the
     # lease ran out keeps its own.
     return {
-        "refresh_claimed_until": _ReleasedIfMine(claimant, "refresh_claimed_until", None),
-        "refresh_claimed_by": _ReleasedIfMine(claimant, "refresh_claimed_by", ""),
+        column: _ReleasedIfMine(claimant, column, released)
+        for column, released in _RELEASED.items()
     }
+
+
+#: The columns the claim's release sets, and what it sets them to.
+_RELEASED: dict[str, None | str] = {"refresh_claimed_until": None, "refresh_claimed_by": ""}
 
 
 def refresh_token_end(exchanged_at: datetime) -> datetime:
@@ -323,8 +327,8 @@ def _set_clause(
     model: type[Model], connection: Any, names: tuple[str, ...]
 ) -> tuple[str, list[Field | None]]:
     """The ``SET`` assignments of ``names`` (``%s`` for each value, the claim's release
-    as its ``CASE`` with the claimant as its parameter) and the field of each parameter
-    (None for a claimant), as the ORM's compiler would write them."""
+    as its ``CASE`` with the claimant and the released value as its parameters) and the
+    field of each value (None for a release), as the ORM's compiler would write them."""
     quote = connection.ops.quote_name
     assignments: list[str] = []
     fields: list[Field | None] = []
@@ -334,7 +338,7 @@ def _set_clause(
         if name in _RELEASED:
             assignments.append(
                 f"{column} = CASE WHEN {quote('refresh_claimed_by')} = %s "
-                f"THEN {_RELEASED[name]} ELSE {column} END"
+                f"THEN %s ELSE {column} END"
             )
             fields.append(None)
         else:
@@ -343,17 +347,16 @@ def _set_clause(
     return ", ".join(assignments), fields
 
 
-#: The columns the claim's release sets, and what it sets them to.
-_RELEASED = {"refresh_claimed_until": "NULL", "refresh_claimed_by": "''"}
-
-
 def _parameters(fields: list[Field | None], values: list[Any], connection: Any) -> list[Any]:
-    # Each value prepared as the ORM prepares it (encryption included); the claimant of
-    # a release as it is.
-    return [
-        value.claimant if field is None else field.get_db_prep_save(value, connection)
-        for field, value in zip(fields, values, strict=True)
-    ]
+    # Each value prepared as the ORM prepares it (encryption included); a release's
+    # claimant and released value as they are.
+    params: list[Any] = []
+    for field, value in zip(fields, values, strict=True):
+        if field is None:
+            params += (value.claimant, value.released)
+        else:
+            params.append(field.get_db_prep_save(value, connection))
+    return params
 
 
 @sensitive_variables()
