@@ -28,7 +28,6 @@ from urllib.parse import urlencode
 
 import requests
 from django.views.decorators.debug import sensitive_variables
-from oauthlib.common import urldecode
 from oauthlib.oauth2 import (
     BackendApplicationClient,
     Client,
@@ -372,7 +371,7 @@ def _call_token_endpoint(
     except OAuth2Error as err:
         raise _token_error(err) from None
     response = send(
-        "POST", token_url, data=dict(urldecode(body)), headers=_TOKEN_REQUEST_HEADERS,
+        "POST", token_url, data=body, headers=_TOKEN_REQUEST_HEADERS,
         on_unreachable=lambda: discovery.invalidate(issuer),
     )
     received_at = _received_now()
@@ -380,7 +379,7 @@ def _call_token_endpoint(
 
 
 _ACCEPT_JSON = {"Accept": "application/json"}
-#: What oauthlib sends with a token request's form, and Accept.
+#: The token request's form body, as oauthlib encodes it, and Accept.
 _TOKEN_REQUEST_HEADERS = {
     "Content-Type": "application/x-www-form-urlencoded;charset=UTF-8", **_ACCEPT_JSON
 }
